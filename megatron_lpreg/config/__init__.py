@@ -1,0 +1,12 @@
+"""Typed config tree: ``RunConfig.load(path, overrides)``; see docs/config.md."""
+from megatron_lpreg.config.algo import AlgoConfig
+from megatron_lpreg.config.base import ConfigError
+from megatron_lpreg.config.model import ModelConfig, ParallelConfig
+from megatron_lpreg.config.rollout import DataConfig, EvalConfig, RewardConfig, RolloutConfig
+from megatron_lpreg.config.run import RunConfig
+from megatron_lpreg.config.trainer import CheckpointConfig, LoggingConfig, OptimizerConfig, TrainerConfig
+
+__all__ = [
+    "AlgoConfig", "CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "LoggingConfig", "ModelConfig",
+    "OptimizerConfig", "ParallelConfig", "RewardConfig", "RolloutConfig", "RunConfig", "TrainerConfig",
+]

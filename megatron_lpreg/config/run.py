@@ -1,0 +1,139 @@
+"""The root config: one typed tree, strict YAML round trip, dotted overrides, cross-field validation."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from megatron_lpreg.config.algo import AlgoConfig
+from megatron_lpreg.config.base import (
+    ConfigError,
+    deep_merge,
+    dump_yaml,
+    from_dict,
+    parse_override,
+    set_dotted,
+    to_dict,
+)
+from megatron_lpreg.config.model import ModelConfig, ParallelConfig
+from megatron_lpreg.config.rollout import DataConfig, EvalConfig, RewardConfig, RolloutConfig
+from megatron_lpreg.config.trainer import CheckpointConfig, LoggingConfig, OptimizerConfig, TrainerConfig
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything one run needs. Components receive their own sub-config, never this root."""
+
+    seed: int = 1234
+    """Root seed; every other seed derives from it and (step, rank)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        cfg = from_dict(cls, data)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "RunConfig":
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, overrides: Iterable[str] = ()) -> "RunConfig":
+        """Load ``path`` (following its ``base:`` chain), apply dotted ``overrides``, validate."""
+        data = load_yaml_tree(Path(path))
+        for text in overrides:
+            key, value = parse_override(text)
+            set_dotted(data, key, value)
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self.to_dict())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- validation ---------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Cross-field checks; raise ConfigError naming the fields, values and a fix."""
+        m, p = self.model, self.parallel
+        for name in ("tp", "pp", "vpp"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"parallel.{name}={getattr(p, name)} must be >= 1")
+        if m.num_attention_heads % p.tp:
+            raise ConfigError(
+                f"parallel.tp={p.tp} must divide model.num_attention_heads={m.num_attention_heads}; "
+                f"use one of {_divisors(m.num_attention_heads)}"
+            )
+        if m.num_query_groups % p.tp:
+            raise ConfigError(
+                f"parallel.tp={p.tp} must divide model.num_query_groups={m.num_query_groups}; "
+                f"use one of {_divisors(m.num_query_groups)}"
+            )
+        if m.num_attention_heads % m.num_query_groups:
+            raise ConfigError(
+                f"model.num_query_groups={m.num_query_groups} must divide "
+                f"model.num_attention_heads={m.num_attention_heads}"
+            )
+        if p.pp * p.vpp > m.num_layers or m.num_layers % (p.pp * p.vpp):
+            raise ConfigError(
+                f"parallel.pp={p.pp} x parallel.vpp={p.vpp} must divide model.num_layers={m.num_layers} "
+                f"(and not exceed it); use pp in {_divisors(m.num_layers)}"
+            )
+        if p.sequence_parallel and m.transformer_impl == "local":
+            raise ConfigError("parallel.sequence_parallel=true needs model.transformer_impl=transformer_engine")
+        self.algo.validate()
+        self.rollout.validate()
+        self.trainer.validate()
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def load_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config; ``base:`` (a path or list of paths, relative to the file) is merged underneath."""
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"config base cycle: {' -> '.join(str(p) for p in (*_seen, path))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    bases = data.pop("base", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = deep_merge(merged, load_yaml_tree(path.parent / base, (*_seen, path)))
+    return deep_merge(merged, data)

@@ -1,0 +1,86 @@
+"""Trainer, optimizer, checkpoint and logging configs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_lpreg.config.base import ConfigError
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """Megatron optimizer settings (the authors: Adam lr 1e-6 constant, wd 0, clip 1.0)."""
+
+    lr: float = 1e-6
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Floor for decaying schedules."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """LR schedule after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global grad-norm clip (0 = off)."""
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """The RL loop."""
+
+    max_steps: int = 10
+    """RL steps (one rollout batch each)."""
+    output_dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, logs/."""
+    resume: Literal["auto", "never", "must"] = "auto"
+    """auto: resume from output_dir's latest checkpoint if any; must: fail without one."""
+    launcher: Literal["local", "ray"] = "local"
+    """local: ranks forked in-process on this machine; ray: trainer ranks as Ray actors."""
+    world_size: int = 1
+    """Trainer ranks (local launcher)."""
+    updates_per_step: int = 1
+    """Optimizer updates per rollout batch (1 = on-policy; >1 splits into mini-batches: off-policy)."""
+    micro_batch_tokens: int = 30720
+    """Token budget of one micro-batch per rank (prompt + response)."""
+    nan_policy: Literal["skip", "stop"] = "skip"
+    """What to do on a non-finite loss or grad norm."""
+    max_consecutive_nan: int = 3
+    """Stop with an error after this many skipped steps in a row."""
+
+    def validate(self) -> None:
+        if self.max_steps < 0:
+            raise ConfigError(f"trainer.max_steps={self.max_steps} must be >= 0")
+        if self.updates_per_step < 1:
+            raise ConfigError(f"trainer.updates_per_step={self.updates_per_step} must be >= 1")
+        if self.micro_batch_tokens < 1:
+            raise ConfigError(f"trainer.micro_batch_tokens={self.micro_batch_tokens} must be >= 1")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Checkpointing."""
+
+    interval: int = 0
+    """Save every N steps (0 = only at the end and on preemption signals)."""
+    keep_last: int = 2
+    """Keep the newest N checkpoints."""
+    save_optimizer: bool = True
+    """Include optimizer and LR-schedule state (needed for exact resume)."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Logs and metric sinks."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    all_ranks: bool = False
+    """Log INFO from every rank (default: rank 0 only)."""
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "megatron_lpreg"
+    progress: bool = True
+    """tqdm progress bars on rank 0 when stdout is a TTY."""
