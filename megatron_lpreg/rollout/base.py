@@ -1,0 +1,102 @@
+"""The rollout-engine interface every engine implements (local, sglang, vllm).
+
+Engines take prompt token ids and sampling parameters and return response token ids, the engine's own per-token
+sampling log-probs (so the trainer can measure engine/trainer mismatch) and finish reasons.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Literal, Protocol, runtime_checkable
+
+import torch
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """Per-request sampling settings (the SGLang/vLLM vocabulary)."""
+
+    n: int = 1
+    """Responses per prompt."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 = off; 1 = greedy."""
+    min_p: float = 0.0
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+    """Generation of a response stops after emitting one of these (it is kept in the response)."""
+    seed: int | None = None
+    """Base seed; response j of prompt i uses a seed derived from (seed, i, j), so results do not depend on
+    batching."""
+
+
+@dataclass(kw_only=True)
+class Completion:
+    """One generated response."""
+
+    prompt_index: int
+    """Index of the prompt in the request batch."""
+    sample_index: int
+    """0..n-1 within the prompt's group."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    """Engine's log-prob of each response token under the sampling distribution (after temperature)."""
+    finish_reason: FinishReason
+    text: str = ""
+    """Decoded response (filled when the engine has a tokenizer)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineHealth:
+    ok: bool
+    detail: str = ""
+    weight_version: int = 0
+
+
+NamedTensor = tuple[str, torch.Tensor]
+
+
+@dataclass(kw_only=True)
+class WeightUpdate:
+    """New weights for an engine, in Hugging Face names, streamed one tensor at a time."""
+
+    version: int
+    tensors: Iterable[NamedTensor] | None = None
+    """(hf_name, tensor) stream; None when the engine shares parameters with the trainer (local) or loads
+    from ``path``."""
+    path: str | None = None
+    """HF checkpoint directory to load from (update_weights_from_disk)."""
+    checksums: dict[str, float] = field(default_factory=dict)
+    """Optional per-tensor float64 sums to verify after the update."""
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the trainer needs from a rollout engine."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Generate ``params.n`` responses for each prompt; result ordered by (prompt_index, sample_index)."""
+        ...
+
+    def update_weights(self, update: WeightUpdate) -> None:
+        """Install new weights; raise on a verification mismatch."""
+        ...
+
+    def health(self) -> EngineHealth: ...
+
+    def shutdown(self) -> None: ...
+
+
+def iter_groups(completions: list[Completion]) -> Iterator[list[Completion]]:
+    """Yield completions grouped by prompt_index (input sorted as generate() returns it)."""
+    group: list[Completion] = []
+    for comp in completions:
+        if group and comp.prompt_index != group[0].prompt_index:
+            yield group
+            group = []
+        group.append(comp)
+    if group:
+        yield group
