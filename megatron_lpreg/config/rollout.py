@@ -1,4 +1,4 @@
-"""Rollout, reward, data and evaluation configs."""
+"""Rollout-engine config."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -49,49 +49,3 @@ class RolloutConfig:
             raise ConfigError(f"rollout.top_p={self.top_p} must be in (0, 1]")
         if self.max_new_tokens < 1:
             raise ConfigError(f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
-
-
-@dataclass(kw_only=True)
-class RewardConfig:
-    """How responses are scored."""
-
-    name: str = "math"
-    """Reward function: math (last \\boxed{} + math-verify), exact_match, or a python path 'pkg.module:fn'."""
-    timeout_s: float = 5.0
-    """Per-sample deadline; a response that takes longer scores 0 with reason 'timeout'."""
-    num_workers: int = 2
-    """Reward worker processes."""
-
-
-@dataclass(kw_only=True)
-class DataConfig:
-    """Prompt dataset."""
-
-    source: str = "synthetic:addition"
-    """'synthetic:addition' (built-in verifiable task) or a path to .parquet/.jsonl (verl layout or problem/answer)."""
-    template: Literal["qwen_chat", "zero", "plain"] = "plain"
-    """Prompt template: Qwen2.5 chat, the 'zero' <think> template, or the raw problem text."""
-    max_prompt_tokens: int = 2048
-    """Longer prompts are dropped (counted in the log)."""
-    shuffle: bool = True
-    """Shuffle each epoch with a seed derived from the run seed."""
-    heldout_size: int = 200
-    """Synthetic task: held-out problems excluded from training."""
-
-
-@dataclass(kw_only=True)
-class EvalConfig:
-    """Evaluation during/after training."""
-
-    benchmarks: list[str] = field(default_factory=list)
-    """Benchmarks to run (aime24, aime25, math500, minerva, olympiadbench, synthetic)."""
-    data_dir: str = ""
-    """Directory with the benchmark files (see docs/eval.md)."""
-    interval: int = 0
-    """Evaluate every N steps (0 = never during training)."""
-    samples: int = 16
-    """avg@k for sampled benchmarks (AIME)."""
-    temperature: float = 0.6
-    """Sampling temperature for sampled benchmarks."""
-    max_new_tokens: int = 64
-    """Longest response during evaluation."""

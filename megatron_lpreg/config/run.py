@@ -20,7 +20,8 @@ from megatron_lpreg.config.base import (
     to_dict,
 )
 from megatron_lpreg.config.model import ModelConfig, ParallelConfig
-from megatron_lpreg.config.rollout import DataConfig, EvalConfig, RewardConfig, RolloutConfig
+from megatron_lpreg.config.data import DataConfig, EvalConfig, RewardConfig
+from megatron_lpreg.config.rollout import RolloutConfig
 from megatron_lpreg.config.trainer import CheckpointConfig, LoggingConfig, OptimizerConfig, TrainerConfig
 
 
