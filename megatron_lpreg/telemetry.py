@@ -1,0 +1,138 @@
+"""Logging setup, metric sinks and progress bars (usable from any module).
+
+``setup(rank, world_size)`` once per process: time, level and ``[rank r/w]`` in every line; only rank 0 logs INFO
+unless ``all_ranks``. Metrics are flat dicts with namespaced keys (``loss/...``, ``reward/...``, ``perf/...``);
+:class:`MetricSinks` writes them to stdout, ``metrics.jsonl`` and optionally TensorBoard / W&B.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int, world_size: int, all_ranks: bool) -> None:
+        super().__init__()
+        self.prefix = f"[rank {rank}/{world_size}]"
+        self.quiet = rank != 0 and not all_ranks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank_prefix = self.prefix
+        return not (self.quiet and record.levelno < logging.WARNING)
+
+
+def setup(rank: int = 0, world_size: int = 1, *, level: str = "INFO", all_ranks: bool = False,
+          log_file: str | os.PathLike | None = None) -> None:
+    """Configure the root logger for this process (idempotent: replaces our previous handlers)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_mlpreg", False):
+            root.removeHandler(handler)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(rank_prefix)s %(name)s: %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        handler.addFilter(_RankFilter(rank, world_size, all_ranks))
+        handler._mlpreg = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("megatron", "torch.distributed", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True,
+             rank: int = 0) -> Iterator[T]:
+    """A tqdm bar on rank 0 when stderr is a TTY; the plain iterable otherwise."""
+    if not enabled or rank != 0 or not sys.stderr.isatty():
+        yield from iterable
+        return
+    from tqdm import tqdm
+
+    yield from tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    return value
+
+
+class MetricSinks:
+    """Write per-step metric dicts to metrics.jsonl (+ TensorBoard / W&B when enabled). Rank 0 only."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = False, wandb: bool = False,
+                 wandb_project: str = "megatron_lpreg", run_name: str = "", config: dict | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a", buffering=1)
+        self._tb = None
+        self._wandb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if wandb:
+            import wandb as wandb_mod  # optional; offline unless WANDB_MODE says otherwise
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            self._wandb = wandb_mod.init(project=wandb_project, name=run_name or self.run_dir.name,
+                                         dir=str(self.run_dir), config=config or {})
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines with step >= ``step`` (a resumed run rewrites the steps after its checkpoint)."""
+        self._file.close()
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", -1) < step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line from a killed run
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", buffering=1)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(row, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of ``run_dir/metrics.jsonl`` (a torn trailing line is ignored)."""
+    rows = []
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
