@@ -1,0 +1,42 @@
+"""Tiny offline Qwen checkpoints for tests, built once per session and per distinct set of arguments.
+
+Use the fixtures (``tiny_qwen2``, ``tiny_qwen3``: default shapes, vocab 1000 = not a multiple of 128, GQA with
+2 KV heads; qwen3 tied with head_dim 32 != hidden/heads) by importing them into a test module, or call
+:func:`tiny_model_dir` for other shapes. Directories are read-only by convention: copy before modifying.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from megatron_lpreg.models.tiny import make_tiny_model
+
+_ROOT: Path | None = None
+_CACHE: dict[str, Path] = {}
+
+
+def tiny_model_dir(arch: str = "qwen2", **kwargs: Any) -> Path:
+    """Path of a tiny HF model made with ``make_tiny_model(arch=arch, **kwargs)``, cached for the process."""
+    global _ROOT
+    key = json.dumps({"arch": arch, **kwargs}, sort_keys=True)
+    if key not in _CACHE:
+        if _ROOT is None:
+            _ROOT = Path(tempfile.mkdtemp(prefix="lpreg-tiny-"))
+        _CACHE[key] = make_tiny_model(_ROOT / f"m{len(_CACHE)}-{arch}", arch, **kwargs)
+    return _CACHE[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2() -> Path:
+    """Default tiny Qwen2 (untied, QKV bias, vocab 1000, 2 layers, hidden 64, 4 heads / 2 KV heads)."""
+    return tiny_model_dir("qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3() -> Path:
+    """Default tiny Qwen3 (tied, q/k norm, head_dim 32, vocab 1000, 2 layers, hidden 64, 4 heads / 2 KV heads)."""
+    return tiny_model_dir("qwen3")
