@@ -1,0 +1,320 @@
+"""Fused vocab-parallel log-prob / entropy / Lp-Reg proxy statistics over a tensor-parallel logits shard.
+
+Legend: N tokens (all leading dims of the shard flattened, e.g. S*B or B*T), Vs vocab columns held by this rank,
+V the real (unpadded) global vocabulary, tp the size of the tensor-parallel group. Rank r holds the contiguous
+columns ``[r*Vs, (r+1)*Vs)``, as megatron's ColumnParallelLinear output layer gives; global columns ``>= V`` are
+Megatron vocab padding and take part in nothing.
+
+Per chunk of tokens the forward pass makes exactly two collectives: a MAX all-reduce of the row max of the raw
+logits, and one SUM all-reduce of a packed ``[chunk, 5]`` tensor holding every sum the statistics need. The
+backward pass recomputes the softmax from the saved per-row scalars and makes no collective. Nothing of the size of
+the shard is saved besides the (unmodified) input itself.
+
+Temperature: the sampling distribution is ``pi = softmax(z / temperature)``. ``logprobs``, ``entropy`` and the
+proxy-KL refer to ``pi``. The proxy follows the Lp-Reg authors exactly: the min-p filter is applied to the
+*un-tempered* logits (keep ``z_v >= max z + ln kappa``), filtered logits are replaced by -1e4 (not -inf), then the
+result is divided by the temperature and log-softmaxed. With temperature 1 (all the authors' runs) the two
+coincide with the plain definitions.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+PROXY_FILL_LOGIT = -1.0e4
+"""Value the authors write into min-p-filtered logits before the log-softmax (not -inf)."""
+
+ProxyKLDirection = Literal["proxy_to_policy", "policy_to_proxy"]
+
+# Columns of the packed SUM all-reduce.
+_SUM_EXP, _SUM_EXP_SHIFTED, _TARGET_LOGIT, _PROXY_SUM_EXP, _KL_AUX = range(5)
+_N_PACKED = 5
+# Columns of the per-row scalars saved for backward.
+_ROW_MAX, _LOG_SUM, _ENTROPY, _PROXY_LOG_SUM, _KL = range(5)
+_N_SAVED = 5
+
+
+@dataclass(frozen=True)
+class LogprobStats:
+    """Per-token statistics, each shaped like ``tokens`` and identical on every rank of the group.
+
+    Attributes:
+        logprobs: ``log pi(y)`` of the target token under ``softmax(z / temperature)``; differentiable.
+        entropy: entropy of ``softmax(z / temperature)`` in nats; differentiable.
+        proxy_logprobs: Lp-Reg proxy log-prob of the target (detached: the proxy stands for pi_old). About
+            ``-1e4 - logsumexp(kept)`` (divided by the temperature) when the target was filtered.
+        proxy_kl: exact full-vocabulary KL between proxy and policy in the requested direction (differentiable,
+            the proxy held constant), or None when not requested.
+    """
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    proxy_logprobs: torch.Tensor
+    proxy_kl: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _ShardLayout:
+    group: dist.ProcessGroup | None
+    tp: int
+    vocab_start: int
+    n_valid: int  # real (unpadded) columns of this shard: a prefix, since padding sits at the global end
+    vocab_size: int  # real global vocabulary V
+
+
+def _layout(group: dist.ProcessGroup | None, shard_vocab: int, vocab_size: int | None) -> _ShardLayout:
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        tp, tp_rank = 1, 0
+    else:
+        tp, tp_rank = dist.get_world_size(group), dist.get_rank(group)
+    padded = shard_vocab * tp
+    vocab_size = padded if vocab_size is None else vocab_size
+    if not 0 < vocab_size <= padded:
+        raise ValueError(
+            f"vocab_size={vocab_size} must be in [1, shard columns * tp = {shard_vocab}*{tp} = {padded}]; pass the "
+            "tokenizer's vocabulary size (or None when the shards hold no padding)"
+        )
+    start = tp_rank * shard_vocab
+    n_valid = max(0, min(shard_vocab, vocab_size - start))
+    return _ShardLayout(group=group, tp=tp, vocab_start=start, n_valid=n_valid, vocab_size=vocab_size)
+
+
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, layout: _ShardLayout) -> torch.Tensor:
+    if layout.tp > 1:
+        dist.all_reduce(tensor, op=op, group=layout.group)
+    return tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16/fp16 inputs accumulate in fp32; float64 stays float64 (gradcheck, references).
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _proxy_shifted(diff: torch.Tensor, kept: torch.Tensor, row_max: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Proxy logits minus their max, divided by T: ``(where(kept, z, FILL) - max(M, FILL)) / T``.
+
+    ``diff = z - M`` (raw logits minus the row max M). The max of the filled logits is ``max(M, FILL)`` because the
+    row max itself is always kept (kappa <= 1); this avoids a second MAX collective. When every logit is below the
+    fill value the authors' -1e4 makes filtered entries *larger* than kept ones; this reproduces that too.
+    """
+    proxy_max = torch.clamp(row_max, min=PROXY_FILL_LOGIT)
+    kept_value = diff + (row_max - proxy_max).unsqueeze(-1)
+    filled_value = (PROXY_FILL_LOGIT - proxy_max).unsqueeze(-1).expand_as(diff)
+    return torch.where(kept, kept_value, filled_value) / temperature
+
+
+def _target_columns(tokens: torch.Tensor, layout: _ShardLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    local = tokens - layout.vocab_start
+    in_shard = (local >= 0) & (local < layout.n_valid)
+    return local.clamp(0, max(layout.n_valid - 1, 0)), in_shard
+
+
+class _VocabParallelLogprobStats(torch.autograd.Function):
+    """Autograd Function behind :func:`vocab_parallel_logprob_stats`: 2 collectives per chunk forward, 0 backward."""
+
+    @staticmethod
+    def forward(ctx, logits_2d, tokens_1d, layout, log_kappa, temperature, chunk, kl_direction):
+        n_tokens = logits_2d.shape[0]
+        cdtype = _compute_dtype(logits_2d.dtype)
+        saved = torch.zeros(n_tokens, _N_SAVED, dtype=cdtype, device=logits_2d.device)
+        outputs = torch.zeros(4, n_tokens, dtype=cdtype, device=logits_2d.device)
+        for begin in range(0, n_tokens, chunk):
+            end = min(begin + chunk, n_tokens)
+            _forward_chunk(
+                logits_2d[begin:end], tokens_1d[begin:end], layout, log_kappa, temperature, kl_direction,
+                saved[begin:end], outputs[:, begin:end],
+            )
+        ctx.save_for_backward(logits_2d, tokens_1d, saved)
+        ctx.layout, ctx.log_kappa, ctx.temperature, ctx.chunk, ctx.kl_direction = (
+            layout, log_kappa, temperature, chunk, kl_direction,
+        )
+        logprobs, entropy, proxy_logprobs, proxy_kl = outputs.unbind(0)
+        ctx.mark_non_differentiable(proxy_logprobs)
+        return logprobs, entropy, proxy_logprobs, proxy_kl
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_proxy, grad_kl):
+        logits_2d, tokens_1d, saved = ctx.saved_tensors
+        layout = ctx.layout
+        grad_logits = torch.zeros_like(logits_2d)
+        if layout.n_valid == 0:
+            return grad_logits, None, None, None, None, None, None
+        weights = torch.stack([grad_logprobs, grad_entropy, grad_kl], dim=-1).to(saved.dtype)
+        for begin in range(0, logits_2d.shape[0], ctx.chunk):
+            end = min(begin + ctx.chunk, logits_2d.shape[0])
+            grad_logits[begin:end, : layout.n_valid] = _backward_chunk(
+                logits_2d[begin:end], tokens_1d[begin:end], saved[begin:end], weights[begin:end], ctx
+            ).to(grad_logits.dtype)
+        return grad_logits, None, None, None, None, None, None
+
+
+def _forward_chunk(logits, tokens, layout, log_kappa, temperature, kl_direction, saved, outputs) -> None:
+    """Statistics of one chunk of rows; writes ``saved[:, :]`` and ``outputs[:, :]`` (owned buffers)."""
+    cdtype = saved.dtype
+    rows = logits.shape[0]
+    # .to() returns the input itself for fp32 input: only out-of-place ops below, the caller's tensor is never written.
+    z = logits[:, : layout.n_valid].to(cdtype)
+    local_max = z.amax(dim=-1) if layout.n_valid else torch.full((rows,), -math.inf, dtype=cdtype, device=z.device)
+    row_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, layout)
+
+    diff = z - row_max.unsqueeze(-1)
+    shifted = diff / temperature
+    exp_shifted = torch.exp(shifted)
+    kept = diff >= log_kappa
+    proxy_shifted = _proxy_shifted(diff, kept, row_max, temperature)
+    proxy_exp = torch.exp(proxy_shifted)
+
+    packed = torch.zeros(rows, _N_PACKED, dtype=cdtype, device=z.device)
+    packed[:, _SUM_EXP] = exp_shifted.sum(-1)
+    packed[:, _SUM_EXP_SHIFTED] = (exp_shifted * shifted).sum(-1)
+    local_col, in_shard = _target_columns(tokens, layout)
+    if layout.n_valid:
+        packed[:, _TARGET_LOGIT] = torch.where(in_shard, z.gather(1, local_col.unsqueeze(1)).squeeze(1), 0.0)
+    packed[:, _PROXY_SUM_EXP] = proxy_exp.sum(-1)
+    if kl_direction is not None:
+        # Only filtered columns differ between proxy and policy logits: (u - z) / T with u = FILL there.
+        fill_gap = torch.where(kept, 0.0, (PROXY_FILL_LOGIT - z) / temperature)
+        if kl_direction == "proxy_to_policy":
+            packed[:, _KL_AUX] = (proxy_exp * fill_gap).sum(-1)
+        else:
+            packed[:, _KL_AUX] = -(exp_shifted * fill_gap).sum(-1)
+    packed = _all_reduce(packed, dist.ReduceOp.SUM, layout)
+
+    log_sum = torch.log(packed[:, _SUM_EXP])
+    entropy = log_sum - packed[:, _SUM_EXP_SHIFTED] / packed[:, _SUM_EXP]
+    target_diff = (packed[:, _TARGET_LOGIT] - row_max).unsqueeze(-1)
+    proxy_log_sum = torch.log(packed[:, _PROXY_SUM_EXP])
+    proxy_target = _proxy_shifted(target_diff, target_diff >= log_kappa, row_max, temperature).squeeze(-1)
+    outputs[0] = target_diff.squeeze(-1) / temperature - log_sum
+    outputs[1] = entropy
+    outputs[2] = proxy_target - proxy_log_sum
+    proxy_max = torch.clamp(row_max, min=PROXY_FILL_LOGIT)
+    if kl_direction == "proxy_to_policy":
+        outputs[3] = packed[:, _KL_AUX] / packed[:, _PROXY_SUM_EXP] + (row_max - proxy_max) / temperature + (
+            log_sum - proxy_log_sum
+        )
+    elif kl_direction == "policy_to_proxy":
+        outputs[3] = packed[:, _KL_AUX] / packed[:, _SUM_EXP] + (proxy_max - row_max) / temperature + (
+            proxy_log_sum - log_sum
+        )
+    saved[:, _ROW_MAX] = row_max
+    saved[:, _LOG_SUM] = log_sum
+    saved[:, _ENTROPY] = entropy
+    saved[:, _PROXY_LOG_SUM] = proxy_log_sum
+    saved[:, _KL] = outputs[3]
+
+
+def _backward_chunk(logits, tokens, saved, weights, ctx) -> torch.Tensor:
+    """Gradient w.r.t. the real columns of one chunk: ``[rows, n_valid]`` in the compute dtype.
+
+    With p = softmax(z/T), q the proxy, g_* the upstream gradients:
+    d logp_y = (onehot_y - p) / T;  d H = -p (log p + H) / T;
+    d KL(q||p) = (p - q) / T;        d KL(p||q) = p (log p - log q - KL) / T.
+    """
+    layout, temperature = ctx.layout, ctx.temperature
+    z = logits[:, : layout.n_valid].to(saved.dtype)
+    row_max = saved[:, _ROW_MAX]
+    diff = z - row_max.unsqueeze(-1)
+    log_p = diff / temperature - saved[:, _LOG_SUM].unsqueeze(-1)
+    p = torch.exp(log_p)
+    g_lp, g_h, g_kl = weights.unbind(-1)
+    coef = -g_lp.unsqueeze(-1) - g_h.unsqueeze(-1) * (log_p + saved[:, _ENTROPY].unsqueeze(-1))
+    if ctx.kl_direction is not None:
+        proxy_log = _proxy_shifted(diff, diff >= ctx.log_kappa, row_max, temperature) - saved[
+            :, _PROXY_LOG_SUM
+        ].unsqueeze(-1)
+        if ctx.kl_direction == "proxy_to_policy":
+            grad = p * (coef + g_kl.unsqueeze(-1)) - g_kl.unsqueeze(-1) * torch.exp(proxy_log)
+        else:
+            grad = p * (coef + g_kl.unsqueeze(-1) * (log_p - proxy_log - saved[:, _KL].unsqueeze(-1)))
+    else:
+        grad = p * coef
+    local_col, in_shard = _target_columns(tokens, layout)
+    grad.scatter_add_(1, local_col.unsqueeze(1), torch.where(in_shard, g_lp, 0.0).unsqueeze(1))
+    return grad / temperature
+
+
+def vocab_parallel_logprob_stats(
+    logits_shard: torch.Tensor,
+    tokens: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    kappa: float = 0.02,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    with_proxy_kl: bool = False,
+    *,
+    vocab_size: int | None = None,
+    proxy_kl_direction: ProxyKLDirection = "proxy_to_policy",
+) -> LogprobStats:
+    """Log-probs, entropy, Lp-Reg proxy log-probs (and exact proxy-KL) from this rank's vocab shard.
+
+    Never gathers the vocabulary. Per chunk of ``chunk_size`` tokens: one MAX all-reduce and one packed SUM
+    all-reduce on ``group``; the backward pass recomputes the softmax chunk by chunk and makes no collective, so the
+    extra memory is O(chunk_size * Vs) plus O(N) saved scalars. The input is never modified. bf16/fp16 inputs are
+    accumulated in fp32 (outputs are fp32, the logits gradient has the input dtype); float64 stays float64.
+
+    Args:
+        logits_shard: ``[..., Vs]`` raw logits of this rank's contiguous vocab slice (rank r: columns
+            ``[r*Vs, (r+1)*Vs)``); e.g. megatron's output layer gives ``[S, B, Vs]``.
+        tokens: ``[...]`` (the leading shape of ``logits_shard``) integer global ids of the target tokens, in
+            ``[0, vocab_size)``.
+        group: tensor-parallel process group; None means the default group, or tp=1 when torch.distributed is not
+            initialized.
+        kappa: min-p threshold of the proxy: keep ``p_v >= kappa * max p`` of the un-tempered distribution.
+        temperature: sampling temperature; logprobs/entropy/KL are those of ``softmax(z / temperature)`` and the
+            proxy is ``log_softmax(where(kept, z, -1e4) / temperature)`` (the authors' order; see module doc).
+        chunk_size: tokens per chunk (None: all tokens in one chunk, fewest collectives).
+        with_proxy_kl: also compute the exact full-vocabulary KL between proxy and policy per token.
+        vocab_size: the real global vocabulary V; columns at global index >= V are padding and are excluded.
+            None means no padding (V = Vs * tp).
+        proxy_kl_direction: ``"proxy_to_policy"`` = KL(pi_proxy || pi), gradient ``(pi - pi_proxy)/T`` on the shard
+            (the mass-covering pull the global variant uses); ``"policy_to_proxy"`` = KL(pi || pi_proxy), the
+            quantity the sampled-token k3 term estimates (large when pi puts mass on filtered tokens, ~1e4 per unit).
+
+    Returns:
+        :class:`LogprobStats` with ``[...]``-shaped tensors, identical on every rank of ``group``.
+
+    Raises:
+        ValueError: on shape mismatch, non-integer or out-of-range tokens, kappa outside (0, 1], temperature <= 0,
+            chunk_size < 1, an unknown KL direction, or a vocab_size that does not fit the shards.
+    """
+    if logits_shard.dim() < 1 or tuple(logits_shard.shape[:-1]) != tuple(tokens.shape):
+        raise ValueError(
+            f"logits_shard shape {tuple(logits_shard.shape)} must be tokens shape {tuple(tokens.shape)} + (Vs,)"
+        )
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+    if not 0.0 < kappa <= 1.0:
+        raise ValueError(f"kappa={kappa} must be in (0, 1]; the authors use 0.02")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 or None (one chunk)")
+    if proxy_kl_direction not in ("proxy_to_policy", "policy_to_proxy"):
+        raise ValueError(f"proxy_kl_direction={proxy_kl_direction!r}; use 'proxy_to_policy' or 'policy_to_proxy'")
+    layout = _layout(group, logits_shard.shape[-1], vocab_size)
+    tokens_1d = tokens.reshape(-1)
+    if tokens_1d.numel():
+        low, high = (int(v) for v in torch.aminmax(tokens_1d))
+        if low < 0 or high >= layout.vocab_size:
+            raise ValueError(f"tokens must lie in [0, vocab_size={layout.vocab_size}); got min {low}, max {high}")
+    logits_2d = logits_shard.reshape(-1, logits_shard.shape[-1])
+    chunk = chunk_size or max(tokens_1d.numel(), 1)
+    logprobs, entropy, proxy_logprobs, proxy_kl = _VocabParallelLogprobStats.apply(
+        logits_2d, tokens_1d, layout, math.log(kappa), float(temperature), chunk,
+        proxy_kl_direction if with_proxy_kl else None,
+    )
+    shape = tokens.shape
+    return LogprobStats(
+        logprobs=logprobs.reshape(shape),
+        entropy=entropy.reshape(shape),
+        proxy_logprobs=proxy_logprobs.reshape(shape),
+        proxy_kl=proxy_kl.reshape(shape) if with_proxy_kl else None,
+    )
