@@ -1,0 +1,73 @@
+"""``megatron-lpreg train CONFIG.yaml [dotted.overrides ...]``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from megatron_lpreg import telemetry
+from megatron_lpreg.config import ConfigError, RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (e.g. configs/tiny_cpu.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. algo.rho=0.01 trainer.max_steps=4 trainer.output_dir=runs/x")
+    parser.epilog = ("Writes <trainer.output_dir>/config.yaml, metrics.jsonl (one line per step), eval.jsonl, "
+                     "checkpoints/ and logs/. trainer.resume=auto continues from the latest checkpoint. "
+                     "Exit code 42 means 'checkpointed on a preemption signal, requeue me'.")
+
+
+def resolve_config(path: str, overrides: list[str]) -> RunConfig:
+    """Load the YAML + overrides; when model.hf_path is set, the architecture comes from its config.json."""
+    cfg = RunConfig.load(path, overrides)
+    if cfg.model.hf_path:
+        from megatron_lpreg.models.qwen import model_config_from_hf
+
+        hf_model = model_config_from_hf(cfg.model.hf_path)
+        keep = {k: getattr(cfg.model, k) for k in ("hf_path", "mcore_path", "make_vocab_size_divisible_by",
+                                                   "params_dtype", "transformer_impl")}
+        model = type(hf_model)(**{**hf_model.__dict__, **keep})
+        cfg = cfg.replace(model=model)
+        cfg.validate()
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    telemetry.setup(0, 1)
+    try:
+        cfg = resolve_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_dir = Path(cfg.trainer.output_dir)
+    try:
+        _check_compatible_run_dir(run_dir, cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    from megatron_lpreg.trainer.launch import launch
+
+    code = launch(cfg, str(run_dir))
+    logger.info("training finished with exit code %d; run dir %s", code, run_dir)
+    return code
+
+
+def _check_compatible_run_dir(run_dir: Path, cfg: RunConfig) -> None:
+    """Refuse to resume a run directory made with a different model architecture."""
+    old = run_dir / "config.yaml"
+    if not old.exists() or cfg.trainer.resume == "never":
+        return
+    previous = RunConfig.from_yaml(old.read_text())
+    arch_keys = ("arch", "vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                 "num_query_groups", "head_dim", "tie_word_embeddings")
+    diff = [f"model.{k}: {getattr(previous.model, k)} -> {getattr(cfg.model, k)}" for k in arch_keys
+            if getattr(previous.model, k) != getattr(cfg.model, k)]
+    if diff and (run_dir / "checkpoints").exists():
+        raise ConfigError(f"{run_dir} holds checkpoints of a different model; refusing to resume "
+                          f"({'; '.join(diff)}). Use a new trainer.output_dir or trainer.resume=never.")

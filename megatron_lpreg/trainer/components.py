@@ -1,0 +1,117 @@
+"""Everything one trainer rank holds, built once from the config (the loop only calls into it)."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_lpreg import telemetry
+from megatron_lpreg.config import RunConfig
+from megatron_lpreg.parallel.bootstrap import ParallelContext, init_parallel
+from megatron_lpreg.rollout.base import RolloutEngine, WeightUpdate
+from megatron_lpreg.trainer.policy import Policy
+from megatron_lpreg.trainer.state import CheckpointManager
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class Components:
+    cfg: RunConfig
+    ctx: ParallelContext
+    run_dir: Path
+    tokenizer: Any
+    policy: Policy
+    engine: RolloutEngine
+    dataset: Any
+    reward: Any
+    checkpoints: CheckpointManager
+    sinks: telemetry.MetricSinks | None
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    dataset_state_loaded: bool = True
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.sinks is not None:
+            self.sinks.log(metrics, step)
+            keys = ("reward/mean", "loss/policy", "entropy/mean", "lpreg/num_regularized", "perf/step_s")
+            shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+            logger.info("step %d %s", step, shown)
+
+    def metrics_truncate(self, step: int) -> None:
+        if self.sinks is not None:
+            self.sinks.truncate_after(step)
+
+    def weight_update(self, version: int) -> WeightUpdate:
+        """The local engine shares the trainer's parameters: announce the version, stream nothing."""
+        if self.cfg.rollout.engine == "local":
+            return WeightUpdate(version=version)
+        from megatron_lpreg.models.bridge import export_hf_weights
+
+        return WeightUpdate(version=version,
+                            tensors=export_hf_weights(self.policy.raw_chunks, self.cfg.model, self.ctx))
+
+    def engine_after_restore(self) -> None:
+        """Push restored weights to an engine that keeps its own copy."""
+        if self.cfg.rollout.engine != "local":
+            self.engine.update_weights(self.weight_update(version=0))
+
+    def evaluate_if_due(self, step: int, *, force: bool = False) -> None:
+        from megatron_lpreg.trainer.evaluation import evaluate_heldout
+
+        interval = self.cfg.eval.interval
+        if not self.cfg.eval.benchmarks or not (force or (interval > 0 and step % interval == 0)):
+            return
+        result = evaluate_heldout(self, step)
+        self.eval_history.append(result)
+        if self.ctx.rank == 0:
+            with open(self.run_dir / "eval.jsonl", "a") as fh:
+                fh.write(json.dumps(result) + "\n")
+
+    def close(self) -> None:
+        if self.sinks is not None:
+            self.sinks.close()
+        self.engine.shutdown()
+
+
+def build_components(cfg: RunConfig, run_dir: Path) -> Components:
+    from transformers import AutoTokenizer
+
+    from megatron_lpreg.data import build_dataset
+    from megatron_lpreg.reward import build_reward
+    from megatron_lpreg.rollout.factory import build_engine
+
+    ctx = init_parallel(cfg.parallel, seed=cfg.seed)
+    telemetry.setup(ctx.rank, ctx.world_size, level=cfg.logging.level, all_ranks=cfg.logging.all_ranks,
+                    log_file=run_dir / "logs" / f"rank{ctx.rank}.log")
+    if not cfg.model.hf_path:
+        raise ValueError("model.hf_path is empty: set it to a Hugging Face model directory (config.json + "
+                         "tokenizer), e.g. one made by tools/make_tiny_model.py")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    policy = Policy(cfg.model, cfg.parallel, cfg.optimizer, cfg.algo, ctx, temperature=cfg.rollout.temperature,
+                    micro_batch_tokens=cfg.trainer.micro_batch_tokens, total_steps=cfg.trainer.max_steps)
+    _load_initial_weights(cfg, policy, ctx)
+    engine = build_engine(cfg.rollout, cfg.model.hf_path, seed=cfg.seed, model=policy.raw_chunks)
+    dataset = build_dataset(cfg.data, tokenizer, seed=cfg.seed)
+    reward = build_reward(cfg.reward)
+    checkpoints = CheckpointManager(run_dir, interval=cfg.checkpoint.interval, keep_last=cfg.checkpoint.keep_last,
+                                    save_optimizer=cfg.checkpoint.save_optimizer, resume=cfg.trainer.resume)
+    sinks = None
+    if ctx.rank == 0:
+        sinks = telemetry.MetricSinks(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                                      wandb_project=cfg.logging.wandb_project, config=cfg.to_dict())
+    return Components(cfg=cfg, ctx=ctx, run_dir=run_dir, tokenizer=tokenizer, policy=policy, engine=engine,
+                      dataset=dataset, reward=reward, checkpoints=checkpoints, sinks=sinks)
+
+
+def _load_initial_weights(cfg: RunConfig, policy: Policy, ctx: ParallelContext) -> None:
+    """Fresh run: weights from model.mcore_path (dist checkpoint) or model.hf_path (HF safetensors)."""
+    if cfg.model.mcore_path:
+        from megatron_lpreg.models.checkpoint import load_checkpoint
+
+        load_checkpoint(cfg.model.mcore_path, policy.raw_chunks, cfg.model, ctx)
+    else:
+        from megatron_lpreg.models.bridge import load_hf_weights
+
+        load_hf_weights(policy.raw_chunks, cfg.model.hf_path, cfg.model, ctx)

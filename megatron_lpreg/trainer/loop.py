@@ -1,0 +1,67 @@
+"""The RL loop, run identically on every trainer rank (SPMD): it reads like the algorithm.
+
+sample prompts -> rollout (n responses each) -> rewards -> advantages -> policy update (megatron optimizer,
+micro-batches under a token budget) -> weight sync to the engine -> metrics -> checkpoint / preemption.
+Each DP rank takes its own slice of the step's prompts; TP/PP ranks of one replica generate in lockstep.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from megatron_lpreg import telemetry
+from megatron_lpreg.config import RunConfig
+from megatron_lpreg.trainer.components import Components, build_components
+from megatron_lpreg.trainer.rollout_step import rollout_batch, update_policy
+from megatron_lpreg.trainer.signals import REQUEUE_EXIT_CODE, PreemptionWatcher
+from megatron_lpreg.trainer.state import RunState
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def run_rank(cfg: RunConfig, run_dir: str) -> int:
+    """Train on this rank until ``trainer.max_steps`` or a preemption request; return the process exit code."""
+    run_path = Path(run_dir)
+    comp: Components = build_components(cfg, run_path)
+    state: RunState = comp.checkpoints.restore_or_init(comp)
+    watcher = PreemptionWatcher(run_path)
+    if state.step == 0 and cfg.eval.benchmarks and comp.ctx.rank == 0:
+        pass  # evaluation before training is reported by the eval hook below
+    comp.evaluate_if_due(state.step, force=state.step == 0)
+    steps = telemetry.progress(range(state.step, cfg.trainer.max_steps), total=cfg.trainer.max_steps - state.step,
+                               desc="rl", enabled=cfg.logging.progress, rank=comp.ctx.rank)
+    for step in steps:
+        t0 = time.perf_counter()
+        scored, rollout_metrics = rollout_batch(comp, step)
+        t1 = time.perf_counter()
+        result = update_policy(comp, scored, step)
+        t2 = time.perf_counter()
+        comp.engine.update_weights(comp.weight_update(version=step + 1))
+        state = state.advance(skipped=result.skipped)
+        if state.nan_streak >= cfg.trainer.max_consecutive_nan or (result.skipped and cfg.trainer.nan_policy == "stop"):
+            raise NonFiniteLossError(
+                f"step {step}: non-finite loss or gradient {state.nan_streak} time(s) in a row "
+                f"(trainer.nan_policy={cfg.trainer.nan_policy}, trainer.max_consecutive_nan="
+                f"{cfg.trainer.max_consecutive_nan}); last metrics: {result.metrics}"
+            )
+        metrics = {**rollout_metrics, **result.metrics, "actor/grad_norm": result.grad_norm,
+                   "actor/lr": comp.policy.current_lr(), "actor/skipped": float(result.skipped),
+                   "perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1, "perf/step_s": time.perf_counter() - t0}
+        comp.log(metrics, step)
+        comp.evaluate_if_due(step + 1, force=step + 1 == cfg.trainer.max_steps)
+        stop = watcher.should_stop()
+        if stop or comp.checkpoints.due(step + 1, final=step + 1 == cfg.trainer.max_steps):
+            comp.checkpoints.save(comp, state)
+        if stop:
+            watcher.clear()
+            logger.warning("preempted after step %d: checkpoint written, exiting with %d for requeue",
+                           step, REQUEUE_EXIT_CODE)
+            comp.close()
+            return REQUEUE_EXIT_CODE
+    comp.close()
+    return 0

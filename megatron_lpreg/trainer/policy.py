@@ -1,0 +1,242 @@
+"""The trainable policy on one rank: megatron model chunks (DDP), megatron optimizer and LR schedule, and the
+micro-batch forward/backward through megatron's pipeline schedules, calling the fused op and the algorithm.
+
+On-policy fast path (``updates_per_step == 1``): pi_old == pi_theta at update time, so the old log-probs and the
+min-p proxy are taken *detached from the same forward* as the loss: one forward + one backward per micro-batch,
+where the authors' code runs two extra no-grad forwards. Off-policy: ``compute_old_logprobs`` runs one no-grad
+pass first, then several updates use the stored values.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_lpreg.algo.registry import PolicyLossInputs, compute_policy_loss
+from megatron_lpreg.config import AlgoConfig, ModelConfig, OptimizerConfig, ParallelConfig
+from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob_stats
+from megatron_lpreg.parallel.bootstrap import ParallelContext
+from megatron_lpreg.trainer.batch import TrainBatch, micro_batch_size_for, split_micro_batches
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class StepResult:
+    """What one optimizer update reports (already reduced over ranks where it matters)."""
+
+    metrics: dict[str, float]
+    grad_norm: float
+    skipped: bool
+    """True when a non-finite loss or gradient made us skip the update."""
+
+
+class Policy:
+    """Model chunks + optimizer + scheduler of one trainer rank."""
+
+    def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, optim_cfg: OptimizerConfig,
+                 algo_cfg: AlgoConfig, ctx: ParallelContext, *, temperature: float, micro_batch_tokens: int,
+                 total_steps: int) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from megatron_lpreg.models.qwen import build_model_chunks
+
+        self.model_cfg, self.algo_cfg, self.ctx = model_cfg, algo_cfg, ctx
+        self.temperature = temperature
+        self.micro_batch_tokens = micro_batch_tokens
+        raw_chunks = build_model_chunks(model_cfg, parallel_cfg, ctx)
+        self.tf_config = raw_chunks[0].config
+        self.tf_config.finalize_model_grads_func = finalize_model_grads
+        bf16 = model_cfg.params_dtype == "bfloat16"
+        fp16 = model_cfg.params_dtype == "float16"
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+        )
+        self.chunks = [
+            DistributedDataParallel(config=self.tf_config, ddp_config=ddp_cfg, module=chunk)
+            for chunk in raw_chunks
+        ]
+        self.raw_chunks = raw_chunks
+        self.optimizer = get_megatron_optimizer(
+            McoreOptimizerConfig(
+                optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, weight_decay=optim_cfg.weight_decay,
+                adam_beta1=optim_cfg.adam_beta1, adam_beta2=optim_cfg.adam_beta2, adam_eps=optim_cfg.adam_eps,
+                clip_grad=optim_cfg.clip_grad, bf16=bf16, fp16=fp16,
+                params_dtype=self.tf_config.params_dtype,
+                use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+            ),
+            self.chunks,
+        )
+        decay_steps = max(1, total_steps - optim_cfg.warmup_steps)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if optim_cfg.warmup_steps else optim_cfg.lr, max_lr=optim_cfg.lr,
+            min_lr=optim_cfg.min_lr, lr_warmup_steps=optim_cfg.warmup_steps,
+            lr_decay_steps=decay_steps + optim_cfg.warmup_steps, lr_decay_style=optim_cfg.lr_schedule,
+            start_wd=optim_cfg.weight_decay, end_wd=optim_cfg.weight_decay, wd_incr_steps=1,
+            wd_incr_style="constant",
+        )
+
+    # ---- forward/backward ---------------------------------------------------------------------------------
+    def _micro_batches(self, batch: TrainBatch) -> tuple[list[TrainBatch], int]:
+        mbs = micro_batch_size_for(batch.seq_len, self.micro_batch_tokens)
+        mbs = min(mbs, batch.num_sequences)
+        return split_micro_batches(batch, mbs), mbs
+
+    def _forward_step(self, loss_fn, data_iterator, model):
+        mb: TrainBatch = next(data_iterator)
+        seq = mb.tokens.shape[1]
+        position_ids = torch.arange(seq, dtype=torch.long).unsqueeze(0).expand_as(mb.tokens)
+        output = model(mb.tokens, position_ids, None)
+        return output, partial(loss_fn, mb)
+
+    def _stats(self, mb: TrainBatch, logits_shard: torch.Tensor, with_proxy_kl: bool = False):
+        return vocab_parallel_logprob_stats(
+            logits_shard, mb.targets, group=self.ctx.tp_group, kappa=self.algo_cfg.kappa,
+            temperature=self.temperature, vocab_size=self.model_cfg.vocab_size, with_proxy_kl=with_proxy_kl,
+        )
+
+    def _run(self, micro_batches: list[TrainBatch], mbs: int, loss_fn, *, forward_only: bool) -> list[Any]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        forward_backward = get_forward_backward_func()
+        data = iter(micro_batches)
+        data_iterator: Any = data if len(self.chunks) == 1 else [iter(micro_batches) for _ in self.chunks]
+        return forward_backward(
+            forward_step_func=partial(self._forward_step, loss_fn),
+            data_iterator=data_iterator,
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(micro_batches),
+            seq_length=micro_batches[0].seq_len,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+        )
+
+    @torch.no_grad()
+    def compute_old_logprobs(self, batch: TrainBatch) -> TrainBatch:
+        """One no-grad pass: fill ``old_logprobs`` and ``proxy_logprobs`` (off-policy path)."""
+        for chunk in self.chunks:
+            chunk.eval()
+        micro_batches, mbs = self._micro_batches(batch)
+
+        def loss_fn(mb: TrainBatch, logits: torch.Tensor):
+            stats = self._stats(mb, logits)
+            return torch.zeros(()), {"logprobs": stats.logprobs.float(), "proxy": stats.proxy_logprobs.float()}
+
+        outputs = self._run(micro_batches, mbs, loss_fn, forward_only=True)
+        old, proxy = self._gather_from_last_stage(outputs, batch)
+        for chunk in self.chunks:
+            chunk.train()
+        return TrainBatch(**{**batch.__dict__, "old_logprobs": old, "proxy_logprobs": proxy})
+
+    def _gather_from_last_stage(self, outputs: list[dict], batch: TrainBatch):
+        """Concatenate per-micro-batch tensors on the last stage and broadcast them over the PP group."""
+        shape = batch.tokens.shape
+        if self.ctx.is_pipeline_last_stage:
+            old = torch.cat([o["logprobs"] for o in outputs])
+            proxy = torch.cat([o["proxy"] for o in outputs])
+        else:
+            old, proxy = torch.empty(shape), torch.empty(shape)
+        if self.ctx.pp_size > 1:
+            src = dist.get_global_rank(self.ctx.pp_group, self.ctx.pp_size - 1)
+            dist.broadcast(old, src=src, group=self.ctx.pp_group)
+            dist.broadcast(proxy, src=src, group=self.ctx.pp_group)
+        return old, proxy
+
+    def train_step(self, batch: TrainBatch, *, lowprob_threshold: float | None = None,
+                   global_valid_tokens: float | None = None) -> StepResult:
+        """One optimizer update over all micro-batches of ``batch`` (this rank's share)."""
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        micro_batches, mbs = self._micro_batches(batch)
+        n_seq_rank = batch.num_sequences
+        n_micro = len(micro_batches)
+        dp = self.ctx.dp_size
+
+        def loss_fn(mb: TrainBatch, logits: torch.Tensor):
+            exact_kl = self.algo_cfg.proxy_kl != "k3"
+            stats = self._stats(mb, logits, with_proxy_kl=exact_kl)
+            logprobs = stats.logprobs.float()
+            old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
+            proxy = mb.proxy_logprobs if mb.proxy_logprobs is not None else stats.proxy_logprobs.detach().float()
+            inputs = PolicyLossInputs(
+                logprobs=logprobs, old_logprobs=old, proxy_logprobs=proxy, entropy=stats.entropy.float(),
+                advantages=mb.advantages, response_mask=mb.loss_mask, lowprob_threshold=lowprob_threshold,
+                global_valid_tokens=global_valid_tokens,
+                proxy_kl=stats.proxy_kl.float() if exact_kl else None,
+            )
+            loss, metrics = compute_policy_loss(self.algo_cfg, inputs)
+            # megatron divides by the number of micro-batches and DDP averages over DP ranks; undo that and
+            # apply the aggregation's own weight instead.
+            if self.algo_cfg.loss_agg == "global_token_mean":
+                weight = n_micro * dp  # loss is already sum / global_valid_tokens (all ranks, all micro-batches)
+            else:
+                weight = n_micro * mb.num_sequences / n_seq_rank  # the authors' n_seq_micro / n_seq_rank
+            mask = mb.loss_mask
+            ntok = mask.sum().clamp(min=1)
+            metrics = dict(metrics)
+            metrics["entropy/mean"] = float((stats.entropy.float() * mask).sum() / ntok)
+            metrics["rollout/logprob_mismatch"] = float(((logprobs.detach() - mb.engine_logprobs).abs() * mask).sum() / ntok)
+            return loss * weight, metrics
+
+        outputs = self._run(micro_batches, mbs, loss_fn, forward_only=False)
+        local_metrics = _mean_dicts(outputs) if self.ctx.is_pipeline_last_stage else {}
+        finite = self._grads_finite() and all(math.isfinite(v) for v in local_metrics.values())
+        finite = self._all_ranks_true(finite)
+        if not finite:
+            self.optimizer.zero_grad()
+            for chunk in self.chunks:
+                chunk.zero_grad_buffer()
+            return StepResult(metrics=self.reduce_metrics(local_metrics), grad_norm=float("nan"), skipped=True)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+        return StepResult(metrics=self.reduce_metrics(local_metrics), grad_norm=grad_norm, skipped=not ok)
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+    def _grads_finite(self) -> bool:
+        for chunk in self.chunks:
+            for param in chunk.parameters():
+                grad = getattr(param, "main_grad", None)
+                if grad is not None and not torch.isfinite(grad).all():
+                    return False
+        return True
+
+    def _all_ranks_true(self, flag: bool) -> bool:
+        if not dist.is_initialized():
+            return flag
+        t = torch.tensor([0.0 if flag else 1.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item() == 0.0
+
+    def reduce_metrics(self, local: dict[str, float]) -> dict[str, float]:
+        """Average metric dicts of the last-stage TP-rank-0 ranks over data parallel; every rank gets the result."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return dict(local)
+        contributes = self.ctx.is_pipeline_last_stage and self.ctx.tp_rank == 0
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local if contributes else None)
+        rows = [g for g in gathered if g is not None]
+        return _mean_dicts(rows)
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for row in rows for k in row})
+    out = {}
+    for key in keys:
+        values = [float(row[key]) for row in rows if key in row]
+        out[key] = sum(values) / len(values)
+    return out

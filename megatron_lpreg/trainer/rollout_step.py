@@ -1,0 +1,116 @@
+"""One step's data path and update: rollout -> rewards -> advantages -> TrainBatch -> optimizer update(s)."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from megatron_lpreg.algo.registry import compute_advantages
+from megatron_lpreg.rollout.base import SamplingParams
+from megatron_lpreg.trainer.batch import TrainBatch, build_train_batch, split_mini_batches
+from megatron_lpreg.trainer.policy import StepResult
+from megatron_lpreg.trainer.state import derive_seed
+
+if TYPE_CHECKING:
+    from megatron_lpreg.trainer.components import Components
+
+logger = logging.getLogger(__name__)
+
+
+def dp_slice(items: list, dp_rank: int, dp_size: int) -> list:
+    """This DP rank's contiguous share of the step's prompts (all ranks draw the same global batch)."""
+    if len(items) % dp_size:
+        raise ValueError(f"rollout.prompts_per_step={len(items)} must be divisible by the data-parallel size "
+                         f"{dp_size}")
+    share = len(items) // dp_size
+    return items[dp_rank * share:(dp_rank + 1) * share]
+
+
+def sampling_params(comp: "Components", step: int) -> SamplingParams:
+    r = comp.cfg.rollout
+    return SamplingParams(
+        n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, min_p=r.min_p,
+        max_new_tokens=r.max_new_tokens, stop_token_ids=tuple(stop_ids(comp.tokenizer)),
+        seed=derive_seed(comp.cfg.seed, step, comp.ctx.dp_rank),
+    )
+
+
+def stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+def rollout_batch(comp: "Components", step: int) -> tuple[TrainBatch, dict[str, float]]:
+    """Generate, score and turn this rank's share of the step's prompts into a TrainBatch."""
+    cfg = comp.cfg
+    prompts = dp_slice(comp.dataset.next_batch(cfg.rollout.prompts_per_step), comp.ctx.dp_rank, comp.ctx.dp_size)
+    completions = comp.engine.generate([p.token_ids for p in prompts], sampling_params(comp, step))
+    texts = [c.text or comp.tokenizer.decode(c.response_ids, skip_special_tokens=True) for c in completions]
+    truths = [prompts[c.prompt_index].ground_truth for c in completions]
+    rewards = [float(r) for r in comp.reward.score_batch(texts, truths)]
+    grouped = torch.tensor(rewards, dtype=torch.float64).view(len(prompts), cfg.rollout.n)
+    advantages = compute_advantages(cfg.algo.advantage, grouped).reshape(-1).tolist()
+    batch = build_train_batch(
+        [c.prompt_ids for c in completions], [c.response_ids for c in completions],
+        [c.logprobs for c in completions], advantages, rewards, pad_id=_pad_id(comp.tokenizer),
+    )
+    lengths = [len(c.response_ids) for c in completions]
+    metrics = {
+        "reward/mean": sum(rewards) / len(rewards),
+        "reward/all_correct_frac": float((grouped.min(dim=1).values > 0).float().mean()),
+        "reward/all_wrong_frac": float((grouped.max(dim=1).values <= 0).float().mean()),
+        "response/length_mean": sum(lengths) / len(lengths),
+        "response/clip_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+    }
+    return batch, _dp_mean(comp, metrics)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _dp_mean(comp: "Components", metrics: dict[str, float]) -> dict[str, float]:
+    if comp.ctx.dp_size == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, group=comp.ctx.dp_group)
+    return {k: float(v) / comp.ctx.dp_size for k, v in zip(keys, t)}
+
+
+def _dp_sum(comp: "Components", value: float) -> float:
+    if comp.ctx.dp_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, group=comp.ctx.dp_group)
+    return float(t.item())
+
+
+def update_policy(comp: "Components", batch: TrainBatch, step: int) -> StepResult:
+    """On-policy: one update, old log-probs from the same forward. Off-policy or global selection: a no-grad
+    old-log-prob pass, then ``trainer.updates_per_step`` mini-batch updates."""
+    cfg = comp.cfg
+    updates = cfg.trainer.updates_per_step
+    needs_old_pass = updates > 1 or cfg.algo.selection == "global"
+    if needs_old_pass:
+        batch = comp.policy.compute_old_logprobs(batch)
+    threshold = None
+    if cfg.algo.name == "lpreg" and cfg.algo.selection == "global":
+        from megatron_lpreg.algo.lpreg import global_lowprob_threshold
+
+        candidates = batch.old_logprobs[(batch.loss_mask > 0) & (batch.advantages < 0)]
+        threshold = global_lowprob_threshold([candidates], cfg.algo.rho, group=comp.ctx.dp_group)
+    result = None
+    for mini in split_mini_batches(batch, updates):
+        global_tokens = _dp_sum(comp, float(mini.loss_mask.sum()))
+        result = comp.policy.train_step(mini, lowprob_threshold=threshold,
+                                        global_valid_tokens=max(global_tokens, 1.0))
+    assert result is not None
+    if not math.isfinite(result.grad_norm) and not result.skipped:
+        logger.warning("step %d: grad norm is not finite", step)
+    return result
