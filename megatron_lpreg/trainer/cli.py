@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import logging
+import os
 import sys
 from pathlib import Path
 
 from megatron_lpreg import telemetry
-from megatron_lpreg.config import ConfigError, RunConfig
+from megatron_lpreg.config import ConfigError, ModelConfig, RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_config(path: str, overrides: list[str]) -> RunConfig:
     """Load the YAML + overrides; when model.hf_path is set, the architecture comes from its config.json."""
     cfg = RunConfig.load(path, overrides)
+    if cfg.model.hf_path.startswith(TINY_PREFIX):
+        cfg = cfg.replace(model=dataclasses.replace(cfg.model, hf_path=str(materialize_tiny(cfg.model))))
     if cfg.model.hf_path:
         from megatron_lpreg.models.qwen import model_config_from_hf
 
@@ -34,6 +39,37 @@ def resolve_config(path: str, overrides: list[str]) -> RunConfig:
         cfg = cfg.replace(model=model)
         cfg.validate()
     return cfg
+
+
+TINY_PREFIX = "tiny:"
+
+
+def materialize_tiny(model: ModelConfig) -> Path:
+    """``model.hf_path: tiny:<seed>`` = a tiny random HF checkpoint with this config's shape, made offline once
+    and cached under $MEGATRON_LPREG_CACHE (default ~/.cache/megatron_lpreg)."""
+    from megatron_lpreg.models.tiny import make_tiny_model
+
+    seed_text = model.hf_path[len(TINY_PREFIX):] or "0"
+    if not seed_text.isdigit():
+        raise ConfigError(f"model.hf_path={model.hf_path!r}: expected 'tiny:<seed>' (e.g. tiny:0)")
+    shape = (model.arch, model.vocab_size, model.hidden_size, model.ffn_hidden_size, model.num_layers,
+             model.num_attention_heads, model.num_query_groups, model.head_dim, model.tie_word_embeddings,
+             model.max_position_embeddings, model.rope_theta, model.rms_norm_eps, int(seed_text))
+    key = hashlib.sha1(repr(shape).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("MEGATRON_LPREG_CACHE", Path.home() / ".cache" / "megatron_lpreg"))
+    out = root / "tiny" / f"{model.arch}-{key}"
+    if not (out / "config.json").exists():
+        root.joinpath("tiny").mkdir(parents=True, exist_ok=True)
+        try:
+            make_tiny_model(out, model.arch, seed=int(seed_text), vocab_size=model.vocab_size,
+                            num_layers=model.num_layers, hidden_size=model.hidden_size,
+                            num_attention_heads=model.num_attention_heads, num_kv_heads=model.num_query_groups,
+                            head_dim=model.head_dim, ffn_hidden_size=model.ffn_hidden_size,
+                            max_position_embeddings=model.max_position_embeddings, rope_theta=model.rope_theta,
+                            rms_norm_eps=model.rms_norm_eps, tie_word_embeddings=model.tie_word_embeddings)
+        except FileExistsError:
+            pass  # another process made it first (the write is atomic)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
