@@ -72,6 +72,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         _, val_tp = get_args(tp) or (Any, Any)
         return {k: _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):
+            try:  # PyYAML reads "1e-6" (no dot) as a string; accept it as the number it clearly is
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}={value!r} must be a number")
         return float(value)
