@@ -48,12 +48,13 @@ class Policy:
         from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from megatron_lpreg.models.qwen import build_model_chunks
-
         self.model_cfg, self.algo_cfg, self.ctx = model_cfg, algo_cfg, ctx
         self.temperature = temperature
         self.micro_batch_tokens = micro_batch_tokens
         raw_chunks = build_model_chunks(model_cfg, parallel_cfg, ctx)
+        for chunk in raw_chunks:
+            if model_cfg.params_dtype == "bfloat16":
+                chunk.bfloat16()
         self.tf_config = raw_chunks[0].config
         self.tf_config.finalize_model_grads_func = finalize_model_grads
         bf16 = model_cfg.params_dtype == "bfloat16"
@@ -141,7 +142,7 @@ class Policy:
     def _gather_from_last_stage(self, outputs: list[dict], batch: TrainBatch):
         """Concatenate per-micro-batch tensors on the last stage and broadcast them over the PP group."""
         shape = batch.tokens.shape
-        if self.ctx.is_pipeline_last_stage:
+        if self.ctx.is_last_pp_stage:
             old = torch.cat([o["logprobs"] for o in outputs])
             proxy = torch.cat([o["proxy"] for o in outputs])
         else:
@@ -190,7 +191,7 @@ class Policy:
             return loss * weight, metrics
 
         outputs = self._run(micro_batches, mbs, loss_fn, forward_only=False)
-        local_metrics = _mean_dicts(outputs) if self.ctx.is_pipeline_last_stage else {}
+        local_metrics = _mean_dicts(outputs) if self.ctx.is_last_pp_stage else {}
         finite = self._grads_finite() and all(math.isfinite(v) for v in local_metrics.values())
         finite = self._all_ranks_true(finite)
         if not finite:
@@ -223,7 +224,7 @@ class Policy:
         """Average metric dicts of the last-stage TP-rank-0 ranks over data parallel; every rank gets the result."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return dict(local)
-        contributes = self.ctx.is_pipeline_last_stage and self.ctx.tp_rank == 0
+        contributes = self.ctx.is_last_pp_stage and self.ctx.tp_rank == 0
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local if contributes else None)
         rows = [g for g in gathered if g is not None]
@@ -231,6 +232,20 @@ class Policy:
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, ctx: ParallelContext) -> list:
+    """This rank's GPTModel chunks: one per virtual pipeline stage (interleaved schedule when vpp > 1)."""
+    from megatron_lpreg.models.qwen import build_gpt_model
+
+    chunks = []
+    for vp in range(ctx.vpp_size):
+        kwargs = {"vp_stage": vp} if ctx.vpp_size > 1 else {}
+        chunks.append(build_gpt_model(
+            model_cfg, parallel_cfg,
+            pre_process=ctx.is_first_pp_stage and vp == 0,
+            post_process=ctx.is_last_pp_stage and vp == ctx.vpp_size - 1, **kwargs))
+    return chunks
 
 
 def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
