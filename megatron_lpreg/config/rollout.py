@@ -39,6 +39,26 @@ class RolloutConfig:
     """How engines receive new weights (auto: no copy for local, distributed for sglang)."""
     request_timeout_s: float = 600.0
     """HTTP timeout for one generate call."""
+    max_batch_size: int = 64
+    """Rows (prompt x sample) per forward in the local engine, per HTTP request for sglang."""
+    sglang_launch_module: str = "sglang.launch_server"
+    """Module run as `python -m <module>` to launch a server (tests point it at the CPU stand-in)."""
+    launch_timeout_s: float = 900.0
+    """How long a launched server may take to answer /health."""
+    max_retries: int = 3
+    """Retries of an HTTP call on connection errors and 502/503/504 (exponential backoff)."""
+    retry_backoff_s: float = 1.0
+    """First backoff delay (seconds); doubles each retry."""
+    weight_bucket_mb: float = 512.0
+    """Tensor/distributed weight sync sends the stream in buckets of about this many MiB."""
+    weight_sync_backend: Literal["nccl", "gloo"] = "nccl"
+    """Backend of the trainer-rank-0 -> engines broadcast group (distributed sync)."""
+    weight_sync_host: str = ""
+    """Address engines use to reach trainer rank 0 for the broadcast group; empty = this host's name."""
+    verify_tensors: int = 4
+    """Tensors spot-checked on every engine after each sync (first row compared exactly); 0 = off."""
+    vllm_gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory the offline vLLM engine may take (colocated with the trainer)."""
 
     def validate(self) -> None:
         if self.n < 1:
@@ -49,3 +69,26 @@ class RolloutConfig:
             raise ConfigError(f"rollout.top_p={self.top_p} must be in (0, 1]")
         if self.max_new_tokens < 1:
             raise ConfigError(f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ConfigError(f"rollout.top_k={self.top_k} must be -1 (off) or >= 1")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ConfigError(f"rollout.min_p={self.min_p} must be in [0, 1)")
+        for name in ("max_batch_size", "engine_tp", "num_engines"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rollout.{name}={getattr(self, name)} must be >= 1")
+        if self.max_retries < 0 or self.verify_tensors < 0:
+            raise ConfigError(
+                f"rollout.max_retries={self.max_retries} and rollout.verify_tensors={self.verify_tensors} must be >= 0"
+            )
+        if self.weight_bucket_mb <= 0:
+            raise ConfigError(f"rollout.weight_bucket_mb={self.weight_bucket_mb} must be > 0")
+        if self.engine == "local" and self.weight_sync not in ("auto", "disk", "tensor"):
+            raise ConfigError(
+                f"rollout.weight_sync={self.weight_sync!r} is not available for rollout.engine='local'; use 'auto' "
+                f"(shares the trainer's parameters)"
+            )
+        if self.engine == "sglang" and self.sglang_urls and len(self.sglang_urls) != self.num_engines:
+            raise ConfigError(
+                f"rollout.sglang_urls has {len(self.sglang_urls)} URLs but rollout.num_engines={self.num_engines}; "
+                f"give one URL per engine or set num_engines to {len(self.sglang_urls)}"
+            )

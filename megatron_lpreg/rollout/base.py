@@ -59,6 +59,27 @@ class EngineHealth:
 NamedTensor = tuple[str, torch.Tensor]
 
 
+class WeightSyncError(RuntimeError):
+    """An engine failed to install new weights, or a post-sync check (spot check, probe log-probs) failed."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogprobProbe:
+    """A teacher-forced check of an engine's weights after a sync.
+
+    The trainer scores ``token_ids[prompt_len:]`` with its own weights (temperature 1, see
+    ``rollout.logits_model.teacher_forced_logprobs``); the engine scores the same tokens after the update and the
+    largest absolute difference must stay within ``atol``.
+    """
+
+    token_ids: tuple[int, ...]
+    prompt_len: int
+    expected_logprobs: tuple[float, ...]
+    """Trainer's log-probs of ``token_ids[prompt_len:]``."""
+    atol: float = 1e-3
+    """Allowed max |engine - trainer| log-prob difference (fp32 engines: ~1e-4; bf16 engines need ~5e-2)."""
+
+
 @dataclass(kw_only=True)
 class WeightUpdate:
     """New weights for an engine, in Hugging Face names, streamed one tensor at a time."""
@@ -70,7 +91,9 @@ class WeightUpdate:
     path: str | None = None
     """HF checkpoint directory to load from (update_weights_from_disk)."""
     checksums: dict[str, float] = field(default_factory=dict)
-    """Optional per-tensor float64 sums to verify after the update."""
+    """Optional per-tensor float64 sums to verify after the update (engines that can read whole tensors)."""
+    probe: LogprobProbe | None = None
+    """Optional probe scored by the engine after the update; a mismatch raises WeightSyncError."""
 
 
 @runtime_checkable

@@ -1,0 +1,137 @@
+"""Moving trainer weights to out-of-process engines: buckets, payloads, a standalone broadcast group, spot checks.
+
+The trainer side hands an engine a stream of ``(hf_name, tensor)`` pairs (``models.bridge`` converts Megatron
+TP/PP shards to HF names one tensor at a time); nothing here needs the whole model in memory at once: the stream
+is cut into buckets of about ``bucket_bytes`` and each bucket is sent before the next one is produced.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import logging
+import pickle
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron_lpreg.rollout.base import NamedTensor, WeightSyncError
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_ELEMENTS = 64
+"""Elements of each tensor's first row kept for the post-sync spot check (cheap for any model size)."""
+
+
+def iter_buckets(tensors: Iterable[NamedTensor], bucket_bytes: int) -> Iterator[list[NamedTensor]]:
+    """Group a tensor stream into lists of at most ~``bucket_bytes`` (a larger tensor is a bucket of its own)."""
+    bucket: list[NamedTensor] = []
+    size = 0
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def serialize_named_tensors(tensors: list[NamedTensor]) -> str:
+    """Base64 payload for SGLang's ``/update_weights_from_tensor`` (``serialized_named_tensors`` entries).
+
+    CUDA tensors go through ``ForkingPickler`` (CUDA IPC handles: the engine must be on the same node, as in
+    SGLang's own colocated mode); CPU tensors are pickled inline (self-contained bytes). SGLang deserialises
+    both with its ``MultiprocessingSerializer``.
+    """
+    if any(t.is_cuda for _, t in tensors):
+        import io
+
+        from torch.multiprocessing.reductions import ForkingPickler
+
+        buf = io.BytesIO()
+        ForkingPickler(buf).dump(tensors)
+        raw = buf.getvalue()
+    else:
+        raw = pickle.dumps([(name, t.detach().contiguous()) for name, t in tensors])
+    return base64.b64encode(raw).decode("ascii")
+
+
+def standalone_group(
+    backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0
+) -> dist.ProcessGroup:
+    """A process group outside torch.distributed's default/world groups (rank 0 hosts the TCP store).
+
+    Used for the trainer-rank-0 -> engines broadcast; it does not disturb the trainer's own groups.
+
+    Raises:
+        ValueError: unknown backend.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+    prefixed = dist.PrefixStore("weight_sync", store)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
+    raise ValueError(f"rollout.weight_sync_backend={backend!r} must be 'nccl' or 'gloo'")
+
+
+def broadcast_bucket(group: dist.ProcessGroup, tensors: list[NamedTensor], backend: str) -> None:
+    """Broadcast each tensor of ``tensors`` from rank 0 of ``group``, in order."""
+    for _, tensor in tensors:
+        payload = tensor.detach().contiguous()
+        if backend == "nccl" and not payload.is_cuda:
+            payload = payload.cuda()
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        group.broadcast([payload], opts).wait()
+
+
+def first_row_sample(tensor: torch.Tensor) -> torch.Tensor:
+    """The first ``SAMPLE_ELEMENTS`` elements of ``tensor[:1]`` as float32 on CPU (what the spot check compares)."""
+    return tensor.detach()[:1].reshape(-1)[:SAMPLE_ELEMENTS].float().cpu()
+
+
+@dataclass
+class WeightSamples:
+    """First-row samples of the tensors sent in one sync, to compare with what each engine reports afterwards."""
+
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def record(self, tensors: Iterable[NamedTensor]) -> None:
+        for name, tensor in tensors:
+            self.samples[name] = first_row_sample(tensor)
+
+    def pick(self, count: int) -> list[str]:
+        """``count`` names spread evenly over the stream order (first and last included)."""
+        names = list(self.samples)
+        if count <= 0 or not names:
+            return []
+        if count >= len(names):
+            return names
+        step = (len(names) - 1) / (count - 1) if count > 1 else 0
+        return list(dict.fromkeys(names[round(k * step)] for k in range(count)))
+
+    def check(self, name: str, engine_rows: torch.Tensor, *, engine: str) -> None:
+        """Compare an engine's ``weight[:1]`` with the sample; exact up to the engine's own dtype rounding.
+
+        Raises:
+            WeightSyncError: the engine holds different values (stale or corrupted weights).
+        """
+        expected = self.samples[name]
+        actual = engine_rows.reshape(-1)[:SAMPLE_ELEMENTS].float()
+        if actual.shape != expected.shape:
+            raise WeightSyncError(f"{engine}: weight '{name}' sample shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+        # the engine may store bf16/fp16 while the trainer sent fp32: accept exactly those roundings, nothing looser
+        candidates = (expected, expected.bfloat16().float(), expected.half().float())
+        if not any(torch.equal(actual, c) for c in candidates):
+            diff = (actual - expected).abs().max().item()
+            raise WeightSyncError(
+                f"{engine}: weight '{name}' differs from what was sent (max |diff| {diff:.3g}); the engine did not "
+                f"install this update"
+            )
