@@ -1,0 +1,104 @@
+"""Entropy-based baselines: an entropy bonus on the PPO loss, and 80/20 (gradient only on high-entropy tokens).
+
+Legend: B sequences, T tokens; every tensor argument is ``[B, T]``; entropy is of the full next-token distribution
+(from :func:`megatron_lpreg.ops.vocab_parallel.vocab_parallel_logprob_stats`), in nats.
+Reference: Wang et al. 2025, "Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective RLVR".
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from megatron_lpreg.algo.aggregation import LossAgg, aggregate_loss, masked_mean, metrics_to_floats
+from megatron_lpreg.algo.ppo import clipped_surrogate, surrogate_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def entropy_bonus_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    entropy_coef: float,
+    clip_low: float,
+    clip_high: float,
+    clip_ratio_c: float = 0.0,
+    loss_agg: LossAgg = "token_mean",
+    global_valid_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped loss minus ``entropy_coef`` times the (same-way aggregated) entropy.
+
+    Args:
+        entropy: ``[B, T]`` per-token entropy with grad (the bonus pushes it up).
+        entropy_coef: bonus weight (>= 0 raises entropy).
+        other args: see :func:`megatron_lpreg.algo.ppo.ppo_policy_loss`.
+
+    Returns:
+        ``(loss, metrics)`` with ``loss/policy``, ``loss/entropy_bonus``, ``entropy/mean`` and ``actor/*``.
+    """
+    surrogate = clipped_surrogate(
+        logprobs, old_logprobs, advantages, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c
+    )
+    pg_loss = aggregate_loss(surrogate.loss, response_mask, loss_agg, global_valid_tokens)
+    entropy_term = aggregate_loss(entropy, response_mask, loss_agg, global_valid_tokens)
+    loss = pg_loss - entropy_coef * entropy_term
+    metrics = surrogate_metrics(surrogate, logprobs, old_logprobs, response_mask)
+    metrics.update({"loss/policy": loss, "loss/pg": pg_loss, "loss/entropy_bonus": entropy_coef * entropy_term,
+                    "entropy/mean": masked_mean(entropy.detach(), response_mask)})
+    return loss, metrics_to_floats(metrics)
+
+
+def top_entropy_mask(entropy: torch.Tensor, response_mask: torch.Tensor, frac: float) -> torch.Tensor:
+    """Bool ``[B, T]``: the ``max(1, int(frac * n_valid))`` valid tokens of highest entropy (none if no valid token)."""
+    valid = response_mask > 0
+    n_valid = int(valid.sum())
+    chosen = torch.zeros_like(valid)
+    if n_valid:
+        k = max(1, int(frac * n_valid))
+        pool = torch.where(valid, entropy.detach(), torch.full_like(entropy, -torch.inf)).reshape(-1)
+        chosen.view(-1)[torch.topk(pool, k).indices] = True
+    return chosen
+
+
+def forking_80_20_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    top_entropy_frac: float,
+    clip_low: float,
+    clip_high: float,
+    clip_ratio_c: float = 0.0,
+    loss_agg: LossAgg = "token_mean",
+    global_valid_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped loss kept only on the top ``top_entropy_frac`` highest-entropy valid tokens of the micro-batch.
+
+    The other tokens contribute zero but still count in the denominator (so ``global_valid_tokens`` from the
+    response mask stays valid); relative to normalizing by the kept tokens only this scales the loss by ~frac.
+
+    Args:
+        entropy: ``[B, T]`` per-token entropy (only its ranking is used; detached).
+        top_entropy_frac: fraction of valid tokens that keep their policy gradient, in (0, 1].
+        other args: see :func:`megatron_lpreg.algo.ppo.ppo_policy_loss`.
+
+    Returns:
+        ``(loss, metrics)`` with ``loss/policy``, ``entropy/top_threshold``, ``entropy/mean`` and ``actor/*``.
+    """
+    surrogate = clipped_surrogate(
+        logprobs, old_logprobs, advantages, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c
+    )
+    top = top_entropy_mask(entropy, response_mask, top_entropy_frac)
+    token_loss = torch.where(top, surrogate.loss, torch.zeros_like(surrogate.loss))
+    loss = aggregate_loss(token_loss, response_mask, loss_agg, global_valid_tokens)
+    metrics = surrogate_metrics(surrogate, logprobs, old_logprobs, response_mask)
+    threshold = entropy.detach()[top].min() if bool(top.any()) else torch.zeros(())
+    metrics.update({"loss/policy": loss, "entropy/top_threshold": threshold,
+                    "entropy/mean": masked_mean(entropy.detach(), response_mask)})
+    return loss, metrics_to_floats(metrics)

@@ -1,0 +1,60 @@
+"""GSPO: group sequence policy optimization (sequence-level importance ratio, clipped per sequence).
+
+Legend: B sequences, T tokens; every tensor argument is ``[B, T]``.
+Reference: Zheng et al. 2025, "Group Sequence Policy Optimization" (GSPO-token form, eq. 13): the token ratio is
+``sg[s_i] * pi(y_t) / sg[pi(y_t)]`` with ``s_i = exp(mean_t log(pi / pi_old))`` over the sequence's valid tokens.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from megatron_lpreg.algo.aggregation import LossAgg, aggregate_loss, masked_mean, metrics_to_floats
+
+logger = logging.getLogger(__name__)
+
+MAX_LOG_SEQ_RATIO = 10.0
+"""Upper clamp of the log sequence ratio, so exp() stays finite for far-off-policy sequences."""
+
+
+def gspo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    loss_agg: LossAgg = "seq_mean_token_mean",
+    global_valid_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GSPO loss ``max(-A s, -A clamp(s, 1 - clip_low, 1 + clip_high))`` with the sequence-level ratio s.
+
+    Args:
+        logprobs, old_logprobs, advantages, response_mask: ``[B, T]``.
+        clip_low, clip_high: sequence-ratio clip (the paper: 3e-4 / 4e-4).
+        loss_agg: the paper's objective is ``seq_mean_token_mean``; the config may choose another.
+        global_valid_tokens: for ``global_token_mean``.
+
+    Returns:
+        ``(loss, metrics)`` with ``loss/policy``, ``actor/clipfrac`` (token share in clipped sequences),
+        ``actor/seq_ratio_mean`` and ``actor/approx_kl`` (k3 on tokens).
+    """
+    valid = response_mask > 0
+    log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    seq_log_ratio = log_ratio.sum(-1) / valid.sum(-1).clamp(min=1)
+    token_log_ratio = logprobs - logprobs.detach() + seq_log_ratio.detach().unsqueeze(-1)
+    ratio = torch.exp(torch.clamp(token_log_ratio, max=MAX_LOG_SEQ_RATIO))
+    unclipped = -advantages * ratio
+    clipped_loss = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    token_loss = torch.maximum(unclipped, clipped_loss)
+    loss = aggregate_loss(token_loss, response_mask, loss_agg, global_valid_tokens)
+    plain = (logprobs - old_logprobs).detach()
+    metrics = {
+        "loss/policy": loss,
+        "actor/clipfrac": masked_mean((clipped_loss > unclipped).float(), response_mask),
+        "actor/seq_ratio_mean": masked_mean(ratio.detach(), response_mask),
+        "actor/approx_kl": masked_mean(plain.exp() - 1.0 - plain, response_mask),
+    }
+    return loss, metrics_to_floats(metrics)
