@@ -1,0 +1,118 @@
+# Shared by slurm/*.sbatch (sourced, not run). Environment checks, the site env, signal forwarding and requeue,
+# and the Ray head/worker bootstrap. Decisions that need logic (which manifest row a task runs, the Ray port,
+# GPUs per node, the requeue exit code) are made in Python: megatron_lpreg/launch/{job,slurm}.py.
+#
+# Variables read (all but MLPREG_ROOT optional; cluster facts belong in the site env, see site.example.env):
+#   MLPREG_ROOT       the megatron_lpreg checkout holding slurm/ (the launcher exports it)
+#   MLPREG_SITE_ENV   site env file sourced first (partition, account, modules, container, NCCL/network)
+#   MLPREG_PYTHON     interpreter with megatron_lpreg installed (default: python3 on PATH)
+#   MLPREG_SRUN_ARGS  extra srun options for every step, e.g. "--container-image=/path/img.sqsh" (pyxis)
+#   MLPREG_RAY_WAIT_S seconds to wait for all Ray nodes to join (default 300)
+
+mlpreg_log() { echo "[mlpreg $(date +%H:%M:%S)] $*" >&2; }
+
+# Load the site env, check the job environment, resolve the interpreter and the requeue exit code.
+mlpreg_init() {
+  : "${MLPREG_ROOT:?set MLPREG_ROOT to the megatron_lpreg checkout (sbatch --export=ALL,MLPREG_ROOT=...)}"
+  : "${SLURM_JOB_ID:?not inside a Slurm job: submit this script with sbatch}"
+  if [[ -n ${MLPREG_SITE_ENV:-} ]]; then
+    [[ -f $MLPREG_SITE_ENV ]] || { mlpreg_log "MLPREG_SITE_ENV=$MLPREG_SITE_ENV does not exist"; exit 2; }
+    set -a
+    # shellcheck disable=SC1090
+    source "$MLPREG_SITE_ENV"
+    set +a
+  fi
+  MLPREG_PYTHON=${MLPREG_PYTHON:-python3}
+  command -v "$MLPREG_PYTHON" >/dev/null || { mlpreg_log "MLPREG_PYTHON=$MLPREG_PYTHON not found"; exit 2; }
+  read -r -a MLPREG_SRUN_EXTRA <<<"${MLPREG_SRUN_ARGS:-}"
+  MLPREG_REQUEUE_CODE=$("$MLPREG_PYTHON" -m megatron_lpreg.launch.job requeue-code)
+  export PYTHONUNBUFFERED=1
+  mlpreg_log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) array ${SLURM_ARRAY_JOB_ID:-none}_${SLURM_ARRAY_TASK_ID:-none}" \
+    "nodes ${SLURM_JOB_NODELIST:-?} restart ${SLURM_RESTART_COUNT:-0} on $(hostname)"
+}
+
+# One job step on NODE (default: any one node of the allocation) with the site's srun options.
+# Usage: mlpreg_srun_argv [NODE]; fills the array MLPREG_SRUN_CMD.
+mlpreg_srun_argv() {
+  MLPREG_SRUN_CMD=(srun --nodes=1 --ntasks=1 --overlap --kill-on-bad-exit=1)
+  [[ -n ${1:-} ]] && MLPREG_SRUN_CMD+=(--nodelist="$1")
+  MLPREG_SRUN_CMD+=("${MLPREG_SRUN_EXTRA[@]}")
+}
+
+_mlpreg_forward() {   # signal name: pass it on to the running child (srun forwards it to its task)
+  mlpreg_log "got SIG$1; forwarding to pid ${MLPREG_CHILD:-?}"
+  [[ -n ${MLPREG_CHILD:-} ]] && kill -s "$1" "$MLPREG_CHILD" 2>/dev/null || true
+}
+
+# Run a command (not a shell function) in the background and wait for it while forwarding USR1 (Slurm's
+# --signal=B:USR1@<sec> warning, or `scancel --batch --signal=USR1`), TERM and INT. Sets MLPREG_RC.
+# MLPREG_TERMINATING=1 records a TERM/INT: the job is being cancelled, so it must not requeue itself.
+mlpreg_run() {
+  MLPREG_TERMINATING=0
+  "$@" &
+  MLPREG_CHILD=$!
+  trap '_mlpreg_forward USR1' USR1
+  trap 'MLPREG_TERMINATING=1; _mlpreg_forward TERM' TERM
+  trap 'MLPREG_TERMINATING=1; _mlpreg_forward INT' INT
+  local rc
+  while :; do
+    rc=0
+    wait "$MLPREG_CHILD" || rc=$?
+    # A trapped signal interrupts `wait` (status > 128) while the child still runs: wait again.
+    kill -0 "$MLPREG_CHILD" 2>/dev/null || break
+  done
+  trap - USR1 TERM INT
+  MLPREG_CHILD=
+  MLPREG_RC=$rc
+}
+
+# Exit with MLPREG_RC, except that the requeue code (the trainer checkpointed on a signal) requeues this job or
+# array task; the requeued job runs this script again and the trainer resumes (trainer.resume=auto).
+mlpreg_finish() {
+  if [[ $MLPREG_RC == "$MLPREG_REQUEUE_CODE" && $MLPREG_TERMINATING == 0 ]]; then
+    mlpreg_log "trainer checkpointed for preemption (exit $MLPREG_RC): scontrol requeue $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  mlpreg_log "finished with exit code $MLPREG_RC"
+  exit "$MLPREG_RC"
+}
+
+# Ray head on the first node, one worker per other node, each `ray start --block` in its own srun step; waits
+# until every node has joined and exports RAY_ADDRESS for the driver. Stop with mlpreg_ray_stop.
+mlpreg_ray_start() {
+  eval "$("$MLPREG_PYTHON" -m megatron_lpreg.launch.job ray-env)"
+  local ray_bin
+  ray_bin=$(dirname "$(command -v "$MLPREG_PYTHON")")/ray
+  [[ -x $ray_bin ]] || ray_bin=ray
+  local resources=(--num-cpus="$MLPREG_RAY_CPUS_PER_NODE" --num-gpus="$MLPREG_RAY_GPUS_PER_NODE")
+  mlpreg_log "Ray head $MLPREG_RAY_HEAD_NODE ($MLPREG_RAY_ADDRESS), $MLPREG_RAY_NUM_NODES node(s)," \
+    "$MLPREG_RAY_GPUS_PER_NODE GPU(s) and $MLPREG_RAY_CPUS_PER_NODE CPU(s) per node"
+  mlpreg_srun_argv "$MLPREG_RAY_HEAD_NODE"
+  "${MLPREG_SRUN_CMD[@]}" "$ray_bin" start --head --block --node-ip-address="$MLPREG_RAY_HEAD_IP" \
+    --port="$MLPREG_RAY_PORT" --include-dashboard=false "${resources[@]}" &
+  MLPREG_RAY_HEAD_PID=$!
+  MLPREG_RAY_WORKERS_PID=
+  if [[ $MLPREG_RAY_NUM_WORKERS -gt 0 ]]; then
+    srun --nodes="$MLPREG_RAY_NUM_WORKERS" --ntasks="$MLPREG_RAY_NUM_WORKERS" --ntasks-per-node=1 \
+      --exclude="$MLPREG_RAY_HEAD_NODE" --overlap --kill-on-bad-exit=1 "${MLPREG_SRUN_EXTRA[@]}" \
+      "$ray_bin" start --block --address="$MLPREG_RAY_ADDRESS" "${resources[@]}" &
+    MLPREG_RAY_WORKERS_PID=$!
+  fi
+  "$MLPREG_PYTHON" -m megatron_lpreg.launch.job wait-ray --address "$MLPREG_RAY_ADDRESS" \
+    --nodes "$MLPREG_RAY_NUM_NODES" --timeout "${MLPREG_RAY_WAIT_S:-300}"
+  export RAY_ADDRESS=$MLPREG_RAY_ADDRESS
+}
+
+# Stop the srun steps mlpreg_ray_start launched (by their PIDs); `ray start --block` stops its node on SIGTERM.
+mlpreg_ray_stop() {
+  local pid i
+  for pid in ${MLPREG_RAY_WORKERS_PID:-} ${MLPREG_RAY_HEAD_PID:-}; do
+    kill -s TERM "$pid" 2>/dev/null || continue
+    for ((i = 0; i < 300; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -s KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null || true
+  done
+  MLPREG_RAY_HEAD_PID= MLPREG_RAY_WORKERS_PID=
+  mlpreg_log "Ray stopped"
+}
