@@ -1,0 +1,101 @@
+"""Build the configured rollout engine (``rollout.engine``: local, sglang or vllm)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+
+from megatron_lpreg.config.rollout import RolloutConfig
+from megatron_lpreg.rollout.base import RolloutEngine
+
+logger = logging.getLogger(__name__)
+
+
+def build_engine(cfg: RolloutConfig, model_path: str, *, seed: int, model: Any = None) -> RolloutEngine:
+    """Create the engine ``cfg.engine`` names.
+
+    Args:
+        cfg: rollout config (validated here).
+        model_path: Hugging Face model directory (config.json, safetensors, tokenizer); servers load it, and the
+            local engine reads vocab size, EOS ids and the tokenizer from it.
+        seed: the run's seed (servers' ``--random-seed``; per-request seeds come from ``SamplingParams.seed``).
+        model: local engine only: an already-built model to generate from without copying it: the trainer's
+            megatron-core GPTModel chunk (or a one-element list of chunks, as the trainer holds them) or a
+            ``transformers`` model. None: load ``model_path`` with transformers.
+
+    Returns:
+        An object implementing :class:`~megatron_lpreg.rollout.base.RolloutEngine`.
+
+    Raises:
+        ConfigError: invalid rollout config.
+        ValueError: several model chunks (pipeline parallelism) for the local engine, or no usable model.
+    """
+    cfg.validate()
+    if cfg.engine == "sglang":
+        from megatron_lpreg.rollout.sglang import SGLangEngine
+
+        return SGLangEngine(cfg, model_path, seed=seed)
+    if cfg.engine == "vllm":
+        from megatron_lpreg.rollout.vllm import VLLMEngine
+
+        return VLLMEngine(cfg, model_path, seed=seed)
+    return _build_local(cfg, model_path, model)
+
+
+def _build_local(cfg: RolloutConfig, model_path: str, model: Any) -> RolloutEngine:
+    from megatron_lpreg.rollout.local import LocalEngine
+    from megatron_lpreg.rollout.logits_model import HFLogitsModel
+
+    hf_config = _read_hf_config(model_path)
+    if isinstance(model, Sequence):
+        if len(model) != 1:
+            raise ValueError(
+                f"the local rollout engine needs exactly one model chunk, got {len(model)} (parallel.pp>1 or "
+                f"parallel.vpp>1); set parallel.pp=1 and parallel.vpp=1, or use rollout.engine=sglang"
+            )
+        model = model[0]
+    if model is None:
+        if not model_path:
+            raise ValueError("build_engine: model_path is empty and no model given; pass an HF model directory")
+        adapter = HFLogitsModel.from_pretrained(model_path)
+    elif hasattr(model, "config") and hasattr(model, "generation_config"):  # a transformers model
+        adapter = HFLogitsModel(model)
+    else:
+        from megatron_lpreg.rollout.megatron_logits import MegatronLogitsModel
+
+        if "vocab_size" not in hf_config:
+            raise ValueError(f"{model_path}/config.json lacks vocab_size; the local engine needs the real vocab size")
+        adapter = MegatronLogitsModel(model, vocab_size=int(hf_config["vocab_size"]))
+    return LocalEngine(
+        adapter, eos_token_ids=_eos_ids(model_path, hf_config), tokenizer=_tokenizer(model_path),
+        max_batch_size=cfg.max_batch_size,
+    )
+
+
+def _read_hf_config(model_path: str) -> dict:
+    path = Path(model_path) / "config.json" if model_path else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+
+def _eos_ids(model_path: str, hf_config: dict) -> tuple[int, ...]:
+    """EOS ids from config.json and generation_config.json (an int or a list in either)."""
+    ids: set[int] = set()
+    sources = [hf_config]
+    gen = Path(model_path) / "generation_config.json" if model_path else None
+    if gen is not None and gen.exists():
+        sources.append(json.loads(gen.read_text()))
+    for source in sources:
+        eos = source.get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+    return tuple(sorted(ids))
+
+
+def _tokenizer(model_path: str) -> Any:
+    """The directory's tokenizer, or None when it has none (text is then left empty)."""
+    if not model_path or not any((Path(model_path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)

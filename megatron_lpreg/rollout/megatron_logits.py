@@ -1,0 +1,120 @@
+"""LogitsModel over the trainer's megatron-core GPTModel: generation reads the trainer's parameters in place.
+
+Shapes: B rows, S tokens, Vs vocab shard of this TP rank, Vp padded vocab (= Vs * tp), V real vocab.
+
+KV cache: megatron's ``StaticInferenceContext`` (prefill once, then one token per step). Megatron's static batching
+takes rotary positions from the KV slot, not from ``position_ids``; prompts are left-padded, so a padded row's
+positions are shifted by its pad count. RoPE attention depends only on position differences, so this changes
+results only by float rounding, and padded keys are masked explicitly (the mask is passed at every step, True =
+masked, megatron's convention). Requires PP=1 (one chunk holding both embedding and output layer).
+
+TP>1: every TP rank must run the same generation in lockstep (same prompts, same seeds). The output layer gives
+each rank a vocab shard; logits are all-gathered over the TP group, the padded vocab tail is cut off, and because
+all ranks then hold bit-identical logits their seeded samplers draw identical tokens.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers (each keeps the wrapped module as ``.module``)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+class MegatronLogitsModel:
+    """LogitsModel over a megatron-core GPTModel (see module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, *, vocab_size: int, tp_group: Any = None) -> None:
+        """Args:
+            model: the trainer's model chunk (GPTModel, possibly DDP/Float16Module-wrapped); not copied.
+            vocab_size: real vocabulary V (the tokenizer's); the padded tail of the output layer is dropped.
+            tp_group: tensor-parallel group to gather logits over (default: the model's ``pg_collection.tp``).
+
+        Raises:
+            ValueError: the chunk is not a whole model (pipeline parallelism) or vocab_size exceeds the model's.
+        """
+        inner = unwrap_model(model)
+        if not (getattr(inner, "pre_process", False) and getattr(inner, "post_process", False)):
+            raise ValueError(
+                "the local rollout engine needs the whole model on each rank (parallel.pp=1, parallel.vpp=1); "
+                "use rollout.engine=sglang or vllm with pipeline parallelism"
+            )
+        self.model = model
+        self.inner = inner
+        self.tp_group = tp_group if tp_group is not None else inner.pg_collection.tp
+        self.tp_size = dist.get_world_size(self.tp_group) if dist.is_initialized() else 1
+        padded = inner.vocab_size
+        if vocab_size > padded:
+            raise ValueError(f"vocab_size={vocab_size} exceeds the model's padded vocabulary {padded}")
+        self.vocab_size = vocab_size
+        self.max_length = int(inner.max_sequence_length)
+        self._context = None
+        self._mask: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._was_training = model.training
+
+    def _gather_vocab(self, logits_BVs: torch.Tensor) -> torch.Tensor:
+        logits_BVs = logits_BVs.float().contiguous()
+        if self.tp_size == 1:
+            return logits_BVs[:, : self.vocab_size]
+        shards = [torch.empty_like(logits_BVs) for _ in range(self.tp_size)]
+        dist.all_gather(shards, logits_BVs, group=self.tp_group)
+        return torch.cat(shards, dim=-1)[:, : self.vocab_size]
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, query_len: int) -> torch.Tensor:
+        keys = self._mask.shape[1]
+        # True = masked: padded keys, and (prefill) future keys
+        blocked = ~self._mask[:, None, None, :].expand(-1, 1, query_len, keys)
+        if query_len > 1:
+            future = torch.triu(torch.ones(query_len, keys, dtype=torch.bool), diagonal=keys - query_len + 1)
+            blocked = blocked | future
+        logits_BSVs = self.model(input_ids, positions, blocked, inference_context=self._context)
+        self._context.sequence_len_offset += query_len
+        return self._gather_vocab(logits_BSVs[:, -1, :])
+
+    @torch.no_grad()
+    def prefill(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor, max_length: int) -> torch.Tensor:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self._was_training = self.model.training
+        self.model.eval()
+        batch = input_ids_BS.shape[0]
+        self._context = StaticInferenceContext(batch, max_length)
+        self._mask = attention_mask_BS.bool()
+        positions = (self._mask.long().cumsum(-1) - 1).clamp(min=0)
+        self._positions = positions[:, -1]
+        logits = self._forward(input_ids_BS, positions, input_ids_BS.shape[1])
+        self._context.enable_decode_mode()
+        return logits
+
+    @torch.no_grad()
+    def decode(self, token_ids_B: torch.Tensor) -> torch.Tensor:
+        assert self._mask is not None and self._positions is not None, "decode() before prefill()"
+        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=-1)
+        self._positions = self._positions + 1
+        return self._forward(token_ids_B[:, None], self._positions[:, None], 1)
+
+    def release(self) -> None:
+        self._context, self._mask, self._positions = None, None, None
+        self.model.train(self._was_training)
+
+    @torch.no_grad()
+    def sequence_logits(self, token_ids: list[int]) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ids = torch.tensor([token_ids])
+            positions = torch.arange(len(token_ids))[None, :]
+            logits_1SVs = self.model(ids, positions, None)
+        finally:
+            self.model.train(was_training)
+        return self._gather_vocab(logits_1SVs[0])

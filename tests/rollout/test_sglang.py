@@ -1,0 +1,190 @@
+"""The SGLang engine end to end against the CPU stand-in server (same routes, strict keys, response shapes).
+
+Covered: generation (seeded, matches the local engine on the same weights), multi-engine split, strict keys,
+retries, weight sync from disk / tensor / distributed (gloo broadcast group between this process and the server
+thread), post-sync verification catching a server that does not install the update, memory release/resume,
+launch mode (subprocess + health wait + process-group stop). Not covered here: NCCL and CUDA-IPC payloads and
+real SGLang behaviour (docs/rollout.md has the manual check for a real cluster).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from megatron_lpreg.config.rollout import RolloutConfig
+from megatron_lpreg.parallel.spawn import free_port
+from megatron_lpreg.rollout.base import LogprobProbe, SamplingParams, WeightSyncError, WeightUpdate
+from megatron_lpreg.rollout.local import LocalEngine
+from megatron_lpreg.rollout.logits_model import HFLogitsModel, iter_safetensors, teacher_forced_logprobs
+from megatron_lpreg.rollout.sglang import SGLangClient, SGLangEngine, SGLangError, sampling_payload
+from tests.support.sglang_standin import SamplingParamsIn, StandinServer
+
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [42], [17, 18]]
+PARAMS = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=21)
+LOGP_ATOL = 1e-4
+"""Stand-in and reference run the same fp32 code; differences come from batch composition only (~1e-6)."""
+
+
+def attach_cfg(*urls: str, **kw) -> RolloutConfig:
+    return RolloutConfig(engine="sglang", sglang_urls=list(urls), num_engines=len(urls), max_retries=1,
+                         retry_backoff_s=0.05, weight_sync_backend="gloo", weight_sync_host="127.0.0.1", **kw)
+
+
+def reference(model_dir, prompts=PROMPTS, params=PARAMS):
+    model = HFLogitsModel.from_pretrained(model_dir)
+    return LocalEngine(model, eos_token_ids=(2,)).generate(prompts, params)
+
+
+def assert_same(got, want):
+    assert [(c.prompt_index, c.sample_index, c.response_ids, c.finish_reason) for c in got] == [
+        (c.prompt_index, c.sample_index, c.response_ids, c.finish_reason) for c in want]
+    for a, b in zip(got, want):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < LOGP_ATOL
+
+
+@pytest.fixture()
+def server(tiny_hf_dir):
+    with StandinServer(str(tiny_hf_dir)) as srv:
+        yield srv
+
+
+def test_generate_matches_local_engine_on_one_and_two_engines(tiny_hf_dir, server):
+    want = reference(tiny_hf_dir)
+    engine = SGLangEngine(attach_cfg(server.url), str(tiny_hf_dir))
+    try:
+        assert_same(engine.generate(PROMPTS, PARAMS), want)
+        assert engine.health().ok
+    finally:
+        engine.shutdown()
+    with StandinServer(str(tiny_hf_dir)) as second:
+        engine = SGLangEngine(attach_cfg(server.url, second.url, max_batch_size=3), str(tiny_hf_dir))
+        try:
+            assert_same(engine.generate(PROMPTS, PARAMS), want)
+        finally:
+            engine.shutdown()
+
+
+def test_sampling_payload_uses_only_sglang_keys_and_unknown_keys_are_rejected(server):
+    payload = sampling_payload(SamplingParams(stop_token_ids=(2,), seed=1), 0, 0)
+    assert set(payload) <= set(SamplingParamsIn.model_fields)
+    client = SGLangClient(server.url, max_retries=0)
+    try:
+        with pytest.raises(SGLangError, match="HTTP 400.*frequency_typo"):
+            client.post("/generate", {"input_ids": [1, 2], "sampling_params": {"frequency_typo": 1.0}})
+        with pytest.raises(SGLangError, match="HTTP 400"):
+            client.post("/generate", {"input_ids": [1, 2], "unknown_top_level": True})
+        single = client.post("/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 3, "top_k": 1},
+                                           "return_logprob": True})
+        assert set(single) == {"text", "output_ids", "meta_info"}
+        assert [e[1] for e in single["meta_info"]["output_token_logprobs"]] == single["output_ids"]
+        assert single["meta_info"]["finish_reason"]["type"] in ("stop", "length")
+    finally:
+        client.close()
+
+
+def test_client_retries_until_server_is_up(tiny_hf_dir):
+    port = free_port()
+    late = StandinServer(str(tiny_hf_dir), port=port)
+    starter = threading.Timer(0.4, late.start)
+    starter.start()
+    client = SGLangClient(f"http://127.0.0.1:{port}", max_retries=6, backoff_s=0.1)
+    try:
+        assert client.request("GET", "/health") == ""
+    finally:
+        starter.join()
+        client.close()
+        late.stop()
+    dead = SGLangClient(f"http://127.0.0.1:{free_port()}", max_retries=1, backoff_s=0.01)
+    with pytest.raises(SGLangError, match="after 2 attempts"):
+        dead.request("GET", "/health")
+    dead.close()
+
+
+@pytest.mark.parametrize("mode", ["disk", "tensor", "distributed"])
+def test_weight_sync_changes_generation_and_verifies(mode, tiny_hf_dir, tiny_hf_dir_b, server):
+    trainer = HFLogitsModel.from_pretrained(tiny_hf_dir_b)
+    tokens = [3, 4, 5, 6, 7, 8]
+    probe = LogprobProbe(token_ids=tuple(tokens), prompt_len=3,
+                         expected_logprobs=tuple(teacher_forced_logprobs(trainer, tokens, 3)), atol=LOGP_ATOL)
+    engine = SGLangEngine(attach_cfg(server.url, weight_sync=mode, weight_bucket_mb=0.05), str(tiny_hf_dir))
+    try:
+        assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir))
+        if mode == "disk":
+            update = WeightUpdate(version=1, path=str(tiny_hf_dir_b), probe=probe)
+        else:
+            update = WeightUpdate(version=1, tensors=trainer.named_weights().items(), probe=probe)
+        engine.update_weights(update)
+        assert server.state.update_counts[mode] >= 1
+        assert not server.state.in_weight_update
+        assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir_b))
+        assert engine.health().weight_version == 1
+        if mode == "distributed":  # the broadcast group is reused by later syncs
+            engine.update_weights(WeightUpdate(version=2, tensors=iter_safetensors(tiny_hf_dir)))
+            assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir))
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["tensor", "disk"])
+def test_sync_verification_catches_a_server_that_ignores_updates(mode, tiny_hf_dir, tiny_hf_dir_b, server):
+    server.state.model.load_named_tensors = lambda tensors: [name for name, _ in tensors]  # fault injection
+    server.state.model.load_checkpoint = lambda path: []
+    engine = SGLangEngine(attach_cfg(server.url, weight_sync=mode), str(tiny_hf_dir))
+    try:
+        update = WeightUpdate(version=1, path=str(tiny_hf_dir_b)) if mode == "disk" else WeightUpdate(
+            version=1, tensors=iter_safetensors(tiny_hf_dir_b))
+        with pytest.raises(WeightSyncError, match="differs from what was sent"):
+            engine.update_weights(update)
+        assert engine.weight_version == 0
+    finally:
+        engine.shutdown()
+
+
+def test_probe_mismatch_raises(tiny_hf_dir, tiny_hf_dir_b, server):
+    """Verification off for tensors; the probe alone (expected log-probs of other weights) must fail."""
+    stale = HFLogitsModel.from_pretrained(tiny_hf_dir)
+    tokens = [3, 4, 5, 6]
+    probe = LogprobProbe(token_ids=tuple(tokens), prompt_len=2,
+                         expected_logprobs=tuple(teacher_forced_logprobs(stale, tokens, 2)), atol=LOGP_ATOL)
+    engine = SGLangEngine(attach_cfg(server.url, weight_sync="disk", verify_tensors=0), str(tiny_hf_dir))
+    try:
+        with pytest.raises(WeightSyncError, match="probe log-probs differ"):
+            engine.update_weights(WeightUpdate(version=1, path=str(tiny_hf_dir_b), probe=probe))
+    finally:
+        engine.shutdown()
+
+
+def test_release_and_resume_memory(tiny_hf_dir, server):
+    engine = SGLangEngine(attach_cfg(server.url), str(tiny_hf_dir))
+    try:
+        engine.release_memory()
+        with pytest.raises(SGLangError, match="memory released"):
+            engine.generate(PROMPTS[:1], PARAMS)
+        engine.resume_memory()
+        engine.flush_cache()
+        assert len(engine.generate(PROMPTS[:1], PARAMS)) == 2
+    finally:
+        engine.shutdown()
+
+
+def test_launch_mode_starts_waits_and_stops_a_server(tiny_hf_dir):
+    cfg = RolloutConfig(engine="sglang", sglang_launch_module="tests.support.sglang_standin", launch_timeout_s=120,
+                        sglang_launch_args=["--mem-fraction-static", "0.5"])
+    engine = SGLangEngine(cfg, str(tiny_hf_dir), seed=0)
+    proc = engine.processes[0].proc
+    try:
+        assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir))
+    finally:
+        engine.shutdown()
+    assert proc.poll() is not None
+    assert not engine.health().ok
+
+
+def test_launch_failure_reports_the_server_log(tiny_hf_dir, tmp_path):
+    cfg = RolloutConfig(engine="sglang", sglang_launch_module="tests.support.no_such_module", launch_timeout_s=60)
+    start = time.monotonic()
+    with pytest.raises(SGLangError, match=r"(?s)exited with code 1.*No module named"):
+        SGLangEngine(cfg, str(tiny_hf_dir))
+    assert time.monotonic() - start < 30
