@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_lpreg.config.base import ConfigError
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -44,6 +46,55 @@ class ModelConfig:
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """Layer spec: auto = Transformer Engine on GPU when installed, local otherwise (always local on CPU)."""
 
+    @property
+    def qkv_bias(self) -> bool:
+        """Qwen2/Qwen2.5 have biases on q/k/v projections; Qwen3 does not."""
+        return self.arch == "qwen2"
+
+    @property
+    def qk_layernorm(self) -> bool:
+        """Qwen3 applies RMSNorm to each query and key head (over head_dim) before RoPE."""
+        return self.arch == "qwen3"
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Embedding rows megatron allocates: vocab_size rounded up to make_vocab_size_divisible_by * tp."""
+        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp)
+
+    def validate(self, parallel: "ParallelConfig | None" = None) -> None:
+        """Check the architecture (and, given ``parallel``, that it can be split that way).
+
+        Raises:
+            ConfigError: naming the field, its value, the rule and a fix.
+        """
+        for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                     "num_query_groups", "head_dim", "max_position_embeddings", "make_vocab_size_divisible_by"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 1")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(f"model.num_query_groups={self.num_query_groups} must divide "
+                              f"model.num_attention_heads={self.num_attention_heads}")
+        if self.arch == "qwen2" and self.head_dim * self.num_attention_heads != self.hidden_size:
+            raise ConfigError(f"model.head_dim={self.head_dim}: qwen2 needs head_dim = hidden_size / "
+                              f"num_attention_heads = {self.hidden_size / self.num_attention_heads:g}")
+        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
+            raise ConfigError(f"model.rope_theta={self.rope_theta} and model.rms_norm_eps={self.rms_norm_eps} "
+                              f"must be > 0")
+        if parallel is None:
+            return
+        parallel.validate()
+        for name in ("num_attention_heads", "num_query_groups"):
+            value = getattr(self, name)
+            if value % parallel.tp:
+                raise ConfigError(f"parallel.tp={parallel.tp} must divide model.{name}={value}; "
+                                  f"use one of {_divisors(value)}")
+        stages = parallel.pp * parallel.vpp
+        if stages > self.num_layers:
+            raise ConfigError(f"parallel.pp={parallel.pp} x parallel.vpp={parallel.vpp} = {stages} pipeline stages "
+                              f"exceed model.num_layers={self.num_layers}; use pp*vpp in {_divisors(self.num_layers)}")
+        if self.num_layers % stages:
+            raise ConfigError(f"parallel.pp={parallel.pp} x parallel.vpp={parallel.vpp} = {stages} must divide "
+                              f"model.num_layers={self.num_layers}; use pp*vpp in {_divisors(self.num_layers)}")
+
 
 @dataclass(kw_only=True)
 class ParallelConfig:
@@ -63,3 +114,37 @@ class ParallelConfig:
     """Shard optimizer states over DP ranks (megatron distributed optimizer)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = nccl with CUDA, gloo otherwise."""
+
+    def validate(self) -> None:
+        """Sizes are positive, virtual pipelining has a pipeline, sequence parallel has TP.
+
+        Raises:
+            ConfigError: naming the field and value.
+        """
+        for name in ("tp", "pp", "vpp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.dp < 0:
+            raise ConfigError(f"parallel.dp={self.dp} must be >= 0 (0 = derive from the world size)")
+        if self.vpp > 1 and self.pp < 2:
+            raise ConfigError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2 (got pp={self.pp}); set vpp=1")
+        if self.sequence_parallel and self.tp < 2:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp >= 2; set it false")
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's padded vocabulary: ``vocab_size`` rounded up to a multiple of ``divisible_by * tp``.
+
+    Example: 151936 with 128 x TP2 -> 152064; 1000 with 128 x TP1 -> 1024.
+
+    Raises:
+        ValueError: if any argument is < 1.
+    """
+    if vocab_size < 1 or divisible_by < 1 or tp < 1:
+        raise ValueError(f"vocab_size={vocab_size}, divisible_by={divisible_by}, tp={tp} must all be >= 1")
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

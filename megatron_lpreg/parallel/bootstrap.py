@@ -134,11 +134,7 @@ def check_layout(cfg: ParallelConfig, world_size: int) -> int:
     Raises:
         ConfigError: naming the field, its value and the rule.
     """
-    for name in ("tp", "pp", "vpp"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"parallel.{name}={getattr(cfg, name)} must be >= 1")
-    if cfg.vpp > 1 and cfg.pp < 2:
-        raise ConfigError(f"parallel.vpp={cfg.vpp} needs parallel.pp >= 2 (got pp={cfg.pp}); set vpp=1")
+    cfg.validate()
     model_parallel = cfg.tp * cfg.pp
     if world_size % model_parallel:
         raise ConfigError(

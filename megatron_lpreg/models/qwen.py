@@ -1,0 +1,253 @@
+"""Qwen2 / Qwen2.5 / Qwen3 as megatron-core GPTModels: HF config -> ModelConfig -> TransformerConfig + layer spec.
+
+Differences between the families, all read from the HF ``config.json``:
+
+- Qwen2/Qwen2.5 (``model_type: qwen2``): bias on q/k/v, ``head_dim = hidden / heads``, usually untied.
+- Qwen3 (``model_type: qwen3``): no q/k/v bias, RMSNorm over ``head_dim`` on every query and key head before
+  RoPE (``qk_layernorm``), ``head_dim`` set explicitly (may differ from hidden / heads), tied for small sizes.
+
+Both: RMSNorm, SwiGLU MLP without biases, GQA, RoPE (non-interleaved halves) with base ``rope_theta``.
+On CPU the local layer spec is used with every fusion off; on GPU the Transformer Engine spec when TE imports.
+The embedding/output vocabulary is padded as Megatron-LM does (see :func:`padded_vocab_size`); the padded rows'
+logits must be sliced off (``logits[..., :vocab_size]``) before any softmax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from megatron_lpreg.config.base import ConfigError
+from megatron_lpreg.config.model import ModelConfig, ParallelConfig, padded_vocab_size
+from megatron_lpreg.parallel import cpu
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3"}
+"""HF ``model_type`` -> our ``arch`` (Qwen2.5 checkpoints say ``qwen2``)."""
+
+__all__ = ["build_gpt_model", "build_model_chunks", "layer_spec", "model_config_from_hf", "padded_vocab_size",
+           "resolve_model_config", "transformer_config", "use_transformer_engine"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _read_hf_config(src: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    if isinstance(src, Mapping):
+        return dict(src), "<config dict>"
+    path = Path(src)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no HF config at {path}; pass a model directory containing config.json")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _rope_theta(hf: Mapping[str, Any], where: str) -> float:
+    """RoPE base: top-level ``rope_theta`` (published Qwen configs) or ``rope_parameters`` (transformers 5)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    for spec in (params, scaling):
+        kind = spec.get("rope_type", spec.get("type", "default"))
+        if kind not in ("default", None):
+            raise ConfigError(f"{where}: rope type {kind!r} (rope_scaling/rope_parameters) is not supported; "
+                              f"only plain RoPE is. Remove rope_scaling to train at the native context length")
+    theta = hf.get("rope_theta", params.get("rope_theta"))
+    if theta is None:
+        raise ConfigError(f"{where}: no rope_theta (nor rope_parameters.rope_theta)")
+    return float(theta)
+
+
+def model_config_from_hf(src: str | os.PathLike | Mapping[str, Any], base: ModelConfig | None = None) -> ModelConfig:
+    """Build a :class:`ModelConfig` from an HF Qwen2/Qwen2.5/Qwen3 ``config.json``.
+
+    Args:
+        src: model directory, path to ``config.json``, or the parsed dict.
+        base: non-architecture fields (dtype, transformer_impl, paths, vocab divisor) are taken from here;
+            architecture fields always come from the HF config. ``hf_path`` is set when ``src`` is a path.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: unsupported ``model_type`` (names the supported ones), sliding-window attention, RoPE scaling,
+            a non-SiLU activation, Qwen3 with attention bias, or missing/inconsistent fields.
+    """
+    hf, where = _read_hf_config(src)
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"{where}: model_type={model_type!r} is not supported; supported: qwen2 (Qwen2, Qwen2.5) "
+                          f"and qwen3 (dense Qwen3)")
+    arch = SUPPORTED_MODEL_TYPES[model_type]
+    if hf.get("use_sliding_window"):
+        raise ConfigError(f"{where}: use_sliding_window=true is not supported; set it false")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (Qwen uses silu)")
+    if arch == "qwen3" and hf.get("attention_bias"):
+        raise ConfigError(f"{where}: attention_bias=true is not supported for qwen3")
+    try:
+        hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        fields = dict(
+            arch=arch, vocab_size=int(hf["vocab_size"]), hidden_size=hidden,
+            ffn_hidden_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
+            num_attention_heads=heads, num_query_groups=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hidden // heads),
+            max_position_embeddings=int(hf["max_position_embeddings"]), rope_theta=_rope_theta(hf, where),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"{where}: required field {exc.args[0]!r} is missing") from exc
+    if not isinstance(src, Mapping):
+        fields["hf_path"] = str(Path(src) if Path(src).is_dir() else Path(src).parent)
+    cfg = dataclasses.replace(base or ModelConfig(), **fields)
+    cfg.validate()
+    return cfg
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with its architecture filled from ``cfg.hf_path``'s config.json (unchanged when hf_path is empty).
+
+    Architecture values that were set in ``cfg`` and differ from the checkpoint are logged: the checkpoint wins.
+    """
+    if not cfg.hf_path:
+        cfg.validate()
+        return cfg
+    resolved = model_config_from_hf(cfg.hf_path, base=cfg)
+    changed = [f"{f.name}: {getattr(cfg, f.name)!r} -> {getattr(resolved, f.name)!r}"
+               for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(resolved, f.name)]
+    if changed:
+        logger.info("model config from %s/config.json: %s", cfg.hf_path, "; ".join(changed))
+    return resolved
+
+
+def use_transformer_engine(model_cfg: ModelConfig) -> bool:
+    """Whether to use the Transformer Engine spec: ``transformer_impl`` plus what this machine has.
+
+    Raises:
+        ConfigError: ``transformer_impl=transformer_engine`` without CUDA or without transformer_engine installed.
+    """
+    if model_cfg.transformer_impl == "local":
+        return False
+    have_cuda = cpu.cuda_available()
+    try:
+        import transformer_engine  # noqa: F401
+        have_te = True
+    except ImportError:
+        have_te = False
+    if model_cfg.transformer_impl == "transformer_engine" and not (have_cuda and have_te):
+        missing = "CUDA" if not have_cuda else "the transformer_engine package (pip install '.[te]')"
+        raise ConfigError(f"model.transformer_impl=transformer_engine needs {missing}; use auto or local")
+    return have_cuda and have_te
+
+
+def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> Any:
+    """megatron-core ``TransformerConfig`` for this model and layout.
+
+    Dropout is off (RL fine-tuning, and it keeps HF parity exact). Every kernel fusion is off unless the
+    Transformer Engine spec is used on GPU (the local CPU path has no apex/TE kernels).
+
+    Raises:
+        ConfigError: an invalid model/parallel combination (see ``ModelConfig.validate``).
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    model_cfg.validate(parallel_cfg)
+    te = use_transformer_engine(model_cfg)
+    if parallel_cfg.sequence_parallel and not te:
+        raise ConfigError("parallel.sequence_parallel=true needs the Transformer Engine spec (GPU); set it false")
+    dtype = _DTYPES[model_cfg.params_dtype]
+    return TransformerConfig(
+        num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size,
+        ffn_hidden_size=model_cfg.ffn_hidden_size, num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups, kv_channels=model_cfg.head_dim,
+        normalization="RMSNorm", layernorm_epsilon=model_cfg.rms_norm_eps, gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=model_cfg.qkv_bias,
+        qk_layernorm=model_cfg.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
+        attention_softmax_in_fp32=True, apply_query_key_layer_scaling=False,
+        tensor_model_parallel_size=parallel_cfg.tp, pipeline_model_parallel_size=parallel_cfg.pp,
+        virtual_pipeline_model_parallel_size=parallel_cfg.vpp if parallel_cfg.vpp > 1 else None,
+        sequence_parallel=parallel_cfg.sequence_parallel,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
+        use_cpu_initialization=not cpu.cuda_available(),
+        bias_activation_fusion=te, masked_softmax_fusion=te, persist_layer_norm=te, bias_dropout_fusion=te,
+        apply_rope_fusion=te, gradient_accumulation_fusion=False, cross_entropy_loss_fusion=False,
+    )
+
+
+def layer_spec(model_cfg: ModelConfig) -> Any:
+    """Transformer layer ``ModuleSpec``: Transformer Engine on GPU when available, else the local spec.
+
+    Both carry RMSNorm and, for Qwen3, per-head q/k RMSNorm.
+    """
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_transformer_engine(model_cfg):
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm, normalization="RMSNorm")
+
+
+def build_gpt_model(
+    model_cfg: ModelConfig,
+    parallel_cfg: ParallelConfig,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+) -> Any:
+    """Build this rank's megatron-core ``GPTModel`` (one pipeline chunk) for a Qwen config. Weights are random.
+
+    Call after :func:`megatron_lpreg.parallel.bootstrap.init_parallel` with the same ``parallel_cfg``. Output
+    logits are vocab-parallel (``parallel_output=True``): ``[b, s, padded_vocab / tp]`` on the last stage.
+
+    Args:
+        model_cfg: architecture (resolve it from ``hf_path`` first with :func:`resolve_model_config`).
+        parallel_cfg: the layout the process groups were created with.
+        pre_process / post_process: whether this chunk holds the embedding / the final norm and output layer;
+            default: first / last (virtual) pipeline stage of this rank.
+        vp_stage: virtual pipeline stage index of this chunk (required when ``parallel_cfg.vpp > 1``).
+
+    Raises:
+        ConfigError: invalid layout for the model, or ``vp_stage`` inconsistent with ``parallel_cfg.vpp``.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(model_cfg, parallel_cfg)
+    if parallel_cfg.vpp > 1 and vp_stage is None:
+        raise ConfigError(f"parallel.vpp={parallel_cfg.vpp}: pass vp_stage (0..{parallel_cfg.vpp - 1}) per chunk, "
+                          f"or use build_model_chunks()")
+    if vp_stage is not None and not 0 <= vp_stage < parallel_cfg.vpp:
+        raise ConfigError(f"vp_stage={vp_stage} is outside parallel.vpp={parallel_cfg.vpp}")
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    with cpu.cpu_mode():
+        model = GPTModel(
+            config=config, transformer_layer_spec=layer_spec(model_cfg),
+            vocab_size=model_cfg.padded_vocab_size(parallel_cfg.tp),
+            max_sequence_length=model_cfg.max_position_embeddings,
+            pre_process=pre_process, post_process=post_process, parallel_output=True,
+            share_embeddings_and_output_weights=model_cfg.tie_word_embeddings,
+            position_embedding_type="rope", rotary_percent=1.0, rotary_base=model_cfg.rope_theta,
+            vp_stage=vp_stage,
+        )
+    if cpu.cuda_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> list[Any]:
+    """All of this rank's model chunks: one per virtual pipeline stage (a single chunk without VPP)."""
+    if parallel_cfg.vpp == 1:
+        return [build_gpt_model(model_cfg, parallel_cfg)]
+    return [build_gpt_model(model_cfg, parallel_cfg, vp_stage=v) for v in range(parallel_cfg.vpp)]
