@@ -97,23 +97,28 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _proxy_shifted(diff: torch.Tensor, kept: torch.Tensor, row_max: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Proxy logits minus their max, divided by T: ``(where(kept, z, FILL) - max(M, FILL)) / T``.
+def _proxy_constants(row_max: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(kept_scale, fill_exp)`` of the proxy, relative to the policy's shift by the row max M.
 
-    ``diff = z - M`` (raw logits minus the row max M). The max of the filled logits is ``max(M, FILL)`` because the
-    row max itself is always kept (kappa <= 1); this avoids a second MAX collective. When every logit is below the
-    fill value the authors' -1e4 makes filtered entries *larger* than kept ones; this reproduces that too.
+    The proxy logits are ``where(kept, z, FILL)``; their max is ``Mp = max(M, FILL)`` because the row max itself is
+    always kept (kappa <= 1), so no second MAX collective is needed. Shifted by Mp and divided by T, a kept entry
+    is ``(z - M)/T + (M - Mp)/T`` and a filtered one ``(FILL - Mp)/T``: their exps are ``exp((z - M)/T) *
+    kept_scale`` and ``fill_exp``. When every logit is below the fill value the authors' -1e4 makes filtered
+    entries *larger* than kept ones; this reproduces that too.
     """
     proxy_max = torch.clamp(row_max, min=PROXY_FILL_LOGIT)
-    kept_value = diff + (row_max - proxy_max).unsqueeze(-1)
-    filled_value = (PROXY_FILL_LOGIT - proxy_max).unsqueeze(-1).expand_as(diff)
-    return torch.where(kept, kept_value, filled_value) / temperature
+    return torch.exp((row_max - proxy_max) / temperature), torch.exp((PROXY_FILL_LOGIT - proxy_max) / temperature)
 
 
 def _target_columns(tokens: torch.Tensor, layout: _ShardLayout) -> tuple[torch.Tensor, torch.Tensor]:
     local = tokens - layout.vocab_start
     in_shard = (local >= 0) & (local < layout.n_valid)
     return local.clamp(0, max(layout.n_valid - 1, 0)), in_shard
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product ``[R, C] x [R, C] -> [R]`` without a ``[R, C]`` temporary (batched GEMV)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 class _VocabParallelLogprobStats(torch.autograd.Function):
@@ -143,59 +148,68 @@ class _VocabParallelLogprobStats(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy, _grad_proxy, grad_kl):
         logits_2d, tokens_1d, saved = ctx.saved_tensors
         layout = ctx.layout
-        grad_logits = torch.zeros_like(logits_2d)
+        grad_logits = torch.empty_like(logits_2d)
+        grad_logits[:, layout.n_valid :] = 0.0  # padding columns
         if layout.n_valid == 0:
             return grad_logits, None, None, None, None, None, None
         weights = torch.stack([grad_logprobs, grad_entropy, grad_kl], dim=-1).to(saved.dtype)
+        in_place = grad_logits.dtype == saved.dtype
         for begin in range(0, logits_2d.shape[0], ctx.chunk):
             end = min(begin + ctx.chunk, logits_2d.shape[0])
-            grad_logits[begin:end, : layout.n_valid] = _backward_chunk(
-                logits_2d[begin:end], tokens_1d[begin:end], saved[begin:end], weights[begin:end], ctx
-            ).to(grad_logits.dtype)
+            target = grad_logits[begin:end, : layout.n_valid]
+            out = target if in_place else torch.empty(target.shape, dtype=saved.dtype, device=target.device)
+            _backward_chunk(logits_2d[begin:end], tokens_1d[begin:end], saved[begin:end], weights[begin:end], ctx, out)
+            if not in_place:
+                target.copy_(out)
         return grad_logits, None, None, None, None, None, None
 
 
 def _forward_chunk(logits, tokens, layout, log_kappa, temperature, kl_direction, saved, outputs) -> None:
-    """Statistics of one chunk of rows; writes ``saved[:, :]`` and ``outputs[:, :]`` (owned buffers)."""
+    """Statistics of one chunk of rows; writes ``saved[:, :]`` and ``outputs[:, :]`` (owned buffers).
+
+    Extra memory: two ``[rows, n_valid]`` buffers in the compute dtype plus one bool mask (a third buffer when the
+    exact proxy-KL is requested).
+    """
     cdtype = saved.dtype
     rows = logits.shape[0]
-    # .to() returns the input itself for fp32 input: only out-of-place ops below, the caller's tensor is never written.
+    # .to() returns the input itself for fp32 input: only out-of-place ops touch z, the caller's tensor is never written.
     z = logits[:, : layout.n_valid].to(cdtype)
     local_max = z.amax(dim=-1) if layout.n_valid else torch.full((rows,), -math.inf, dtype=cdtype, device=z.device)
     row_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, layout)
 
-    diff = z - row_max.unsqueeze(-1)
-    shifted = diff / temperature
+    shifted = z - row_max.unsqueeze(-1)  # owned buffer: (z - M), then (z - M) / T
+    filtered = shifted < log_kappa  # min-p on the un-tempered logits: keep z >= M + ln kappa
+    if temperature != 1.0:
+        shifted.div_(temperature)
     exp_shifted = torch.exp(shifted)
-    kept = diff >= log_kappa
-    proxy_shifted = _proxy_shifted(diff, kept, row_max, temperature)
-    proxy_exp = torch.exp(proxy_shifted)
+    kept_scale, fill_exp = _proxy_constants(row_max, temperature)
 
     packed = torch.zeros(rows, _N_PACKED, dtype=cdtype, device=z.device)
     packed[:, _SUM_EXP] = exp_shifted.sum(-1)
-    packed[:, _SUM_EXP_SHIFTED] = (exp_shifted * shifted).sum(-1)
+    packed[:, _SUM_EXP_SHIFTED] = _row_dot(exp_shifted, shifted)
     local_col, in_shard = _target_columns(tokens, layout)
     if layout.n_valid:
         packed[:, _TARGET_LOGIT] = torch.where(in_shard, z.gather(1, local_col.unsqueeze(1)).squeeze(1), 0.0)
-    packed[:, _PROXY_SUM_EXP] = proxy_exp.sum(-1)
     if kl_direction is not None:
-        # Only filtered columns differ between proxy and policy logits: (u - z) / T with u = FILL there.
-        fill_gap = torch.where(kept, 0.0, (PROXY_FILL_LOGIT - z) / temperature)
-        if kl_direction == "proxy_to_policy":
-            packed[:, _KL_AUX] = (proxy_exp * fill_gap).sum(-1)
-        else:
-            packed[:, _KL_AUX] = -(exp_shifted * fill_gap).sum(-1)
+        packed[:, _KL_AUX] = _kl_aux(shifted, exp_shifted, filtered, row_max, fill_exp, temperature, kl_direction)
+    exp_shifted.masked_fill_(filtered, 0.0)
+    n_filtered = filtered.sum(-1).to(cdtype)
+    packed[:, _PROXY_SUM_EXP] = kept_scale * exp_shifted.sum(-1) + n_filtered * fill_exp
+    del shifted, exp_shifted, filtered
     packed = _all_reduce(packed, dist.ReduceOp.SUM, layout)
 
     log_sum = torch.log(packed[:, _SUM_EXP])
     entropy = log_sum - packed[:, _SUM_EXP_SHIFTED] / packed[:, _SUM_EXP]
-    target_diff = (packed[:, _TARGET_LOGIT] - row_max).unsqueeze(-1)
+    target_diff = packed[:, _TARGET_LOGIT] - row_max
     proxy_log_sum = torch.log(packed[:, _PROXY_SUM_EXP])
-    proxy_target = _proxy_shifted(target_diff, target_diff >= log_kappa, row_max, temperature).squeeze(-1)
-    outputs[0] = target_diff.squeeze(-1) / temperature - log_sum
+    proxy_max = torch.clamp(row_max, min=PROXY_FILL_LOGIT)
+    proxy_target = torch.where(
+        target_diff >= log_kappa, (packed[:, _TARGET_LOGIT] - proxy_max) / temperature,
+        (PROXY_FILL_LOGIT - proxy_max) / temperature,
+    )
+    outputs[0] = target_diff / temperature - log_sum
     outputs[1] = entropy
     outputs[2] = proxy_target - proxy_log_sum
-    proxy_max = torch.clamp(row_max, min=PROXY_FILL_LOGIT)
     if kl_direction == "proxy_to_policy":
         outputs[3] = packed[:, _KL_AUX] / packed[:, _PROXY_SUM_EXP] + (row_max - proxy_max) / temperature + (
             log_sum - proxy_log_sum
@@ -211,8 +225,19 @@ def _forward_chunk(logits, tokens, layout, log_kappa, temperature, kl_direction,
     saved[:, _KL] = outputs[3]
 
 
-def _backward_chunk(logits, tokens, saved, weights, ctx) -> torch.Tensor:
-    """Gradient w.r.t. the real columns of one chunk: ``[rows, n_valid]`` in the compute dtype.
+def _kl_aux(shifted, exp_shifted, filtered, row_max, fill_exp, temperature, kl_direction) -> torch.Tensor:
+    """The shard's part of the one sum that differs between proxy and policy: over filtered columns only, where
+    the proxy logit is FILL, ``(FILL - z)/T = (FILL - M)/T - shifted``. proxy_to_policy weighs it by the proxy's
+    exp (``fill_exp``, constant per row), policy_to_proxy by the policy's exp (negated)."""
+    gap = ((PROXY_FILL_LOGIT - row_max) / temperature).unsqueeze(-1) - shifted
+    gap.masked_fill_(~filtered, 0.0)
+    if kl_direction == "proxy_to_policy":
+        return fill_exp * gap.sum(-1)
+    return -_row_dot(exp_shifted, gap)
+
+
+def _backward_chunk(logits, tokens, saved, weights, ctx, out) -> None:
+    """Gradient w.r.t. the real columns of one chunk, written into ``out`` (``[rows, n_valid]``, compute dtype).
 
     With p = softmax(z/T), q the proxy, g_* the upstream gradients:
     d logp_y = (onehot_y - p) / T;  d H = -p (log p + H) / T;
@@ -220,25 +245,49 @@ def _backward_chunk(logits, tokens, saved, weights, ctx) -> torch.Tensor:
     """
     layout, temperature = ctx.layout, ctx.temperature
     z = logits[:, : layout.n_valid].to(saved.dtype)
-    row_max = saved[:, _ROW_MAX]
-    diff = z - row_max.unsqueeze(-1)
-    log_p = diff / temperature - saved[:, _LOG_SUM].unsqueeze(-1)
-    p = torch.exp(log_p)
+    row_max, log_sum = saved[:, _ROW_MAX], saved[:, _LOG_SUM]
     g_lp, g_h, g_kl = weights.unbind(-1)
-    coef = -g_lp.unsqueeze(-1) - g_h.unsqueeze(-1) * (log_p + saved[:, _ENTROPY].unsqueeze(-1))
-    if ctx.kl_direction is not None:
-        proxy_log = _proxy_shifted(diff, diff >= ctx.log_kappa, row_max, temperature) - saved[
-            :, _PROXY_LOG_SUM
-        ].unsqueeze(-1)
-        if ctx.kl_direction == "proxy_to_policy":
-            grad = p * (coef + g_kl.unsqueeze(-1)) - g_kl.unsqueeze(-1) * torch.exp(proxy_log)
-        else:
-            grad = p * (coef + g_kl.unsqueeze(-1) * (log_p - proxy_log - saved[:, _KL].unsqueeze(-1)))
+    # log p = (z - M)/T - log S, built in place in ``out`` (M and log S apart: M + log S loses log S at |M| ~ 1e4).
+    if out.is_contiguous():
+        torch.sub(z, row_max.unsqueeze(-1), out=out)
     else:
-        grad = p * coef
+        out.copy_(z).sub_(row_max.unsqueeze(-1))
+    if temperature != 1.0:
+        out.div_(temperature)
+    out.sub_(log_sum.unsqueeze(-1))
+    # grad/T-free part: p * (a + b log p) with a = -g_lp - g_h H, b = -g_h.
+    row_a = (-g_lp - g_h * saved[:, _ENTROPY]).unsqueeze(-1)
+    row_b = (-g_h).unsqueeze(-1)
+    if ctx.kl_direction is None:
+        coef = torch.addcmul(row_a, out, row_b)
+        out.exp_().mul_(coef)
+    else:
+        _backward_kl_into(out, z, saved, row_a, row_b, g_kl.unsqueeze(-1), ctx)
     local_col, in_shard = _target_columns(tokens, layout)
-    grad.scatter_add_(1, local_col.unsqueeze(1), torch.where(in_shard, g_lp, 0.0).unsqueeze(1))
-    return grad / temperature
+    out.scatter_add_(1, local_col.unsqueeze(1), torch.where(in_shard, g_lp, 0.0).unsqueeze(1))
+    if temperature != 1.0:
+        out.div_(temperature)
+
+
+def _backward_kl_into(out, z, saved, row_a, row_b, g_kl, ctx) -> None:
+    """``out`` holds log p on entry; leaves ``p (a + b log p) + g_kl * dKL`` (before the target term and 1/T)."""
+    temperature = ctx.temperature
+    row_max = saved[:, _ROW_MAX]
+    kept = (z - row_max.unsqueeze(-1)) >= ctx.log_kappa
+    proxy_max = torch.clamp(row_max, min=PROXY_FILL_LOGIT)
+    proxy_log_sum = saved[:, _PROXY_LOG_SUM].unsqueeze(-1)
+    # log q: kept -> log p + log S + (M - Mp)/T - log Sp; filtered -> (FILL - Mp)/T - log Sp (logs, not exps: the
+    # shift can be ~-1e4 when all logits are below the fill value).
+    kept_shift = (saved[:, _LOG_SUM] + (row_max - proxy_max) / temperature).unsqueeze(-1) - proxy_log_sum
+    filled = ((PROXY_FILL_LOGIT - proxy_max) / temperature).unsqueeze(-1) - proxy_log_sum
+    log_q = torch.where(kept, out + kept_shift, filled)
+    coef = torch.addcmul(row_a, out, row_b)
+    if ctx.kl_direction == "proxy_to_policy":
+        coef.add_(g_kl)
+        out.exp_().mul_(coef).sub_(log_q.exp_().mul_(g_kl))
+    else:
+        coef.add_(g_kl * (out - log_q - saved[:, _KL].unsqueeze(-1)))
+        out.exp_().mul_(coef)
 
 
 def vocab_parallel_logprob_stats(
