@@ -91,6 +91,18 @@ class Policy:
     def _micro_batches(self, batch: TrainBatch) -> tuple[list[TrainBatch], int]:
         mbs = micro_batch_size_for(batch.seq_len, self.micro_batch_tokens)
         mbs = min(mbs, batch.num_sequences)
+        if self.ctx.pp_size > 1 and batch.num_sequences % mbs:
+            # Pipeline p2p sends fixed [mbs, L] shapes: pad with loss-masked copies of the first row.
+            extra = mbs - batch.num_sequences % mbs
+            filler = batch.select(slice(0, 1))
+            rows = [batch] + [filler] * extra
+            batch = TrainBatch(**{
+                name: (torch.cat([getattr(r, name) for r in rows]) if isinstance(getattr(batch, name), torch.Tensor)
+                       else getattr(batch, name))
+                for name in batch.__dataclass_fields__
+            })
+            batch.loss_mask[-extra:] = 0.0
+            batch.advantages[-extra:] = 0.0
         return split_micro_batches(batch, mbs), mbs
 
     def _forward_step(self, loss_fn, data_iterator, model):
@@ -143,8 +155,9 @@ class Policy:
         """Concatenate per-micro-batch tensors on the last stage and broadcast them over the PP group."""
         shape = batch.tokens.shape
         if self.ctx.is_last_pp_stage:
-            old = torch.cat([o["logprobs"] for o in outputs])
-            proxy = torch.cat([o["proxy"] for o in outputs])
+            n = batch.num_sequences  # drop pipeline filler rows
+            old = torch.cat([o["logprobs"] for o in outputs])[:n].contiguous()
+            proxy = torch.cat([o["proxy"] for o in outputs])[:n].contiguous()
         else:
             old, proxy = torch.empty(shape), torch.empty(shape)
         if self.ctx.pp_size > 1:
@@ -160,7 +173,7 @@ class Policy:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         micro_batches, mbs = self._micro_batches(batch)
-        n_seq_rank = batch.num_sequences
+        n_seq_rank = _real_sequences(batch)
         n_micro = len(micro_batches)
         dp = self.ctx.dp_size
 
@@ -182,7 +195,7 @@ class Policy:
             if self.algo_cfg.loss_agg == "global_token_mean":
                 weight = n_micro * dp  # loss is already sum / global_valid_tokens (all ranks, all micro-batches)
             else:
-                weight = n_micro * mb.num_sequences / n_seq_rank  # the authors' n_seq_micro / n_seq_rank
+                weight = n_micro * _real_sequences(mb) / n_seq_rank  # the authors' n_seq_micro / n_seq_rank
             mask = mb.loss_mask
             ntok = mask.sum().clamp(min=1)
             metrics = dict(metrics)
@@ -246,6 +259,11 @@ def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, ctx
             pre_process=ctx.is_first_pp_stage and vp == 0,
             post_process=ctx.is_last_pp_stage and vp == ctx.vpp_size - 1, **kwargs))
     return chunks
+
+
+def _real_sequences(batch: TrainBatch) -> int:
+    """Sequences with at least one response token (pipeline filler rows have none)."""
+    return int((batch.loss_mask.sum(dim=1) > 0).sum())
 
 
 def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
