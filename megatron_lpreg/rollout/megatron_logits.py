@@ -1,6 +1,6 @@
 """LogitsModel over the trainer's megatron-core GPTModel: generation reads the trainer's parameters in place.
 
-Shapes: B rows, S tokens, Vs vocab shard of this TP rank, Vp padded vocab (= Vs * tp), V real vocab.
+Shapes: B rows, S tokens, Vp padded vocab (all TP shards gathered), V real vocab.
 
 KV cache: megatron's ``StaticInferenceContext`` (prefill once, then one token per step). Megatron's static batching
 takes rotary positions from the KV slot, not from ``position_ids``; prompts are left-padded, so a padded row's
@@ -9,16 +9,14 @@ results only by float rounding, and padded keys are masked explicitly (the mask 
 masked, megatron's convention). Requires PP=1 (one chunk holding both embedding and output layer).
 
 TP>1: every TP rank must run the same generation in lockstep (same prompts, same seeds). The output layer gives
-each rank a vocab shard; logits are all-gathered over the TP group, the padded vocab tail is cut off, and because
-all ranks then hold bit-identical logits their seeded samplers draw identical tokens.
+each rank a vocab shard; it is asked to all-gather them over its own TP group (``runtime_gather_output=True``,
+which megatron requires in inference mode anyway), the padded vocab tail is cut off, and because all ranks then
+hold bit-identical logits their seeded samplers draw identical tokens.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 import torch
-import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +31,10 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 class MegatronLogitsModel:
     """LogitsModel over a megatron-core GPTModel (see module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, *, vocab_size: int, tp_group: Any = None) -> None:
+    def __init__(self, model: torch.nn.Module, *, vocab_size: int) -> None:
         """Args:
             model: the trainer's model chunk (GPTModel, possibly DDP/Float16Module-wrapped); not copied.
             vocab_size: real vocabulary V (the tokenizer's); the padded tail of the output layer is dropped.
-            tp_group: tensor-parallel group to gather logits over (default: the model's ``pg_collection.tp``).
 
         Raises:
             ValueError: the chunk is not a whole model (pipeline parallelism) or vocab_size exceeds the model's.
@@ -50,8 +47,6 @@ class MegatronLogitsModel:
             )
         self.model = model
         self.inner = inner
-        self.tp_group = tp_group if tp_group is not None else inner.pg_collection.tp
-        self.tp_size = dist.get_world_size(self.tp_group) if dist.is_initialized() else 1
         padded = inner.vocab_size
         if vocab_size > padded:
             raise ValueError(f"vocab_size={vocab_size} exceeds the model's padded vocabulary {padded}")
@@ -62,13 +57,8 @@ class MegatronLogitsModel:
         self._positions: torch.Tensor | None = None
         self._was_training = model.training
 
-    def _gather_vocab(self, logits_BVs: torch.Tensor) -> torch.Tensor:
-        logits_BVs = logits_BVs.float().contiguous()
-        if self.tp_size == 1:
-            return logits_BVs[:, : self.vocab_size]
-        shards = [torch.empty_like(logits_BVs) for _ in range(self.tp_size)]
-        dist.all_gather(shards, logits_BVs, group=self.tp_group)
-        return torch.cat(shards, dim=-1)[:, : self.vocab_size]
+    def _real_vocab(self, logits_BVp: torch.Tensor) -> torch.Tensor:
+        return logits_BVp[..., : self.vocab_size].float()
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, query_len: int) -> torch.Tensor:
         keys = self._mask.shape[1]
@@ -77,9 +67,11 @@ class MegatronLogitsModel:
         if query_len > 1:
             future = torch.triu(torch.ones(query_len, keys, dtype=torch.bool), diagonal=keys - query_len + 1)
             blocked = blocked | future
-        logits_BSVs = self.model(input_ids, positions, blocked, inference_context=self._context)
+        logits_BSVp = self.model(
+            input_ids, positions, blocked, inference_context=self._context, runtime_gather_output=True
+        )
         self._context.sequence_len_offset += query_len
-        return self._gather_vocab(logits_BSVs[:, -1, :])
+        return self._real_vocab(logits_BSVp[:, -1, :])
 
     @torch.no_grad()
     def prefill(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -114,7 +106,7 @@ class MegatronLogitsModel:
         try:
             ids = torch.tensor([token_ids])
             positions = torch.arange(len(token_ids))[None, :]
-            logits_1SVs = self.model(ids, positions, None)
+            logits_1SVp = self.model(ids, positions, None, runtime_gather_output=True)
         finally:
             self.model.train(was_training)
-        return self._gather_vocab(logits_1SVs[0])
+        return self._real_vocab(logits_1SVp[0])
