@@ -116,9 +116,16 @@ def _target_columns(tokens: torch.Tensor, layout: _ShardLayout) -> tuple[torch.T
     return local.clamp(0, max(layout.n_valid - 1, 0)), in_shard
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product ``[R, C] x [R, C] -> [R]`` without a ``[R, C]`` temporary (batched GEMV)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+_CPU_BLOCK_ELEMENTS = 1 << 20
+"""On CPU rows are processed in blocks of about this many elements (4 MiB in fp32): the work buffers are reused
+from block to block and stay in cache, instead of fresh ``[chunk, Vs]`` temporaries (page faults dominate on CPU).
+On GPU a block is a whole chunk (fewer kernel launches)."""
+
+
+def _block_rows(n_valid: int, chunk: int, device: torch.device) -> int:
+    if device.type != "cpu":
+        return chunk
+    return max(1, min(chunk, _CPU_BLOCK_ELEMENTS // max(n_valid, 1)))
 
 
 class _VocabParallelLogprobStats(torch.autograd.Function):
@@ -130,15 +137,18 @@ class _VocabParallelLogprobStats(torch.autograd.Function):
         cdtype = _compute_dtype(logits_2d.dtype)
         saved = torch.zeros(n_tokens, _N_SAVED, dtype=cdtype, device=logits_2d.device)
         outputs = torch.zeros(4, n_tokens, dtype=cdtype, device=logits_2d.device)
+        block = _block_rows(layout.n_valid, chunk, logits_2d.device)
+        work = torch.empty(2, min(block, n_tokens), layout.n_valid, dtype=cdtype, device=logits_2d.device)
         for begin in range(0, n_tokens, chunk):
             end = min(begin + chunk, n_tokens)
             _forward_chunk(
                 logits_2d[begin:end], tokens_1d[begin:end], layout, log_kappa, temperature, kl_direction,
-                saved[begin:end], outputs[:, begin:end],
+                saved[begin:end], outputs[:, begin:end], work,
             )
+        del work
         ctx.save_for_backward(logits_2d, tokens_1d, saved)
-        ctx.layout, ctx.log_kappa, ctx.temperature, ctx.chunk, ctx.kl_direction = (
-            layout, log_kappa, temperature, chunk, kl_direction,
+        ctx.layout, ctx.log_kappa, ctx.temperature, ctx.block, ctx.kl_direction = (
+            layout, log_kappa, temperature, block, kl_direction,
         )
         logprobs, entropy, proxy_logprobs, proxy_kl = outputs.unbind(0)
         ctx.mark_non_differentiable(proxy_logprobs)
@@ -147,65 +157,90 @@ class _VocabParallelLogprobStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_proxy, grad_kl):
         logits_2d, tokens_1d, saved = ctx.saved_tensors
-        layout = ctx.layout
+        layout, block = ctx.layout, ctx.block
+        n_tokens = logits_2d.shape[0]
         grad_logits = torch.empty_like(logits_2d)
         grad_logits[:, layout.n_valid :] = 0.0  # padding columns
-        if layout.n_valid == 0:
+        if layout.n_valid == 0 or n_tokens == 0:
             return grad_logits, None, None, None, None, None, None
         weights = torch.stack([grad_logprobs, grad_entropy, grad_kl], dim=-1).to(saved.dtype)
-        in_place = grad_logits.dtype == saved.dtype
-        for begin in range(0, logits_2d.shape[0], ctx.chunk):
-            end = min(begin + ctx.chunk, logits_2d.shape[0])
+        # Write straight into the gradient when it is contiguous fp32/fp64 (no padding on this shard), else stage.
+        direct = grad_logits.dtype == saved.dtype and layout.n_valid == logits_2d.shape[1]
+        work = torch.empty(1 if direct else 2, min(block, n_tokens), layout.n_valid, dtype=saved.dtype,
+                           device=logits_2d.device)
+        for begin in range(0, n_tokens, block):
+            end = min(begin + block, n_tokens)
             target = grad_logits[begin:end, : layout.n_valid]
-            out = target if in_place else torch.empty(target.shape, dtype=saved.dtype, device=target.device)
-            _backward_chunk(logits_2d[begin:end], tokens_1d[begin:end], saved[begin:end], weights[begin:end], ctx, out)
-            if not in_place:
+            out = target if direct else work[1][: end - begin]
+            _backward_block(logits_2d[begin:end], tokens_1d[begin:end], saved[begin:end], weights[begin:end], ctx,
+                            out, work[0][: end - begin])
+            if not direct:
                 target.copy_(out)
         return grad_logits, None, None, None, None, None, None
 
 
-def _forward_chunk(logits, tokens, layout, log_kappa, temperature, kl_direction, saved, outputs) -> None:
-    """Statistics of one chunk of rows; writes ``saved[:, :]`` and ``outputs[:, :]`` (owned buffers).
+def _forward_chunk(logits, tokens, layout, log_kappa, temperature, kl_direction, saved, outputs, work) -> None:
+    """Statistics of one chunk of rows (two collectives); writes ``saved`` and ``outputs`` (owned buffers).
 
-    Extra memory: two ``[rows, n_valid]`` buffers in the compute dtype plus one bool mask (a third buffer when the
-    exact proxy-KL is requested).
+    ``work`` is two reusable ``[block, n_valid]`` compute-dtype buffers, the only shard-sized memory besides the input
+    (the exact proxy-KL path adds block-sized temporaries).
     """
     cdtype = saved.dtype
     rows = logits.shape[0]
-    # .to() returns the input itself for fp32 input: only out-of-place ops touch z, the caller's tensor is never written.
-    z = logits[:, : layout.n_valid].to(cdtype)
-    local_max = z.amax(dim=-1) if layout.n_valid else torch.full((rows,), -math.inf, dtype=cdtype, device=z.device)
-    row_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, layout)
+    z_chunk = logits[:, : layout.n_valid]
+    if layout.n_valid:
+        local_max = z_chunk.amax(dim=-1).to(cdtype)
+    else:
+        local_max = torch.full((rows,), -math.inf, dtype=cdtype, device=logits.device)
+    row_max = _all_reduce(local_max, dist.ReduceOp.MAX, layout)
+    keep_threshold = _keep_threshold(log_kappa, temperature)
+    _, fill_exp = _proxy_constants(row_max, temperature)
 
-    shifted = z - row_max.unsqueeze(-1)  # owned buffer: (z - M), then (z - M) / T
-    filtered = shifted < log_kappa  # min-p on the un-tempered logits: keep z >= M + ln kappa
+    packed = torch.zeros(rows, _N_PACKED, dtype=cdtype, device=logits.device)
+    block = work.shape[1]
+    for begin in range(0, rows if layout.n_valid else 0, block):
+        end = min(begin + block, rows)
+        # .to() returns the input itself for fp32 input: z is only read, the caller's tensor is never written.
+        _block_sums(z_chunk[begin:end].to(cdtype), tokens[begin:end], row_max[begin:end], fill_exp[begin:end],
+                    layout, keep_threshold, temperature, kl_direction, packed[begin:end], work)
+    packed = _all_reduce(packed, dist.ReduceOp.SUM, layout)
+    _finalize(packed, row_max, keep_threshold, temperature, kl_direction, saved, outputs)
+
+
+def _block_sums(z, tokens, row_max, fill_exp, layout, keep_threshold, temperature, kl_direction, packed, work) -> None:
+    """This shard's packed sums for one block of rows (two passes of exp-free arithmetic per buffer, one exp).
+
+    Masks are float 0/1 in a work buffer: bool reductions and masked fills are several times slower on CPU.
+    """
+    rows = z.shape[0]
+    shifted, exp_shifted = work[0][:rows], work[1][:rows]
+    torch.sub(z, row_max.unsqueeze(-1), out=shifted)
     if temperature != 1.0:
         shifted.div_(temperature)
-    exp_shifted = torch.exp(shifted)
-    kept_scale, fill_exp = _proxy_constants(row_max, temperature)
-
-    packed = torch.zeros(rows, _N_PACKED, dtype=cdtype, device=z.device)
+    torch.exp(shifted, out=exp_shifted)
     packed[:, _SUM_EXP] = exp_shifted.sum(-1)
-    packed[:, _SUM_EXP_SHIFTED] = _row_dot(exp_shifted, shifted)
     local_col, in_shard = _target_columns(tokens, layout)
-    if layout.n_valid:
-        packed[:, _TARGET_LOGIT] = torch.where(in_shard, z.gather(1, local_col.unsqueeze(1)).squeeze(1), 0.0)
+    packed[:, _TARGET_LOGIT] = torch.where(in_shard, z.gather(1, local_col.unsqueeze(1)).squeeze(1), 0.0)
     if kl_direction is not None:
-        packed[:, _KL_AUX] = _kl_aux(shifted, exp_shifted, filtered, row_max, fill_exp, temperature, kl_direction)
-    exp_shifted.masked_fill_(filtered, 0.0)
-    n_filtered = filtered.sum(-1).to(cdtype)
-    packed[:, _PROXY_SUM_EXP] = kept_scale * exp_shifted.sum(-1) + n_filtered * fill_exp
-    del shifted, exp_shifted, filtered
-    packed = _all_reduce(packed, dist.ReduceOp.SUM, layout)
+        packed[:, _KL_AUX] = _kl_aux(shifted, exp_shifted, keep_threshold, row_max, fill_exp, temperature,
+                                     kl_direction)
+    packed[:, _SUM_EXP_SHIFTED] = shifted.mul_(exp_shifted).sum(-1)
+    kept = torch.ge(exp_shifted, keep_threshold, out=shifted)  # reuses the buffer: 1.0 where kept
+    n_filtered = layout.n_valid - kept.sum(-1)
+    kept_scale, _ = _proxy_constants(row_max, temperature)
+    packed[:, _PROXY_SUM_EXP] = kept_scale * exp_shifted.mul_(kept).sum(-1) + n_filtered * fill_exp
 
+
+def _finalize(packed, row_max, keep_threshold, temperature, kl_direction, saved, outputs) -> None:
+    """Per-token statistics from the all-reduced sums (identical on every rank)."""
     log_sum = torch.log(packed[:, _SUM_EXP])
     entropy = log_sum - packed[:, _SUM_EXP_SHIFTED] / packed[:, _SUM_EXP]
     target_diff = packed[:, _TARGET_LOGIT] - row_max
     proxy_log_sum = torch.log(packed[:, _PROXY_SUM_EXP])
     proxy_max = torch.clamp(row_max, min=PROXY_FILL_LOGIT)
+    target_kept = torch.exp(target_diff / temperature if temperature != 1.0 else target_diff) >= keep_threshold
     proxy_target = torch.where(
-        target_diff >= log_kappa, (packed[:, _TARGET_LOGIT] - proxy_max) / temperature,
-        (PROXY_FILL_LOGIT - proxy_max) / temperature,
+        target_kept, (packed[:, _TARGET_LOGIT] - proxy_max) / temperature, (PROXY_FILL_LOGIT - proxy_max) / temperature
     )
     outputs[0] = target_diff / temperature - log_sum
     outputs[1] = entropy
@@ -225,19 +260,30 @@ def _forward_chunk(logits, tokens, layout, log_kappa, temperature, kl_direction,
     saved[:, _KL] = outputs[3]
 
 
-def _kl_aux(shifted, exp_shifted, filtered, row_max, fill_exp, temperature, kl_direction) -> torch.Tensor:
+_MIN_KEEP_THRESHOLD = 1e-30  # the exp-domain min-p threshold must be a normal fp32 number
+
+
+def _keep_threshold(log_kappa: float, temperature: float) -> float:
+    """Min-p in the exp domain: ``z - M >= ln kappa`` <=> ``exp((z - M) / T) >= kappa ** (1 / T)``; at T = 1 this is
+    the authors' ``p >= kappa * max p``. Forward, target and backward all test ``exp(shifted) >= threshold`` with
+    the same operations, so a column's kept flag is the same everywhere."""
+    return math.exp(log_kappa / temperature)
+
+
+def _kl_aux(shifted, exp_shifted, keep_threshold, row_max, fill_exp, temperature, kl_direction) -> torch.Tensor:
     """The shard's part of the one sum that differs between proxy and policy: over filtered columns only, where
     the proxy logit is FILL, ``(FILL - z)/T = (FILL - M)/T - shifted``. proxy_to_policy weighs it by the proxy's
     exp (``fill_exp``, constant per row), policy_to_proxy by the policy's exp (negated)."""
     gap = ((PROXY_FILL_LOGIT - row_max) / temperature).unsqueeze(-1) - shifted
-    gap.masked_fill_(~filtered, 0.0)
+    gap.mul_(exp_shifted < keep_threshold)
     if kl_direction == "proxy_to_policy":
         return fill_exp * gap.sum(-1)
-    return -_row_dot(exp_shifted, gap)
+    return -(gap.mul_(exp_shifted)).sum(-1)
 
 
-def _backward_chunk(logits, tokens, saved, weights, ctx, out) -> None:
-    """Gradient w.r.t. the real columns of one chunk, written into ``out`` (``[rows, n_valid]``, compute dtype).
+def _backward_block(logits, tokens, saved, weights, ctx, out, scratch) -> None:
+    """Gradient w.r.t. the real columns of one block, written into ``out`` (``[rows, n_valid]``, compute dtype,
+    contiguous); ``scratch`` is a same-shaped work buffer.
 
     With p = softmax(z/T), q the proxy, g_* the upstream gradients:
     d logp_y = (onehot_y - p) / T;  d H = -p (log p + H) / T;
@@ -248,10 +294,7 @@ def _backward_chunk(logits, tokens, saved, weights, ctx, out) -> None:
     row_max, log_sum = saved[:, _ROW_MAX], saved[:, _LOG_SUM]
     g_lp, g_h, g_kl = weights.unbind(-1)
     # log p = (z - M)/T - log S, built in place in ``out`` (M and log S apart: M + log S loses log S at |M| ~ 1e4).
-    if out.is_contiguous():
-        torch.sub(z, row_max.unsqueeze(-1), out=out)
-    else:
-        out.copy_(z).sub_(row_max.unsqueeze(-1))
+    torch.sub(z, row_max.unsqueeze(-1), out=out)
     if temperature != 1.0:
         out.div_(temperature)
     out.sub_(log_sum.unsqueeze(-1))
@@ -259,7 +302,7 @@ def _backward_chunk(logits, tokens, saved, weights, ctx, out) -> None:
     row_a = (-g_lp - g_h * saved[:, _ENTROPY]).unsqueeze(-1)
     row_b = (-g_h).unsqueeze(-1)
     if ctx.kl_direction is None:
-        coef = torch.addcmul(row_a, out, row_b)
+        coef = torch.addcmul(row_a, out, row_b, out=scratch)
         out.exp_().mul_(coef)
     else:
         _backward_kl_into(out, z, saved, row_a, row_b, g_kl.unsqueeze(-1), ctx)
@@ -273,7 +316,11 @@ def _backward_kl_into(out, z, saved, row_a, row_b, g_kl, ctx) -> None:
     """``out`` holds log p on entry; leaves ``p (a + b log p) + g_kl * dKL`` (before the target term and 1/T)."""
     temperature = ctx.temperature
     row_max = saved[:, _ROW_MAX]
-    kept = (z - row_max.unsqueeze(-1)) >= ctx.log_kappa
+    shifted = z - row_max.unsqueeze(-1)
+    if temperature != 1.0:
+        shifted.div_(temperature)
+    kept = shifted.exp_() >= _keep_threshold(ctx.log_kappa, temperature)
+    del shifted
     proxy_max = torch.clamp(row_max, min=PROXY_FILL_LOGIT)
     proxy_log_sum = saved[:, _PROXY_LOG_SUM].unsqueeze(-1)
     # log q: kept -> log p + log S + (M - Mp)/T - log Sp; filtered -> (FILL - Mp)/T - log Sp (logs, not exps: the
@@ -344,6 +391,11 @@ def vocab_parallel_logprob_stats(
         raise ValueError(f"kappa={kappa} must be in (0, 1]; the authors use 0.02")
     if not temperature > 0.0:
         raise ValueError(f"temperature={temperature} must be > 0")
+    if _keep_threshold(math.log(kappa), temperature) < _MIN_KEEP_THRESHOLD:
+        raise ValueError(
+            f"kappa={kappa} ** (1 / temperature={temperature}) is below {_MIN_KEEP_THRESHOLD:g}, outside fp32 range for "
+            "the min-p test; use a larger kappa or temperature"
+        )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1 or None (one chunk)")
     if proxy_kl_direction not in ("proxy_to_policy", "policy_to_proxy"):

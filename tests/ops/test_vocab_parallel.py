@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lpreg.ops.reference import reference_logprob_stats
+from megatron_lpreg.ops import vocab_parallel
 from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob_stats
 from megatron_lpreg.parallel.spawn import run_ranks
 
@@ -175,6 +176,16 @@ def test_tp_shards_match_reference(tp):
         _check(case, [results[rank][index] for rank in range(tp)])
 
 
+def test_small_row_blocks_match_reference(monkeypatch):
+    # Blocks of 1-3 rows inside each chunk (the CPU path for big vocabularies) must not change any result.
+    monkeypatch.setattr(vocab_parallel, "_CPU_BLOCK_ELEMENTS", 25)
+    for case in CASES:
+        _check(case, [_run_case(case, 0, 1, None)])
+    results = run_ranks(_rank_cases, 2, timeout_s=120)
+    for index, case in enumerate(CASES):
+        _check(case, [results[rank][index] for rank in range(2)])
+
+
 def _count_collectives(rank: int, world_size: int) -> dict[str, int]:
     counts = {"max": 0, "sum": 0, "other": 0}
     real_all_reduce = dist.all_reduce
@@ -239,6 +250,7 @@ def test_fp32_output_for_bf16_and_float64_preserved():
         ({"tokens": torch.tensor([0.0, 1.0])}, "integer"),
         ({"kappa": 0.0}, "kappa"),
         ({"temperature": 0.0}, "temperature"),
+        ({"kappa": 1e-3, "temperature": 0.05}, "kappa"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"vocab_size": 10}, "vocab_size"),
         ({"proxy_kl_direction": "forward"}, "proxy_kl_direction"),
