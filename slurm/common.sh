@@ -104,6 +104,21 @@ mlpreg_ray_start() {
   export RAY_ADDRESS=$MLPREG_RAY_ADDRESS
 }
 
+# Multi-node allocations (or MLPREG_RAY_BOOTSTRAP=1): start Ray across the nodes, stop it on exit, and run the
+# trainer as the Ray driver on the head node. Sets MLPREG_TRAIN_OVERRIDES (extra dotted overrides for the trainer)
+# and MLPREG_SRUN_CMD (the step that runs the trainer).
+mlpreg_setup_launcher() {
+  MLPREG_TRAIN_OVERRIDES=()
+  if [[ ${SLURM_JOB_NUM_NODES:-1} -gt 1 || ${MLPREG_RAY_BOOTSTRAP:-0} == 1 ]]; then
+    trap mlpreg_ray_stop EXIT
+    mlpreg_ray_start
+    MLPREG_TRAIN_OVERRIDES=(trainer.launcher=ray)
+    mlpreg_srun_argv "$MLPREG_RAY_HEAD_NODE"
+  else
+    mlpreg_srun_argv
+  fi
+}
+
 # Stop the srun steps mlpreg_ray_start launched (by their PIDs); `ray start --block` stops its node on SIGTERM.
 mlpreg_ray_stop() {
   local pid i

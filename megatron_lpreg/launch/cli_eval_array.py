@@ -37,17 +37,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_submit_arguments(parser, "mlpreg-eval")
 
 
-def expand_run_dirs(run_dirs: list[str]) -> list[Path]:
+def expand_run_dirs(run_dirs: list[str], *, may_not_exist_yet: bool = False) -> list[Path]:
     """Run directories, with a sweep directory replaced by its task directories (in task order).
 
+    Args:
+        may_not_exist_yet: accept a missing directory (the array waits on the job that will create it).
+
     Raises:
-        ValueError: a path does not exist.
+        ValueError: a path does not exist (and ``may_not_exist_yet`` is False).
     """
     runs: list[Path] = []
     for text in run_dirs:
         path = Path(text).resolve()
         if not path.is_dir():
-            raise ValueError(f"run directory not found: {path}")
+            if may_not_exist_yet:
+                runs.append(path)
+                continue
+            raise ValueError(f"run directory not found: {path} (to evaluate a run that has not started yet, "
+                             "pass --dependency afterok:<train job id> with --checkpoints latest)")
         if (path / "array.json").is_file():
             manifest = ArrayManifest.read(path)
             if manifest.kind != "train":
@@ -100,7 +107,8 @@ def build_tasks(runs: list[Path], benchmarks: list[str], which: str) -> list[lis
 
 def run(args: argparse.Namespace) -> int:
     try:
-        runs = expand_run_dirs(args.run_dirs)
+        runs = expand_run_dirs(args.run_dirs,
+                               may_not_exist_yet=bool(args.dependency) and args.checkpoints == "latest")
         benchmarks = [b.strip() for b in args.benchmarks.split(",")]
         tasks = build_tasks(runs, benchmarks, args.checkpoints)
         root = prepare_array_dir(args.out or default_array_dir("evals", runs[0].name))

@@ -81,8 +81,13 @@ def run_forwarding_signals(argv: Sequence[str], *, cwd: str | None = None) -> in
     return 128 - code if code < 0 else code
 
 
-def run_array_task(root: str | os.PathLike, env: Mapping[str, str], index: int | None = None) -> int:
-    """Run one task of the array in ``root`` and record its status; return the task's exit code."""
+def run_array_task(root: str | os.PathLike, env: Mapping[str, str], index: int | None = None,
+                   extra: Sequence[str] = ()) -> int:
+    """Run one task of the array in ``root`` and record its status; return the task's exit code.
+
+    Args:
+        extra: arguments appended last (the batch script's launcher overrides, e.g. trainer.launcher=ray).
+    """
     root = Path(root).resolve()
     manifest = ArrayManifest.read(root)
     index = task_index(env, index)
@@ -97,6 +102,7 @@ def run_array_task(root: str | os.PathLike, env: Mapping[str, str], index: int |
         logger.error("array task %d of %s cannot start: %s", index, root, exc)
         write_status(root, index, {**status, "exit_code": 2, "error": str(exc), "finished": time.time()})
         return 2
+    argv.extend(extra)
     if manifest.kind == "train" and status["restart_count"] > 0:
         argv.append("trainer.resume=auto")  # a requeued task always resumes, whatever its config says
     manifest.task_dir(root, index).mkdir(parents=True, exist_ok=True)
@@ -137,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     task = sub.add_parser("array-task", help="run this array task's manifest row")
     task.add_argument("array_dir")
     task.add_argument("--task", type=int, default=None, help="row to run (default: $SLURM_ARRAY_TASK_ID)")
+    task.add_argument("--extra", action="append", default=[], help="argument appended to the task's command")
     sub.add_parser("ray-env", help="print export lines for the Ray head/worker bootstrap")
     wait = sub.add_parser("wait-ray", help="wait until N Ray nodes are alive")
     wait.add_argument("--address", required=True)
@@ -152,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.step == "array-task":
-            return run_array_task(args.array_dir, os.environ, args.task)
+            return run_array_task(args.array_dir, os.environ, args.task, args.extra)
         if args.step == "ray-env":
             sys.stdout.write(ray_layout(SlurmJobEnv.from_environ(os.environ), os.environ).shell_exports())
             return 0

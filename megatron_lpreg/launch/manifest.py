@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import shlex
 import time
@@ -72,7 +73,20 @@ def override_text(key: str, value: Any) -> str:
     """``key=value`` with ``value`` written so that the YAML override parser reads back the same value."""
     if isinstance(value, str):
         return f"{key}={value}"
-    return f"{key}={json.dumps(value)}"  # JSON is YAML: 0.005, true, null, [1, 2], {"a": 1}
+    if isinstance(value, float):
+        return f"{key}={_yaml_float(value)}"
+    return f"{key}={json.dumps(value)}"  # JSON is YAML: 3, true, null, [1, 2], {"a": 1}
+
+
+def _yaml_float(value: float) -> str:
+    # YAML 1.1 (PyYAML) reads "1e-06" as a string; it needs a '.' in the mantissa ("1.0e-06").
+    if math.isnan(value) or math.isinf(value):
+        return ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")
+    text = repr(value)
+    mantissa, e, exponent = text.partition("e")
+    if e and "." not in mantissa:
+        text = f"{mantissa}.0e{exponent}"
+    return text
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,91 @@
+"""slurm/common.sh signal forwarding and requeue decision, run by real bash outside Slurm: a stand-in
+``scontrol`` on PATH records what the script asks of Slurm (tests/slurm/test_local_cluster.py does it for real)."""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A trainer stand-in: USR1 or TERM -> "checkpoint" and exit with the requeue code, as trainer/signals.py does.
+TRAINER = ("import signal, sys, time\n"
+           "for s in (signal.SIGUSR1, signal.SIGTERM): signal.signal(s, lambda n, f: sys.exit(42))\n"
+           "open(sys.argv[1], 'w').close()\n"
+           "time.sleep(float(sys.argv[2]))\n"
+           "sys.exit(int(sys.argv[3]))\n")
+
+SCRIPT = """set -euo pipefail
+source "$MLPREG_ROOT/slurm/common.sh"
+mlpreg_init
+mlpreg_run "$MLPREG_PYTHON" -c "$TRAINER" "$READY" "$SLEEP" "$CODE"
+mlpreg_finish
+"""
+
+
+def _start(tmp_path: Path, sleep: float, code: int) -> tuple[subprocess.Popen, Path, Path]:
+    bin_dir, ready, calls = tmp_path / "bin", tmp_path / "ready", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/bash\necho "$@" >> {calls}\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IXUSR)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MLPREG_ROOT": str(REPO), "SLURM_JOB_ID": "77",
+           "MLPREG_PYTHON": sys.executable, "TRAINER": TRAINER, "READY": str(ready), "SLEEP": str(sleep),
+           "CODE": str(code)}
+    env.pop("MLPREG_SITE_ENV", None)
+    proc = subprocess.Popen(["bash", "-c", SCRIPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    return proc, ready, calls
+
+
+def _wait_ready(ready: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline, "the trainer stand-in never started"
+        time.sleep(0.05)
+
+
+def test_usr1_is_forwarded_and_turns_into_a_requeue(tmp_path):
+    proc, ready, calls = _start(tmp_path, sleep=30, code=0)
+    _wait_ready(ready)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert calls.read_text() == "requeue 77\n"
+    assert "got SIGUSR1; forwarding" in out and "scontrol requeue 77" in out
+
+
+def test_cancellation_forwards_term_but_never_requeues(tmp_path):
+    proc, ready, calls = _start(tmp_path, sleep=30, code=0)
+    _wait_ready(ready)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 42, out  # the trainer checkpointed, but a cancelled job must stay cancelled
+    assert not calls.exists()
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_exit_code_passes_through(tmp_path, code):
+    proc, _, calls = _start(tmp_path, sleep=0, code=code)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == code, out
+    assert not calls.exists()
+
+
+def test_scripts_parse_and_need_their_variables(tmp_path):
+    for script in [*sorted((REPO / "slurm").glob("*.sbatch")), REPO / "slurm" / "common.sh",
+                   REPO / "slurm" / "dev" / "local-cluster.sh"]:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MLPREG_"))}
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), "cfg.yaml"], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode != 0 and "export MLPREG_ROOT" in proc.stderr
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "sweep_array.sbatch"), str(tmp_path)],
+                          env={**env, "MLPREG_ROOT": str(REPO)}, capture_output=True, text=True)
+    assert proc.returncode != 0 and "not inside a Slurm job" in proc.stderr
