@@ -36,3 +36,12 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
 def tiny_hf_dir_b(tmp_path_factory) -> Path:
     """Same architecture, different weights (a "trained" version of tiny_hf_dir)."""
     return make_hf_qwen2(tmp_path_factory.mktemp("tiny_hf_b"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """models.tiny checkpoints (with tokenizer) for both families: qwen2 untied + QKV bias, qwen3 tied + QK norm."""
+    from megatron_lpreg.models.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("mcore_tiny")
+    return {arch: make_tiny_model(root / arch, arch, seed=3, max_position_embeddings=256) for arch in ("qwen2", "qwen3")}

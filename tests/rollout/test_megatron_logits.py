@@ -26,14 +26,6 @@ LOGP_ATOL = 1e-4
 """megatron vs HF fp32 forwards (different kernels, RoPE at shifted positions for padded rows): ~1e-6 seen."""
 
 
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    from megatron_lpreg.models.tiny import make_tiny_model
-
-    root = tmp_path_factory.mktemp("mcore_tiny")
-    return {arch: make_tiny_model(root / arch, arch, seed=3, max_position_embeddings=256) for arch in ("qwen2", "qwen3")}
-
-
 def _generate_on_rank(rank: int, world: int, hf_dir: str) -> dict:
     parallel = ParallelConfig(tp=world)
     ctx = init_parallel(parallel, seed=0)
