@@ -1,0 +1,310 @@
+"""Apply the mapping tables (``mappings.py``) to a built megatron-core model, both directions, one tensor at a time.
+
+This is the only code that walks a mapping table.
+
+* :func:`load_hf_weights` fills this rank's model chunks from an HF safetensors directory. Files are opened
+  lazily (``safe_open``) and each rank reads only its own rows/columns of each tensor (``get_slice``), so a rank
+  never holds more than its shard plus one HF slice.
+* :func:`export_hf_weights` is a generator of ``(hf_name, full_tensor)``: TP shards are all-gathered inside the
+  tensor-parallel group, un-fused and un-padded. Who yields what: *every* rank yields the tensors its pipeline
+  stage owns, with global layer numbers (first stage: embedding; every stage: its layers, across all its virtual
+  chunks; last stage: final norm and, untied, ``lm_head``). TP ranks of one stage yield identical streams and must
+  all consume the generator (it runs TP collectives); DP replicas yield duplicates. A consumer that writes or sends
+  usually keeps ``tp_rank == 0 and dp_rank == 0`` of each stage. The same stream serves HF export
+  (:func:`write_hf_safetensors`), checkpoint conversion and rollout weight sync.
+* Every HF name must be consumed exactly once and every megatron parameter must be mapped; anything else is a
+  ``ValueError`` listing the names.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_lpreg.models.mappings import HeadDims, Mapping, MappingTable, mapping_table, merge_shards, read_shard
+from megatron_lpreg.telemetry import progress
+
+logger = logging.getLogger(__name__)
+
+_LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_MAX_LISTED = 20
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _listing(names: Iterable[str]) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+    return ", ".join(names[:_MAX_LISTED]) + more
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers (each keeps it as ``.module``)."""
+    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
+        chunk = chunk.module
+    return chunk
+
+
+@dataclass(frozen=True)
+class _Param:
+    global_name: str
+    param: torch.nn.Parameter
+    row: Mapping
+    layer: int | None
+
+
+def _uses_fused_norms(model_chunks: Sequence[torch.nn.Module]) -> bool:
+    return any(n.endswith("layer_norm_weight") for c in model_chunks for n, _ in unwrap(c).named_parameters())
+
+
+def _table(model_cfg: Any, model_chunks: Sequence[torch.nn.Module]) -> MappingTable:
+    return mapping_table(model_cfg.arch, tie_word_embeddings=model_cfg.tie_word_embeddings,
+                         fused_norms=_uses_fused_norms(model_chunks))
+
+
+def _plan(model_chunks: Sequence[torch.nn.Module], table: MappingTable) -> list[_Param]:
+    """Every parameter of this rank's chunks resolved to a table row with its *global* layer index."""
+    plan, unmapped = [], []
+    for chunk in model_chunks:
+        model = unwrap(chunk)
+        for local_name, param in model.named_parameters():
+            global_name = local_name
+            match = _LOCAL_LAYER.match(local_name)
+            if match:  # layer_number is megatron's 1-based global index (PP and virtual-PP offsets applied)
+                layer_number = model.decoder.layers[int(match.group(1))].layer_number
+                global_name = f"decoder.layers.{layer_number - 1}." + local_name[match.end():]
+            resolved = table.resolve(global_name)
+            if resolved is None:
+                unmapped.append(global_name)
+                continue
+            plan.append(_Param(global_name, param, resolved.row, resolved.layer))
+    if unmapped:
+        raise ValueError(f"{len(unmapped)} megatron parameters have no row in mapping table '{table.name}': "
+                         f"{_listing(unmapped)}. Add rows to models/mappings.py or fix the layer spec.")
+    return plan
+
+
+def _heads(model_cfg: Any) -> HeadDims:
+    return HeadDims(model_cfg.num_attention_heads, model_cfg.num_query_groups, model_cfg.head_dim)
+
+
+class HFSafetensors:
+    """Lazy, read-only view of an HF checkpoint directory's safetensors (single file or sharded with an index).
+
+    Every file is opened (header only) on construction, so a missing, truncated or corrupt shard fails before any
+    weight is read. Use as a context manager.
+
+    Raises:
+        ValueError: no safetensors in ``hf_dir``, an index naming a missing file, or an unreadable file.
+    """
+
+    def __init__(self, hf_dir: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self.hf_dir = Path(hf_dir)
+        index = self.hf_dir / INDEX_FILE
+        if index.exists():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.hf_dir.glob("*.safetensors"))
+            weight_map = {}
+        if not files:
+            raise ValueError(f"hf dir {self.hf_dir} has no *.safetensors files (and no {INDEX_FILE})")
+        missing = [f for f in files if not (self.hf_dir / f).is_file()]
+        if missing:
+            raise ValueError(f"hf dir {self.hf_dir}: shard file(s) listed in {INDEX_FILE} are missing: "
+                             f"{_listing(missing)}")
+        self._handles: dict[str, Any] = {}
+        self._file_of: dict[str, str] = {}
+        for name in files:
+            try:
+                handle = safe_open(str(self.hf_dir / name), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types for bad headers / short files
+                raise ValueError(f"hf dir {self.hf_dir}: shard {name} is truncated or corrupt ({exc})") from exc
+            self._handles[name] = handle
+            for key in handle.keys():
+                if key in self._file_of:
+                    raise ValueError(f"hf dir {self.hf_dir}: tensor {key} is stored twice "
+                                     f"({self._file_of[key]} and {name})")
+                self._file_of[key] = name
+        stale = {k for k, f in weight_map.items() if self._file_of.get(k) != f}
+        if stale:
+            raise ValueError(f"hf dir {self.hf_dir}: {INDEX_FILE} names tensors not found in the listed shard: "
+                             f"{_listing(stale)}")
+
+    def __enter__(self) -> HFSafetensors:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handles.clear()
+
+    def names(self) -> set[str]:
+        return set(self._file_of)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handles[self._file_of[name]].get_slice(name).get_shape())
+
+    def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows (``dim=0``) or columns (``dim=1``) ``[start, stop)`` of tensor ``name``; reads only those bytes."""
+        tensor_slice = self._handles[self._file_of[name]].get_slice(name)
+        if dim == 0:
+            return tensor_slice[start:stop]
+        if dim == 1:
+            return tensor_slice[:, start:stop]
+        raise ValueError(f"read({name}): dim={dim}; only 0 and 1 are split")
+
+
+def _check_hf_names(hf: HFSafetensors, table: MappingTable, num_layers: int) -> set[str]:
+    expected = table.expected_hf_names(num_layers)
+    present = {n for n in hf.names() if not table.is_ignored(n)}
+    problems = []
+    if expected - present:
+        problems.append(f"missing {len(expected - present)} tensor(s): {_listing(expected - present)}")
+    if present - expected:
+        problems.append(f"{len(present - expected)} tensor(s) not used by mapping table '{table.name}': "
+                        f"{_listing(present - expected)}")
+    if problems:
+        raise ValueError(f"hf dir {hf.hf_dir} does not match model.arch={table.name.split()[0]} with "
+                         f"num_layers={num_layers}: " + "; ".join(problems))
+    return expected
+
+
+def load_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_dir: str | os.PathLike, model_cfg: Any,
+                    ctx: Any) -> None:
+    """Copy HF safetensors weights into this rank's megatron model chunks (its TP shard, its PP stage).
+
+    Args:
+        model_chunks: this rank's GPTModel chunks (one per virtual pipeline stage), possibly DDP-wrapped.
+        hf_dir: directory with ``*.safetensors`` (and ``model.safetensors.index.json`` when sharded).
+        model_cfg: ``ModelConfig`` the chunks were built from (arch, head counts, vocab, tying).
+        ctx: ``ParallelContext`` (uses ``tp_rank``, ``tp_size``); all ranks of the job must call this.
+
+    Raises:
+        ValueError: missing/unused HF tensors, unmapped megatron parameters, a shape mismatch, or an unreadable
+            shard; raised before any parameter is modified when the problem is visible from the headers.
+    """
+    table = _table(model_cfg, model_chunks)
+    plan = _plan(model_chunks, table)
+    heads, tp_rank, tp_size = _heads(model_cfg), ctx.tp_rank, ctx.tp_size
+    consumed: Counter[str] = Counter()
+    with HFSafetensors(hf_dir) as hf:
+        expected = _check_hf_names(hf, table, model_cfg.num_layers)
+        for item in progress(plan, total=len(plan), desc="load hf", rank=dist.get_rank()):
+            names = item.row.hf_names(item.layer)
+            lens = [hf.shape(n)[item.row.tp_dim or 0] for n in names]
+            padded = item.param.shape[0] * tp_size if item.row.vocab else None
+            shard = read_shard(item.row, item.layer, hf.read, lens, heads, tp_rank, tp_size, padded)
+            if shard.shape != item.param.shape:
+                raise ValueError(f"{item.global_name}: HF tensors {', '.join(names)} give a shard of shape "
+                                 f"{tuple(shard.shape)} but the model has {tuple(item.param.shape)} (tp_rank "
+                                 f"{tp_rank}/{tp_size}); does model config match {hf_dir}/config.json?")
+            with torch.no_grad():
+                item.param.copy_(shard)
+            if not item.row.tied:
+                consumed.update(names)
+    twice = [n for n, c in consumed.items() if c > 1]
+    if twice:
+        raise ValueError(f"HF tensors consumed more than once on rank {dist.get_rank()}: {_listing(twice)}")
+    everywhere: list[set[str]] = [set()] * dist.get_world_size()
+    dist.all_gather_object(everywhere, set(consumed))
+    unconsumed = expected - set().union(*everywhere)
+    if unconsumed:
+        raise ValueError(f"HF tensors no rank loaded (model lacks the parameters the table expects): "
+                         f"{_listing(unconsumed)}")
+    logger.info("loaded %d HF tensors into %d parameters from %s", len(consumed), len(plan), hf_dir)
+
+
+def export_hf_weights(model_chunks: Sequence[torch.nn.Module], model_cfg: Any, ctx: Any, *,
+                      dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, full_tensor)`` for every HF tensor this rank's pipeline stage owns (see module doc).
+
+    Args:
+        model_chunks: this rank's chunks, possibly DDP-wrapped.
+        model_cfg: ``ModelConfig`` (vocab_size trims the padded vocab rows).
+        ctx: ``ParallelContext`` (``tp_size``, ``tp_group``). All TP ranks of a stage must drain the generator
+            in step: each TP-split tensor costs one all-gather in the TP group.
+        dtype: cast each yielded tensor (default: the parameter dtype).
+
+    Yields:
+        HF name and its full (un-sharded, un-padded, un-fused) tensor, one at a time; each holds fresh memory.
+    """
+    table = _table(model_cfg, model_chunks)
+    heads, tp_size = _heads(model_cfg), ctx.tp_size
+    for item in _plan(model_chunks, table):
+        if item.row.tied:  # the first stage exports the embedding; this is its copy on the last stage
+            continue
+        local = item.param.detach()
+        if item.row.tp_dim is None or tp_size == 1:
+            shards = [local]
+        else:
+            local = local.contiguous()
+            shards = [torch.empty_like(local) for _ in range(tp_size)]
+            dist.all_gather(shards, local, group=ctx.tp_group)
+        for name, tensor in merge_shards(item.row, item.layer, shards, heads, vocab_size=model_cfg.vocab_size):
+            if dtype is not None:
+                tensor = tensor.to(dtype)
+            if tensor.untyped_storage().data_ptr() == item.param.untyped_storage().data_ptr():
+                tensor = tensor.clone()  # never hand out a view of a live parameter
+            yield name, tensor
+        del shards
+
+
+class HFShards(NamedTuple):
+    """What :func:`write_hf_safetensors` wrote."""
+
+    weight_map: dict[str, str]
+    """``{hf_name: file_name}``."""
+    total_bytes: int
+    """Sum of tensor bytes (the index's ``total_size``)."""
+
+
+def write_hf_safetensors(stream: Iterable[tuple[str, torch.Tensor]], out_dir: str | os.PathLike, *,
+                         prefix: str = "model", max_shard_bytes: int = 2**30) -> HFShards:
+    """Write a tensor stream as safetensors shards of at most ``max_shard_bytes`` (a bigger tensor gets its own).
+
+    Memory stays near ``max_shard_bytes`` plus one tensor. Files are named ``{prefix}-{i:05d}.safetensors``;
+    the caller writes the index (:func:`write_hf_index`), possibly merging several writers' maps.
+
+    Raises:
+        ValueError: a name appears twice in the stream.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    weight_map: dict[str, str] = {}
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes, total_bytes = 0, 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            file_name = f"{prefix}-{len(set(weight_map.values())) + 1:05d}.safetensors"
+            save_file(pending, str(out_dir / file_name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(pending, file_name))
+            pending, pending_bytes = {}, 0
+
+    for name, tensor in stream:
+        if name in weight_map or name in pending:
+            raise ValueError(f"tensor {name} appears twice in the export stream")
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > max_shard_bytes:
+            flush()
+        pending[name] = tensor.contiguous()
+        pending_bytes += size
+        total_bytes += size
+    flush()
+    return HFShards(weight_map, total_bytes)
+
+
+def write_hf_index(out_dir: str | os.PathLike, weight_map: dict[str, str], total_bytes: int) -> None:
+    """Write ``model.safetensors.index.json`` for the shards in ``out_dir``."""
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(out_dir) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,501 @@
+"""Atomic megatron dist checkpoints (torch_dist) with a manifest, load-time checks and resharding.
+
+Layout of a checkpoint directory::
+
+    manifest.json   format + version, model config, tp/pp/vpp it was written at, has_optimizer, and
+                    {relative path: {bytes, sha256}} for every file below
+    dist/           megatron ``dist_checkpointing`` (torch_dist): model chunks ("model" / "model0".. for virtual
+                    pipeline), optionally "optimizer", and "extra" (plain picklable data, rank 0's copy)
+    hf_assets/      optional: the HF config.json, generation config and tokenizer files, for export back to HF
+
+Writes go to a hidden temp dir next to the target, then one rename, so a reader never sees a partial
+checkpoint. Loading checks the manifest (format version, architecture fields, file sizes and checksums, split over
+ranks) before touching a parameter, and refuses with a diff or a list of bad files. Megatron's sharded state dict
+makes the checkpoint layout-free: it loads at any TP/PP/VPP (padded vocab rows included, via megatron's
+``allow_shape_mismatch`` on embedding/output). Distributed-optimizer state is saved "fully_reshardable".
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import queue
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_lpreg.models.bridge import unwrap
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "megatron_lpreg.dist_ckpt"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DIST_DIR = "dist"
+HF_ASSETS_DIR = "hf_assets"
+HF_ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+"""Copied next to exported HF weights when present (the tokenizer and config of the source model)."""
+
+ARCH_FIELDS = ("arch", "vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+               "num_query_groups", "head_dim", "tie_word_embeddings", "rope_theta", "rms_norm_eps")
+"""ModelConfig fields that must match between a checkpoint and the model it is loaded into (shapes and math).
+Padding (make_vocab_size_divisible_by), dtype, paths and the layer implementation may differ."""
+_HASH_CHUNK = 16 * 2**20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt, or does not fit the model it is loaded into."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atomic output directories (used for dist checkpoints and HF exports).
+
+
+def _broadcast_str(value: str) -> str:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir (same on every rank, next to ``path``); on success rank 0 renames it to ``path``.
+
+    Collective when torch.distributed is initialized: every rank enters and leaves together. On an exception the
+    temp dir is removed (by rank 0; other ranks' failures surface through the job's collectives) and ``path`` is
+    untouched.
+
+    Raises:
+        CheckpointError: ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"output {path} already exists; remove it or pass overwrite=True")
+    tmp = Path(_broadcast_str(str(path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")))
+    if _rank() == 0:
+        tmp.mkdir(parents=True)
+    _barrier()
+    try:
+        yield tmp
+        _barrier()
+        if _rank() == 0:
+            if path.exists():
+                trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(path, trash)
+                os.replace(tmp, path)
+                shutil.rmtree(trash)
+            else:
+                os.replace(tmp, path)
+        _barrier()
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Manifest.
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while block := handle.read(_HASH_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_table(root: Path) -> dict[str, dict[str, Any]]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of checkpoint ``path``.
+
+    Raises:
+        CheckpointError: no checkpoint there, not one of ours, or a newer/older format version.
+    """
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a megatron_lpreg checkpoint: {MANIFEST} is missing (an interrupted "
+                              f"write leaves only a hidden .tmp dir; convert or save again)")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}"
+                              f" is not {FORMAT!r} version {FORMAT_VERSION}")
+    return manifest
+
+
+def config_diff(saved: dict[str, Any], model_cfg: Any) -> list[str]:
+    """``field: checkpoint=<x> model=<y>`` for every architecture field that differs (empty when compatible)."""
+    current = dataclasses.asdict(model_cfg)
+    return [f"model.{key}: checkpoint={saved.get(key)!r} model={current[key]!r}"
+            for key in ARCH_FIELDS if saved.get(key) != current[key]]
+
+
+def _verify_files(path: Path, manifest: dict[str, Any], *, checksums: bool) -> None:
+    """Check every manifest file (size, optionally sha256); the work is split over ranks, errors gathered."""
+    rank = _rank()
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    errors = []
+    for i, (rel, meta) in enumerate(sorted(manifest["files"].items())):
+        if i % world != rank:
+            continue
+        file = path / rel
+        if not file.is_file():
+            errors.append(f"{rel}: missing")
+        elif file.stat().st_size != meta["bytes"]:
+            errors.append(f"{rel}: {file.stat().st_size} bytes, manifest says {meta['bytes']} (truncated?)")
+        elif checksums and _sha256(file) != meta["sha256"]:
+            errors.append(f"{rel}: sha256 mismatch (corrupt)")
+    if world > 1:
+        gathered: list[list[str]] = [[] for _ in range(world)]
+        dist.all_gather_object(gathered, errors)
+        errors = [e for rank_errors in gathered for e in rank_errors]
+    if errors:
+        raise CheckpointError(f"checkpoint {path} is damaged ({len(errors)} file(s)): " + "; ".join(sorted(errors)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Save / load.
+
+
+def _sharded_state(model_chunks: Sequence[torch.nn.Module], optimizer: Any, *, is_loading: bool) -> dict[str, Any]:
+    models = [unwrap(c) for c in model_chunks]
+    if len(models) == 1:
+        state: dict[str, Any] = {"model": models[0].sharded_state_dict()}
+    else:
+        state = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
+    if optimizer is not None:
+        # fully_reshardable: distributed-optimizer state can be loaded at another DP/TP/PP layout.
+        metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+    return state
+
+
+@contextlib.contextmanager
+def _in_process_write_queue() -> Iterator[None]:
+    """Give megatron's torch_dist writer an in-process results queue for the duration of one save.
+
+    Its default is a module-level queue from a *spawn*-context Manager: a server process that re-imports
+    ``__main__`` (fatal for unguarded scripts) and outlives ranks that leave with ``os._exit`` (forked harness).
+    Our saves are synchronous, so the write results never cross a process boundary and a ``queue.Queue`` does.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
+
+
+def save_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], model_cfg: Any, ctx: Any, *,
+                    optimizer: Any = None, extra: dict[str, Any] | None = None,
+                    hf_assets_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Save model chunks (and optionally optimizer state and ``extra``) as an atomic dist checkpoint.
+
+    Collective: every rank of the job calls it with its own chunks.
+
+    Args:
+        path: checkpoint directory to create.
+        model_chunks: this rank's GPTModel chunks (one per virtual pipeline stage), possibly wrapped.
+        model_cfg: ``ModelConfig``; recorded in the manifest and checked on load.
+        ctx: ``ParallelContext``; its tp/pp/vpp are recorded (informational: the checkpoint reshards on load).
+        optimizer: a megatron ``MegatronOptimizer`` whose state to include.
+        extra: plain picklable data (run state, scheduler); rank 0's copy is stored.
+        hf_assets_dir: an HF model dir whose config/tokenizer files to keep in ``hf_assets/``.
+        overwrite: replace an existing ``path`` (atomically).
+
+    Returns:
+        ``path`` as a Path.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    start = time.monotonic()
+    with atomic_output_dir(path, overwrite=overwrite) as tmp:
+        state = _sharded_state(model_chunks, optimizer, is_loading=False)
+        state["extra"] = extra or {}
+        (tmp / DIST_DIR).mkdir(exist_ok=True) if _rank() == 0 else None
+        _barrier()
+        with _in_process_write_queue():
+            dist_checkpointing.save(state, str(tmp / DIST_DIR), sharded_strategy=("torch_dist", 1))
+        _barrier()
+        if _rank() == 0:
+            if hf_assets_dir is not None:
+                assets = tmp / HF_ASSETS_DIR
+                assets.mkdir()
+                for name in HF_ASSET_FILES:
+                    if (Path(hf_assets_dir) / name).is_file():
+                        shutil.copy2(Path(hf_assets_dir) / name, assets / name)
+            manifest = {
+                "format": FORMAT, "format_version": FORMAT_VERSION, "created_unix": time.time(),
+                "model": dataclasses.asdict(model_cfg),
+                "parallel": {"tp": ctx.tp_size, "pp": ctx.pp_size, "vpp": len(model_chunks)},
+                "has_optimizer": optimizer is not None, "files": _file_table(tmp),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    logger.info("saved checkpoint %s in %.1f s", path, time.monotonic() - start)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], model_cfg: Any, ctx: Any, *,
+                    optimizer: Any = None, verify_checksums: bool = True) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` into chunks built at any TP/PP/VPP.
+
+    Collective. Checks run before any parameter changes: manifest format, architecture fields (refuses with a
+    diff), every file's size and (``verify_checksums``) sha256.
+
+    Args:
+        optimizer: load optimizer state too (the checkpoint must have it); its states are initialised first,
+            as megatron's sharded optimizer loading requires.
+
+    Returns:
+        The ``extra`` dict that was saved.
+
+    Raises:
+        CheckpointError: missing/corrupt checkpoint, architecture mismatch, no optimizer state when one is asked,
+            or tensors the model expects but the checkpoint lacks.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    diff = config_diff(manifest["model"], model_cfg)
+    if diff:
+        raise CheckpointError(f"checkpoint {path} was written for a different model; differences:\n  "
+                              + "\n  ".join(diff))
+    if optimizer is not None and not manifest["has_optimizer"]:
+        raise CheckpointError(f"checkpoint {path} has no optimizer state; load it with optimizer=None "
+                              f"(checkpoint.save_optimizer was off when it was written)")
+    _verify_files(path, manifest, checksums=verify_checksums)
+    state = _sharded_state(model_chunks, optimizer, is_loading=True)
+    state["extra"] = {}
+    loaded, missing, _unexpected = dist_checkpointing.load(state, str(path / DIST_DIR),
+                                                           strict=StrictHandling.RETURN_ALL)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs: "
+                              f"{', '.join(sorted(missing)[:20])}")
+    models = [unwrap(c) for c in model_chunks]
+    for i, model in enumerate(models):
+        model.load_state_dict(loaded["model"] if len(models) == 1 else loaded[f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    logger.info("loaded checkpoint %s (written at tp=%d pp=%d)", path, manifest["parallel"]["tp"],
+                manifest["parallel"]["pp"])
+    return loaded.get("extra", {})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversion jobs (the tools/convert_* scripts call these). Each runs one function on tp*pp ranks: in this
+# process when already launched distributed (torchrun/srun), else on gloo ranks forked from this process.
+
+
+def run_job(fn: Any, world_size: int, *args: Any, timeout_s: float = 3600.0) -> list[Any]:
+    """``[fn(rank, world_size, *args)]`` for this rank under torchrun/srun, or for all forked ranks otherwise.
+
+    Raises:
+        ValueError: the launcher's world size differs from ``world_size``.
+    """
+    from megatron_lpreg.parallel.bootstrap import launch_env
+    from megatron_lpreg.parallel.spawn import run_ranks
+
+    env = launch_env()
+    if env.source != "single":
+        if env.world_size != world_size:
+            raise ValueError(f"launched with world size {env.world_size} but the conversion needs tp*pp="
+                             f"{world_size} ranks; launch exactly {world_size}")
+        return [fn(env.rank, env.world_size, *args)]
+    return run_ranks(fn, world_size, *args, timeout_s=timeout_s)
+
+
+def _build_chunks(model_cfg: Any, parallel_cfg: Any, ctx: Any) -> list[torch.nn.Module]:
+    from megatron_lpreg.models.qwen import build_gpt_model
+
+    return [build_gpt_model(model_cfg, parallel_cfg, pre_process=ctx.is_first_pp_stage,
+                            post_process=ctx.is_last_pp_stage)]
+
+
+def check_conversion_layout(model_cfg: Any, tp: int, pp: int) -> None:
+    """Reject a TP/PP the model cannot be split into, before any rank starts.
+
+    Raises:
+        ValueError: naming the value, the rule and the valid choices.
+    """
+    heads, groups = model_cfg.num_attention_heads, model_cfg.num_query_groups
+    if tp < 1 or heads % tp or groups % tp:
+        valid = [d for d in range(1, groups + 1) if groups % d == 0 and heads % d == 0]
+        raise ValueError(f"--tp {tp} must divide num_attention_heads={heads} and num_query_groups={groups}; "
+                         f"use one of {valid}")
+    if pp < 1 or pp > model_cfg.num_layers:
+        raise ValueError(f"--pp {pp} must be between 1 and num_layers={model_cfg.num_layers}")
+
+
+def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, out_dir: str, tp: int, pp: int, overwrite: bool) -> None:
+    from megatron_lpreg.config.model import ParallelConfig
+    from megatron_lpreg.models.bridge import load_hf_weights
+    from megatron_lpreg.models.qwen import model_config_from_hf
+    from megatron_lpreg.parallel.bootstrap import destroy_parallel, init_parallel
+
+    parallel_cfg = ParallelConfig(tp=tp, pp=pp)
+    ctx = init_parallel(parallel_cfg, seed=0)
+    try:
+        model_cfg = model_config_from_hf(hf_dir)
+        chunks = _build_chunks(model_cfg, parallel_cfg, ctx)
+        load_hf_weights(chunks, hf_dir, model_cfg, ctx)
+        save_checkpoint(out_dir, chunks, model_cfg, ctx, hf_assets_dir=hf_dir, overwrite=overwrite)
+    finally:
+        destroy_parallel(destroy_process_group=False)
+
+
+def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1,
+                        overwrite: bool = False) -> Path:
+    """Convert an HF Qwen2/Qwen3 directory into a dist checkpoint written at TP=``tp``, PP=``pp`` (atomic).
+
+    Every rank reads only its own slices of the HF tensors. Peak memory per rank is its model shard plus one
+    HF slice; across ranks, one copy of the model (see docs/conversion.md).
+
+    Raises:
+        ValueError: bad layout, unsupported architecture, or HF tensors that do not match the table.
+    """
+    from megatron_lpreg.models.qwen import model_config_from_hf
+
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"--out {out_dir} already exists; remove it or pass overwrite")
+    check_conversion_layout(model_config_from_hf(hf_dir), tp, pp)
+    run_job(_hf_to_mcore_rank, tp * pp, str(Path(hf_dir).absolute()), str(out_dir), tp, pp, overwrite)
+    return out_dir
+
+
+def hf_config_dict(model_cfg: Any) -> dict[str, Any]:
+    """A transformers ``config.json`` for ``model_cfg`` (used when neither the checkpoint nor the caller has one)."""
+    qwen3 = model_cfg.arch == "qwen3"
+    return {
+        "architectures": ["Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"],
+        "model_type": model_cfg.arch, "vocab_size": model_cfg.vocab_size, "hidden_size": model_cfg.hidden_size,
+        "intermediate_size": model_cfg.ffn_hidden_size, "num_hidden_layers": model_cfg.num_layers,
+        "num_attention_heads": model_cfg.num_attention_heads, "num_key_value_heads": model_cfg.num_query_groups,
+        "head_dim": model_cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": model_cfg.rms_norm_eps,
+        "rope_theta": model_cfg.rope_theta, "max_position_embeddings": model_cfg.max_position_embeddings,
+        "tie_word_embeddings": model_cfg.tie_word_embeddings, "attention_bias": not qwen3,
+        "torch_dtype": model_cfg.params_dtype, "use_cache": True,
+    }
+
+
+def _hf_dtype(config: dict[str, Any]) -> torch.dtype | None:
+    name = config.get("torch_dtype") or config.get("dtype")
+    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
+
+
+def _finish_hf_dir(tmp: Path, shard_maps: list[Any], assets: Path | None, model_cfg: Any) -> None:
+    """Rank 0: name shards ``model-0000i-of-0000n``, write the index, config and tokenizer files."""
+    from megatron_lpreg.models.bridge import write_hf_index
+
+    files = [f for m in shard_maps for f in dict.fromkeys(m.weight_map.values())]
+    renamed = {old: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, old in enumerate(files)}
+    for old, new in renamed.items():
+        os.replace(tmp / old, tmp / new)
+    weight_map = {name: renamed[f] for m in shard_maps for name, f in m.weight_map.items()}
+    write_hf_index(tmp, weight_map, sum(m.total_bytes for m in shard_maps))
+    copied = []
+    if assets is not None:
+        for name in HF_ASSET_FILES:
+            if (assets / name).is_file():
+                shutil.copy2(assets / name, tmp / name)
+                copied.append(name)
+    if "config.json" not in copied:
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model_cfg), indent=2) + "\n")
+    logger.info("wrote %d tensors in %d files; copied %s", len(weight_map), len(files), copied or "no assets")
+
+
+def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, assets: str | None, tp: int, pp: int,
+                      overwrite: bool, max_shard_bytes: int) -> None:
+    from megatron_lpreg.config.base import from_dict
+    from megatron_lpreg.config.model import ModelConfig, ParallelConfig
+    from megatron_lpreg.models.bridge import export_hf_weights, write_hf_safetensors
+    from megatron_lpreg.parallel.bootstrap import destroy_parallel, init_parallel
+
+    parallel_cfg = ParallelConfig(tp=tp, pp=pp)
+    ctx = init_parallel(parallel_cfg, seed=0)
+    try:
+        model_cfg = from_dict(ModelConfig, read_manifest(mcore_dir)["model"])
+        chunks = _build_chunks(model_cfg, parallel_cfg, ctx)
+        load_checkpoint(mcore_dir, chunks, model_cfg, ctx)
+        config = json.loads((Path(assets) / "config.json").read_text()) if assets else hf_config_dict(model_cfg)
+        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+            stream = export_hf_weights(chunks, model_cfg, ctx, dtype=_hf_dtype(config))
+            if ctx.tp_rank == 0 and ctx.dp_rank == 0:  # one writer per pipeline stage, in parallel
+                shards = write_hf_safetensors(stream, tmp, prefix=f"stage{ctx.pp_rank:03d}",
+                                              max_shard_bytes=max_shard_bytes)
+            else:
+                shards = None
+                for _ in stream:  # TP peers take part in the gathers
+                    pass
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, shards)
+            if rank == 0:
+                _finish_hf_dir(tmp, [s for s in gathered if s is not None], Path(assets) if assets else None,
+                               model_cfg)
+    finally:
+        destroy_parallel(destroy_process_group=False)
+
+
+def convert_mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                        hf_config_dir: str | os.PathLike | None = None, tp: int | None = None,
+                        pp: int | None = None, overwrite: bool = False, max_shard_bytes: int = 2**30) -> Path:
+    """Export a dist checkpoint as an HF safetensors directory readable by transformers (atomic).
+
+    Args:
+        hf_config_dir: take config.json and tokenizer files from here (default: the checkpoint's ``hf_assets/``,
+            else a config.json generated from the manifest's model config).
+        tp, pp: layout to load at (default: the one it was written at); the result does not depend on it.
+        max_shard_bytes: safetensors file size (each pipeline stage's writer buffers at most this much).
+
+    Raises:
+        CheckpointError: missing/corrupt checkpoint, or ``out_dir`` exists without ``overwrite``.
+    """
+    from megatron_lpreg.config.base import from_dict
+    from megatron_lpreg.config.model import ModelConfig
+
+    manifest = read_manifest(mcore_dir)
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"--out {out_dir} already exists; remove it or pass overwrite")
+    tp = tp or manifest["parallel"]["tp"]
+    pp = pp or manifest["parallel"]["pp"]
+    check_conversion_layout(from_dict(ModelConfig, manifest["model"]), tp, pp)
+    assets = Path(hf_config_dir) if hf_config_dir else Path(mcore_dir) / HF_ASSETS_DIR
+    assets_arg = str(assets.absolute()) if (assets / "config.json").is_file() else None
+    if hf_config_dir and assets_arg is None:
+        raise CheckpointError(f"--hf-config {hf_config_dir} has no config.json")
+    run_job(_mcore_to_hf_rank, tp * pp, str(Path(mcore_dir).absolute()), str(out_dir), assets_arg, tp, pp,
+            overwrite, max_shard_bytes)
+    return out_dir
