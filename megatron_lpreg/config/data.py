@@ -17,6 +17,16 @@ class RewardConfig:
     """Per-sample deadline; a response that takes longer scores 0 with reason 'timeout'."""
     num_workers: int = 2
     """Reward worker processes."""
+    memory_limit_mb: int = 4096
+    """Address-space limit per reward worker in MiB (0 = none); a sample that exceeds it scores 0 (reason error)."""
+
+    def validate(self) -> None:
+        if self.timeout_s <= 0:
+            raise ConfigError(f"reward.timeout_s={self.timeout_s} must be > 0 seconds")
+        if self.num_workers < 1:
+            raise ConfigError(f"reward.num_workers={self.num_workers} must be >= 1")
+        if self.memory_limit_mb < 0:
+            raise ConfigError(f"reward.memory_limit_mb={self.memory_limit_mb} must be >= 0 (0 = no limit)")
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,121 @@
+"""The math reward: equivalences through math-verify, and the hard deadline on inputs that hang the parser."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from megatron_lpreg.reward.deadline import DeadlinePool
+from megatron_lpreg.reward.math import MATH_REWARD_PATH, precheck, score, score_batch, score_with_reason
+
+SLACK_S = 1.5
+"""Allowed overshoot of a deadline: kill + reply + a loaded 2-core machine (measured overshoot is ~0.05 s)."""
+
+# inputs that make sympy run for minutes (or exhaust memory) when math-verify evaluates them
+HANGING = [
+    "\\boxed{10^{10^{10^{10}}}}",
+    "\\boxed{9^{9^{9}}}",
+    "\\boxed{(10^{10})!}",
+    "\\boxed{" + "1+" * 400_000 + "1}",  # a ~800 kB expression
+]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with DeadlinePool(num_workers=2, timeout_s=1.0) as p:
+        yield p
+
+
+@pytest.mark.parametrize(
+    "response, truth",
+    [
+        ("so \\boxed{\\frac{1}{2}}", "0.5"),
+        ("so \\boxed{0.5}", "\\frac{1}{2}"),
+        ("\\boxed{1/2}", "\\frac12"),
+        ("\\boxed{\\dfrac{3}{4}}", "0.75"),
+        ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}"),
+        ("\\boxed{x = 3}", "3"),
+        ("first \\boxed{7}, finally \\boxed{\\frac{6}{4}}", "\\frac{3}{2}"),
+        ("\\boxed{\\boxed{42}}", "42"),
+    ],
+)
+def test_equivalent_forms_score_one(response, truth):
+    result = score_with_reason(response, truth, timeout=10)
+    assert result.score == 1.0, result
+    assert result.reason in ("match", "verified")
+
+
+@pytest.mark.parametrize(
+    "response, truth, reason",
+    [
+        ("the answer is 85", "85", "no_box"),
+        ("\\boxed{84}", "85", "wrong"),
+        ("\\boxed{\\frac{1}{3}}", "0.5", "wrong"),
+        ("\\boxed{85} ... \\boxed{7", "85", "no_box"),  # the last box is cut off
+        ("\\boxed{7} on second thought \\boxed{8}", "7", "wrong"),
+    ],
+)
+def test_wrong_or_missing_scores_zero(response, truth, reason):
+    result = score_with_reason(response, truth, timeout=10)
+    assert (result.score, result.reason) == (0.0, reason)
+
+
+def test_fast_path_needs_no_worker():
+    assert precheck("\\boxed{ 85 }", "85").reason == "match"
+    assert precheck("\\boxed{084}", "85").score == 0.0
+    assert precheck("\\boxed{\\frac{1}{2}}", "0.5") is None  # needs math-verify
+    assert precheck("x" * 30_000 + "\\boxed{1}", "1") is None  # too long to scan in the caller
+
+
+@pytest.mark.parametrize("response", HANGING[:2])
+def test_single_score_returns_within_deadline(response):
+    score("\\boxed{\\frac{1}{2}}", "0.5")  # start the zygote outside the timed region
+    start = time.monotonic()
+    assert score(response, "5", timeout=1.0) == 0.0
+    assert time.monotonic() - start < 1.0 + SLACK_S
+
+
+def test_batch_hung_samples_time_out_and_others_still_score(pool):
+    good = [("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{3}", "4"), ("\\boxed{\\sqrt{4}}", "2")]
+    items = [(h, "5") for h in HANGING] + good
+    killed_before = pool.killed
+    start = time.monotonic()
+    results = pool.map(MATH_REWARD_PATH, items)
+    elapsed = time.monotonic() - start
+    assert [r.reason for r in results[: len(HANGING)]] == ["timeout"] * len(HANGING)
+    assert [r.score for r in results] == [0.0] * len(HANGING) + [1.0, 0.0, 1.0]
+    assert pool.killed - killed_before == len(HANGING)
+    # 4 hung samples on 2 workers: two rounds of the 1 s deadline
+    assert elapsed < 2 * 1.0 + SLACK_S
+    assert all(r.seconds < 1.0 + SLACK_S for r in results)
+
+
+def test_score_batch_mixes_fast_and_slow_paths():
+    results = score_batch(
+        ["\\boxed{85}", "nothing", "\\boxed{0.25}", HANGING[0]], ["85", "1", "\\frac14", "5"], timeout=1.0
+    )
+    assert [(r.score, r.reason) for r in results] == [(1.0, "match"), (0.0, "no_box"), (1.0, "verified"), (0.0, "timeout")]
+
+
+def test_score_from_many_threads_at_once():
+    score("\\boxed{1}", "2")
+    out: dict[int, tuple[float, float]] = {}
+
+    def work(i: int) -> None:
+        start = time.monotonic()
+        response = HANGING[0] if i % 2 else "\\boxed{\\frac{2}{4}}"
+        out[i] = (score(response, "0.5", timeout=1.0), time.monotonic() - start)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert [out[i][0] for i in range(4)] == [1.0, 0.0, 1.0, 0.0]
+    assert max(seconds for _, seconds in out.values()) < 1.0 + SLACK_S
+
+
+def test_bad_timeout_is_rejected():
+    with pytest.raises(ValueError, match="timeout"):
+        score("\\boxed{1/2}", "0.5", timeout=0)

@@ -1,0 +1,76 @@
+"""Reward functions by name and the scorer the trainer keeps open: built-ins, user paths, failures."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from megatron_lpreg.config.data import RewardConfig
+from megatron_lpreg.reward.registry import RewardScorer, load_callable, resolve_reward, reward_metrics
+from megatron_lpreg.rollout.base import Completion
+
+
+def _completion(prompt_index: int, sample_index: int, text: str) -> Completion:
+    return Completion(
+        prompt_index=prompt_index, sample_index=sample_index, prompt_ids=[1], response_ids=[2],
+        logprobs=[-0.1], finish_reason="stop", text=text,
+    )
+
+
+def test_math_scorer_groups_by_prompt():
+    completions = [
+        _completion(0, 0, "\\boxed{85}"), _completion(0, 1, "\\boxed{84}"),
+        _completion(1, 0, "\\boxed{\\frac{1}{2}}"), _completion(1, 1, "no answer"),
+    ]
+    with RewardScorer(RewardConfig(name="math", timeout_s=5.0, num_workers=1)) as scorer:
+        groups = scorer.score_groups(completions, ["85", "0.5"])
+    assert [g.prompt_index for g in groups] == [0, 1]
+    assert [g.rewards for g in groups] == [[1.0, 0.0], [1.0, 0.0]]
+    assert groups[1].reasons == ["verified", "no_box"]
+    metrics = reward_metrics([r for g in groups for r in g.results])
+    assert metrics["reward/mean"] == 0.5
+    assert metrics["reward/reason/no_box"] == 0.25
+
+
+def test_exact_match_is_literal():
+    with RewardScorer(RewardConfig(name="exact_match", num_workers=1)) as scorer:
+        results = scorer.score(["\\boxed{ 0.5 }", "\\boxed{1/2}", "  yes "], ["0.5", "0.5", "yes"])
+    assert [r.score for r in results] == [1.0, 0.0, 1.0]
+
+
+def test_user_function_by_path_with_hang_error_and_crash():
+    with RewardScorer(RewardConfig(name="tests.reward.user_rewards:short_is_good", num_workers=2)) as scorer:
+        assert [(r.score, r.reason) for r in scorer.score(["abc", "abcdef"], ["4", "4"])] == [
+            (1.0, "length"), (0.0, "length"),
+        ]
+    cfg = RewardConfig(name="tests.reward.user_rewards:sleeps_forever", timeout_s=0.5, num_workers=1)
+    with RewardScorer(cfg) as scorer:
+        start = time.monotonic()
+        assert [r.reason for r in scorer.score(["a", "b"], ["1", "1"])] == ["timeout", "timeout"]
+        assert time.monotonic() - start < 2 * 0.5 + 1.5
+    with RewardScorer(RewardConfig(name="tests.reward.user_rewards:raises", num_workers=1)) as scorer:
+        (result,) = scorer.score(["a"], ["1"])
+        assert result.reason == "error" and "boom" in result.detail
+    with RewardScorer(RewardConfig(name="tests.reward.user_rewards:crashes", num_workers=1)) as scorer:
+        first, second = scorer.score(["a", "b"], ["1", "1"])  # the worker dies twice and is replaced twice
+        assert first.reason == second.reason == "error"
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("mathh", "must be one of"),
+        ("no_such_pkg.mod:fn", "cannot import module"),
+        ("tests.reward.user_rewards:missing", "has no attribute"),
+        ("tests.reward.user_rewards:NOT_CALLABLE", "not a function"),
+    ],
+)
+def test_bad_names_fail_clearly(name, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_reward(name)
+    with pytest.raises(ValueError, match="reward.name"):
+        RewardScorer(RewardConfig(name=name))
+
+
+def test_load_callable_dotted_attribute():
+    assert load_callable("os.path:join")("a", "b") == "a/b"
