@@ -184,7 +184,8 @@ class LocalEngine:
         return teacher_forced_logprobs(self.model, token_ids, prompt_len)
 
     def health(self) -> EngineHealth:
-        return EngineHealth(ok=not self._closed, detail="closed" if self._closed else "", weight_version=self.weight_version)
+        detail = "closed" if self._closed else ""
+        return EngineHealth(ok=not self._closed, detail=detail, weight_version=self.weight_version)
 
     def shutdown(self) -> None:
         self._closed = True

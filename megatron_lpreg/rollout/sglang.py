@@ -367,7 +367,9 @@ class SGLangEngine:
         }
         with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
             # the servers block in their broadcast receive until rank 0 sends: post first, then broadcast
-            futures = [pool.submit(c.post, "/update_weights_from_distributed", payload, retries=0) for c in self.clients]
+            futures = [
+                pool.submit(c.post, "/update_weights_from_distributed", payload, retries=0) for c in self.clients
+            ]
             broadcast_bucket(self._group, bucket, self.cfg.weight_sync_backend)
             for f in futures:
                 f.result()

@@ -126,7 +126,9 @@ class WeightSamples:
         expected = self.samples[name]
         actual = engine_rows.reshape(-1)[:SAMPLE_ELEMENTS].float()
         if actual.shape != expected.shape:
-            raise WeightSyncError(f"{engine}: weight '{name}' sample shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+            raise WeightSyncError(
+                f"{engine}: weight '{name}' sample shape {tuple(actual.shape)} != sent {tuple(expected.shape)}"
+            )
         # the engine may store bf16/fp16 while the trainer sent fp32: accept exactly those roundings, nothing looser
         candidates = (expected, expected.bfloat16().float(), expected.half().float())
         if not any(torch.equal(actual, c) for c in candidates):

@@ -44,4 +44,6 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     from megatron_lpreg.models.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("mcore_tiny")
-    return {arch: make_tiny_model(root / arch, arch, seed=3, max_position_embeddings=256) for arch in ("qwen2", "qwen3")}
+    return {
+        arch: make_tiny_model(root / arch, arch, seed=3, max_position_embeddings=256) for arch in ("qwen2", "qwen3")
+    }

@@ -42,7 +42,8 @@ def test_kv_cached_greedy_matches_full_recompute(hf_model):
 def test_engine_logprobs_equal_teacher_forced_logprobs(hf_model):
     """What the trainer recomputes (temperature-scaled log-softmax of its logits) is what the engine reports."""
     for temperature in (1.0, 0.7):
-        out = LocalEngine(hf_model).generate(PROMPTS, SamplingParams(n=2, temperature=temperature, max_new_tokens=5, seed=3))
+        params = SamplingParams(n=2, temperature=temperature, max_new_tokens=5, seed=3)
+        out = LocalEngine(hf_model).generate(PROMPTS, params)
         for comp in out:
             full = comp.prompt_ids + comp.response_ids
             logits = hf_model.sequence_logits(full).double()[len(comp.prompt_ids) - 1 : -1] / temperature
@@ -78,7 +79,8 @@ def test_stop_token_ends_response_and_is_kept(hf_model):
     greedy = LocalEngine(hf_model).generate([PROMPTS[1]], SamplingParams(top_k=1, max_new_tokens=6))[0]
     stop = greedy.response_ids[2]
     first_hit = greedy.response_ids.index(stop)
-    out = LocalEngine(hf_model).generate([PROMPTS[1]], SamplingParams(top_k=1, max_new_tokens=6, stop_token_ids=(stop,)))[0]
+    params = SamplingParams(top_k=1, max_new_tokens=6, stop_token_ids=(stop,))
+    out = LocalEngine(hf_model).generate([PROMPTS[1]], params)[0]
     assert out.response_ids == greedy.response_ids[: first_hit + 1]
     assert out.finish_reason == "stop"
     eos_engine = LocalEngine(hf_model, eos_token_ids=(stop,))
@@ -102,7 +104,9 @@ def test_update_from_tensors_and_disk_changes_generation(tiny_hf_dir, tiny_hf_di
     want = LocalEngine(HFLogitsModel.from_pretrained(tiny_hf_dir_b)).generate(PROMPTS, params)
     old = LocalEngine(HFLogitsModel.from_pretrained(tiny_hf_dir)).generate(PROMPTS, params)
     assert [c.response_ids for c in want] != [c.response_ids for c in old]
-    for update in (WeightUpdate(version=1, tensors=iter_safetensors(tiny_hf_dir_b)), WeightUpdate(version=1, path=str(tiny_hf_dir_b))):
+    updates = (WeightUpdate(version=1, tensors=iter_safetensors(tiny_hf_dir_b)),
+               WeightUpdate(version=1, path=str(tiny_hf_dir_b)))
+    for update in updates:
         engine = LocalEngine(HFLogitsModel.from_pretrained(tiny_hf_dir))
         engine.update_weights(update)
         assert [c.response_ids for c in engine.generate(PROMPTS, params)] == [c.response_ids for c in want]

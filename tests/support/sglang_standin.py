@@ -177,14 +177,18 @@ def create_app(model_path: str) -> FastAPI:
             return JSONResponse({"error": {"message": "memory released; call /resume_memory_occupation"}}, 400)
         batched = bool(req.input_ids) and isinstance(req.input_ids[0], list)
         prompts = req.input_ids if batched else [req.input_ids]
-        per_item = req.sampling_params if isinstance(req.sampling_params, list) else [req.sampling_params] * len(prompts)
+        per_item = req.sampling_params
+        if not isinstance(per_item, list):
+            per_item = [per_item] * len(prompts)
         if len(per_item) != len(prompts):
             return JSONResponse({"error": {"message": "sampling_params list length != input_ids length"}}, 400)
         try:
             outs, input_lps = [], []
             with state.lock:
                 for chunk in _same_params_chunks(per_item):
-                    outs_chunk, lps_chunk = _generate_chunk(state, [prompts[i] for i in chunk], [per_item[i] for i in chunk], req)
+                    outs_chunk, lps_chunk = _generate_chunk(
+                        state, [prompts[i] for i in chunk], [per_item[i] for i in chunk], req
+                    )
                     outs.extend(outs_chunk)
                     input_lps.extend(lps_chunk)
         except ValueError as exc:
@@ -317,7 +321,8 @@ def _generate_chunk(state: StandinState, prompts: list[list[int]], per_item: lis
 
 def _standalone_group(host: str, port: int, rank: int, world_size: int) -> Any:
     store = dist.TCPStore(host, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=60))
-    return dist.ProcessGroupGloo(dist.PrefixStore("weight_sync", store), rank, world_size, datetime.timedelta(seconds=60))
+    timeout = datetime.timedelta(seconds=60)
+    return dist.ProcessGroupGloo(dist.PrefixStore("weight_sync", store), rank, world_size, timeout)
 
 
 def _input_logprobs(state: StandinState, prompt: list[int], start: int) -> list[list]:
