@@ -111,20 +111,26 @@ class LocalEngine:
         responses: list[list[int]] = [[] for _ in row_prompts]
         logprobs: list[list[float]] = [[] for _ in row_prompts]
         finish: list[FinishReason | None] = [None] * len(row_prompts)
+        active = list(range(len(row_prompts)))  # rows still generating, in cache order; finished rows leave
         try:
             logits_BV = self.model.prefill(input_ids_BS, mask_BS, max_length)
             for step in range(params.max_new_tokens):
-                token_ids_B, logp_B = sampler.sample(logits_BV)
-                for r, (token, logp) in enumerate(zip(token_ids_B.tolist(), logp_B.tolist())):
-                    if finish[r] is not None:
-                        continue
+                token_ids_B, logp_B = sampler.sample(logits_BV, active)
+                still = []
+                for b, (r, token, logp) in enumerate(zip(active, token_ids_B.tolist(), logp_B.tolist())):
                     responses[r].append(token)
                     logprobs[r].append(logp)
                     if token in stop_ids:
                         finish[r] = "stop"
-                if all(reason is not None for reason in finish) or step + 1 == params.max_new_tokens:
+                    else:
+                        still.append(b)
+                if not still or step + 1 == params.max_new_tokens:
                     break
-                # finished rows keep decoding (static batch); their tokens are ignored above
+                if len(still) < len(active):
+                    keep = torch.tensor(still, dtype=torch.long)
+                    self.model.keep_rows(keep)
+                    token_ids_B = token_ids_B[keep]
+                    active = [active[b] for b in still]
                 logits_BV = self.model.decode(token_ids_B)
         finally:
             self.model.release()

@@ -3,7 +3,8 @@
 Shapes: B rows, S prompt length (left-padded), V real vocabulary (padding entries of a Megatron vocab removed).
 
 A LogitsModel holds one decoding batch at a time: ``prefill`` encodes left-padded prompts and fills the KV cache,
-``decode`` feeds one token per row and returns the next logits, ``release`` frees the cache. ``sequence_logits``
+``decode`` feeds one token per row and returns the next logits, ``keep_rows`` drops finished rows from the cache,
+``release`` frees it. ``sequence_logits``
 is a cache-free full forward used for teacher-forced probes (weight-sync verification). The Megatron GPTModel
 adapter lives in ``megatron_logits.py``; this one wraps a ``transformers`` causal LM (used by the SGLang stand-in
 server and to evaluate HF checkpoints) and can also load new weights by HF name, from tensors or from disk.
@@ -37,6 +38,10 @@ class LogitsModel(Protocol):
 
     def decode(self, token_ids_B: torch.Tensor) -> torch.Tensor:
         """Append one token per row; return the next logits [B, V] float32."""
+        ...
+
+    def keep_rows(self, rows_B: torch.Tensor) -> None:
+        """Keep only batch rows ``rows_B`` (int64 indices into the current batch) in the cache, in that order."""
         ...
 
     def release(self) -> None:
@@ -120,6 +125,11 @@ class HFLogitsModel:
         self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=-1)
         self._positions = self._positions + 1
         return self._forward(token_ids_B[:, None], self._positions[:, None])
+
+    def keep_rows(self, rows_B: torch.Tensor) -> None:
+        assert self._mask is not None and self._positions is not None, "keep_rows() before prefill()"
+        self._cache.batch_select_indices(rows_B)
+        self._mask, self._positions = self._mask[rows_B], self._positions[rows_B]
 
     def release(self) -> None:
         self._cache, self._mask, self._positions = None, None, None

@@ -95,6 +95,15 @@ class MegatronLogitsModel:
         self._positions = self._positions + 1
         return self._forward(token_ids_B[:, None], self._positions[:, None], 1)
 
+    def keep_rows(self, rows_B: torch.Tensor) -> None:
+        assert self._mask is not None and self._positions is not None, "keep_rows() before prefill()"
+        # static KV memory is [max_seq, max_batch, ...] per layer: shrinking the batch axis is a plain index
+        memory = self._context.key_value_memory_dict
+        for layer, (keys, values) in memory.items():
+            memory[layer] = (keys[:, rows_B], values[:, rows_B])
+        self._context.max_batch_size = int(rows_B.numel())
+        self._mask, self._positions = self._mask[rows_B], self._positions[rows_B]
+
     def release(self) -> None:
         self._context, self._mask, self._positions = None, None, None
         self.model.train(self._was_training)

@@ -87,6 +87,25 @@ def test_stop_token_ends_response_and_is_kept(hf_model):
     assert eos_engine.generate([PROMPTS[1]], SamplingParams(top_k=1, max_new_tokens=6))[0].finish_reason == "stop"
 
 
+def test_finished_rows_leave_the_batch_without_disturbing_the_others(hf_model):
+    """A row's seeded stream does not depend on other rows stopping: with a stop id, every response is the
+    no-stop response cut after the stop's first occurrence (exercises KV-cache row compaction)."""
+    params = SamplingParams(n=4, max_new_tokens=10, seed=8)
+    free = LocalEngine(hf_model).generate(PROMPTS, params)
+    counts = torch.bincount(torch.tensor([t for c in free for t in c.response_ids[1:-1]]))
+    stop = int(counts.argmax())
+    stopped = [c for c in free if stop in c.response_ids]
+    assert 0 < len(stopped) < len(free)  # some rows finish early, some run to the end
+    with_stop = SamplingParams(n=4, max_new_tokens=10, seed=8, stop_token_ids=(stop,))
+    for max_batch_size in (64, 5):
+        out = LocalEngine(hf_model, max_batch_size=max_batch_size).generate(PROMPTS, with_stop)
+        for got, ref in zip(out, free):
+            cut = ref.response_ids.index(stop) + 1 if stop in ref.response_ids else len(ref.response_ids)
+            assert got.response_ids == ref.response_ids[:cut]
+            assert got.finish_reason == ("stop" if stop in ref.response_ids else "length")
+            assert max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs)) < LOGP_ATOL
+
+
 def test_generation_reads_the_callers_parameters_no_copy(tiny_hf_dir):
     model = HFLogitsModel.from_pretrained(tiny_hf_dir)
     engine = LocalEngine(model)

@@ -2,6 +2,9 @@
 gloo ranks, against the HF adapter on the same weights (loaded through models.bridge)."""
 from __future__ import annotations
 
+import collections
+import dataclasses
+
 import pytest
 import torch
 
@@ -37,6 +40,10 @@ def _generate_on_rank(rank: int, world: int, hf_dir: str) -> dict:
     greedy = engine.generate(PROMPTS, GREEDY)
     sampled = engine.generate(PROMPTS, SAMPLED)
     still_training = model.training
+    free = [c.response_ids for c in sampled]
+    stop = collections.Counter(t for r in free for t in r[1:-1]).most_common(1)[0][0]
+    stopped = engine.generate(PROMPTS, dataclasses.replace(SAMPLED, stop_token_ids=(stop,)))
+    cut_ok = [c.response_ids == (r[: r.index(stop) + 1] if stop in r else r) for c, r in zip(stopped, free)]
     scored = engine.score(greedy[1].prompt_ids + greedy[1].response_ids, len(greedy[1].prompt_ids))
     with torch.no_grad():  # the trainer steps its parameters in place: the engine must see it (no copy)
         model.shared_embedding_or_output_weight().mul_(-1.0)
@@ -44,7 +51,8 @@ def _generate_on_rank(rank: int, world: int, hf_dir: str) -> dict:
     return {
         "greedy": [(c.response_ids, c.logprobs) for c in greedy],
         "sampled": [(c.response_ids, c.logprobs, c.finish_reason) for c in sampled],
-        "scored": scored, "training_restored": still_training, "flipped": [c.response_ids for c in flipped],
+        "scored": scored, "training_restored": still_training, "stop_cut_ok": cut_ok,
+        "num_stopped": sum(c.finish_reason == "stop" for c in stopped), "flipped": [c.response_ids for c in flipped],
     }
 
 
@@ -57,6 +65,7 @@ def test_megatron_tp1_tp2_and_hf_agree(arch, tiny_dirs):
     assert tp2[0] == tp2[1]
     for result in (tp1, tp2[0]):
         assert result["training_restored"]
+        assert all(result["stop_cut_ok"]) and result["num_stopped"] >= 1  # rows leave the KV cache as they stop
         assert [r for r, _, _ in result["sampled"]] == [r for r, _, _ in tp1["sampled"]]
         assert result["flipped"] != [r for r, _ in result["greedy"]]
     hf = LocalEngine(HFLogitsModel.from_pretrained(hf_dir), eos_token_ids=())
