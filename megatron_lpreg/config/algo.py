@@ -54,6 +54,9 @@ class AlgoConfig:
     """GSPO: sequence-ratio clip below 1."""
     gspo_clip_high: float = 4e-4
     """GSPO: sequence-ratio clip above 1."""
+    logprob_chunk_size: int = 0
+    """Tokens per chunk of the vocab-parallel log-prob op (one MAX + one SUM all-reduce per chunk); on GPU it also
+    bounds the op's work memory to chunk x vocab/tp. 0 = the whole micro-batch in one chunk."""
 
     def validate(self) -> None:
         if not 0.0 < self.kappa <= 1.0:
@@ -64,6 +67,8 @@ class AlgoConfig:
             raise ConfigError(f"algo.clip_low={self.clip_low}, algo.clip_high={self.clip_high} must be >= 0")
         if self.clip_ratio_c and self.clip_ratio_c <= 1.0:
             raise ConfigError(f"algo.clip_ratio_c={self.clip_ratio_c} must be > 1 (or 0 to disable dual clip)")
+        if self.logprob_chunk_size < 0:
+            raise ConfigError(f"algo.logprob_chunk_size={self.logprob_chunk_size} must be >= 0 (0 = one chunk)")
         if not 0.0 < self.top_entropy_frac <= 1.0:
             raise ConfigError(f"algo.top_entropy_frac={self.top_entropy_frac} must be in (0, 1]")
         if self.proxy_kl != "k3" and self.selection != "global":
