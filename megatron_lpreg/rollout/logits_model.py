@@ -18,7 +18,7 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 
-from megatron_lpreg.rollout.base import NamedTensor
+from megatron_lpreg.rollout.base import LogprobProbe, NamedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,19 @@ def teacher_forced_logprobs(model: LogitsModel, token_ids: list[int], prompt_len
     logp_SV = torch.log_softmax(logits_SV[prompt_len - 1 : -1], dim=-1)
     targets = torch.tensor(token_ids[prompt_len:], dtype=torch.long)
     return logp_SV.gather(-1, targets[:, None]).squeeze(-1).tolist()
+
+
+def make_probe(model: LogitsModel, token_ids: list[int], prompt_len: int, *, atol: float) -> LogprobProbe:
+    """A weight-sync probe scored with the trainer's current weights (attach it to the next WeightUpdate).
+
+    Args:
+        model: the trainer-side adapter (e.g. ``MegatronLogitsModel`` over the policy chunk; every TP rank calls).
+        token_ids: a fixed prompt + continuation, e.g. a greedy response of the previous step.
+        prompt_len: number of prompt tokens.
+        atol: allowed log-prob difference on the engine (see ``LogprobProbe.atol``).
+    """
+    expected = teacher_forced_logprobs(model, token_ids, prompt_len)
+    return LogprobProbe(token_ids=tuple(token_ids), prompt_len=prompt_len, expected_logprobs=tuple(expected), atol=atol)
 
 
 class HFLogitsModel:

@@ -17,7 +17,12 @@ from megatron_lpreg.config.rollout import RolloutConfig
 from megatron_lpreg.parallel.spawn import free_port
 from megatron_lpreg.rollout.base import LogprobProbe, SamplingParams, WeightSyncError, WeightUpdate
 from megatron_lpreg.rollout.local import LocalEngine
-from megatron_lpreg.rollout.logits_model import HFLogitsModel, iter_safetensors, teacher_forced_logprobs
+from megatron_lpreg.rollout.logits_model import (
+    HFLogitsModel,
+    iter_safetensors,
+    make_probe,
+    teacher_forced_logprobs,
+)
 from megatron_lpreg.rollout.sglang import SGLangClient, SGLangEngine, SGLangError, sampling_payload
 from tests.support.sglang_standin import SamplingParamsIn, StandinServer
 
@@ -105,9 +110,7 @@ def test_client_retries_until_server_is_up(tiny_hf_dir):
 @pytest.mark.parametrize("mode", ["disk", "tensor", "distributed"])
 def test_weight_sync_changes_generation_and_verifies(mode, tiny_hf_dir, tiny_hf_dir_b, server):
     trainer = HFLogitsModel.from_pretrained(tiny_hf_dir_b)
-    tokens = [3, 4, 5, 6, 7, 8]
-    probe = LogprobProbe(token_ids=tuple(tokens), prompt_len=3,
-                         expected_logprobs=tuple(teacher_forced_logprobs(trainer, tokens, 3)), atol=LOGP_ATOL)
+    probe = make_probe(trainer, [3, 4, 5, 6, 7, 8], 3, atol=LOGP_ATOL)
     engine = SGLangEngine(attach_cfg(server.url, weight_sync=mode, weight_bucket_mb=0.05), str(tiny_hf_dir))
     try:
         assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir))
