@@ -28,11 +28,8 @@ logger = logging.getLogger(__name__)
 REQUEUE_EXIT_CODE = 42
 """Exit code of a trainer that checkpointed on SIGUSR1 and wants its Slurm job requeued (not an error)."""
 
-TERMINAL_STATES = frozenset({
-    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-    "TIMEOUT",
-})
-"""Slurm job states after which a job (array task) will not run again without intervention."""
+SQUEUE_RETRIES = 5
+"""wait_for_job gives up after this many squeue failures in a row."""
 
 RAY_PORT_BASE = 20000
 RAY_PORT_SPAN = 10000
@@ -473,8 +470,19 @@ def wait_for_job(
         TimeoutError: still unfinished after ``timeout_s`` seconds.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    failures = 0
     while True:
-        remaining = queued_tasks(job_id, env)
+        try:
+            remaining = queued_tasks(job_id, env)
+            failures = 0
+        except SlurmError:
+            # slurmctld can be briefly unreachable (restart, overload): only a persistent failure is an error.
+            failures += 1
+            if failures >= SQUEUE_RETRIES:
+                raise
+            logger.warning("squeue failed (%d/%d); retrying", failures, SQUEUE_RETRIES)
+            time.sleep(poll_s)
+            continue
         if on_poll is not None:
             on_poll(remaining)
         if remaining == 0:

@@ -194,3 +194,22 @@ def test_scripts_dir(tmp_path):
     assert (slurm.scripts_dir({}) / "sweep_array.sbatch").is_file()
     with pytest.raises(SlurmError, match="set MLPREG_ROOT"):
         slurm.scripts_dir({"MLPREG_ROOT": str(tmp_path)})
+
+
+def test_wait_for_job_polls_until_done_and_tolerates_brief_squeue_failures(tmp_path):
+    counter = tmp_path / "n"
+    counter.write_text("0")
+    # Call 1: two tasks listed; call 2: slurmctld unreachable; call 3: one task; then the job is gone.
+    _exe(tmp_path / "squeue", f'n=$(($(cat {counter}) + 1)); echo $n > {counter}\n'
+         'case $n in 1) printf "5_0 RUNNING\\n5_1 PENDING\\n";; 2) echo "timeout" >&2; exit 1;; '
+         '3) echo "5_1 RUNNING";; *) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1;; esac\n')
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    seen: list[int] = []
+    slurm.wait_for_job("5", poll_s=0.01, on_poll=seen.append, env=env)
+    assert seen == [2, 1, 0] and counter.read_text().strip() == "4"
+    counter.write_text("0")
+    with pytest.raises(TimeoutError, match="still has 2 unfinished task"):
+        slurm.wait_for_job("5", poll_s=0.01, timeout_s=0.0, env=env)
+    _exe(tmp_path / "squeue", 'echo "down" >&2; exit 1\n')
+    with pytest.raises(SlurmError, match="squeue -j 5 failed: down"):
+        slurm.wait_for_job("5", poll_s=0.001, env=env)
