@@ -34,15 +34,36 @@ class DataConfig:
     """Prompt dataset."""
 
     source: str = "synthetic:addition"
-    """'synthetic:addition' (built-in verifiable task) or a path to .parquet/.jsonl (verl layout or problem/answer)."""
+    """'synthetic:addition' (built-in verifiable task) or a path to .parquet/.jsonl/.json (verl layout or
+    problem/answer columns; see docs/eval.md)."""
     template: Literal["qwen_chat", "zero", "plain"] = "plain"
     """Prompt template: Qwen2.5 chat, the 'zero' <think> template, or the raw problem text."""
+    instruction: str = ""
+    """qwen_chat only: appended to plain {problem, answer} problems (e.g. 'Please reason step by step, and put
+    your final answer within \\boxed{}.'); verl-layout prompts are used as they are."""
+    problem_key: str = ""
+    """Column holding the problem ('' = detect: verl 'prompt', else problem | question)."""
+    answer_key: str = ""
+    """Column holding the answer ('' = detect: verl reward_model.ground_truth, else answer | final_answer |
+    ground_truth)."""
     max_prompt_tokens: int = 2048
     """Longer prompts are dropped (counted in the log)."""
     shuffle: bool = True
     """Shuffle each epoch with a seed derived from the run seed."""
-    heldout_size: int = 200
-    """Synthetic task: held-out problems excluded from training."""
+    heldout_size: int = 400
+    """Synthetic task: held-out problems excluded from training (evaluation)."""
+    dev_size: int = 200
+    """Synthetic task: a second excluded split (e.g. to stop a supervised warm start)."""
+    data_seed: int = 0
+    """Synthetic task: seed of the held-out/dev split, independent of the run seed so it stays fixed."""
+
+    def validate(self) -> None:
+        if self.max_prompt_tokens < 1:
+            raise ConfigError(f"data.max_prompt_tokens={self.max_prompt_tokens} must be >= 1")
+        if self.heldout_size < 0 or self.dev_size < 0:
+            raise ConfigError(f"data.heldout_size={self.heldout_size} and data.dev_size={self.dev_size} must be >= 0")
+        if not self.source:
+            raise ConfigError("data.source is empty; use 'synthetic:addition' or a .parquet/.jsonl path")
 
 
 @dataclass(kw_only=True)

@@ -27,6 +27,9 @@ class RewardResult:
     detail: str = ""
     """Error text for reason=error."""
 
+    def __float__(self) -> float:
+        return self.score
+
 
 @dataclass(kw_only=True)
 class ScoredGroup:

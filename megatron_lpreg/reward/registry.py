@@ -75,6 +75,7 @@ class RewardScorer:
             self.fn_path = resolve_reward(cfg.name)
         except ValueError as exc:
             raise ValueError(f"reward.name: {exc}") from exc
+        cfg.validate()
         self._precheck = BUILTIN_REWARDS[cfg.name][1] if cfg.name in BUILTIN_REWARDS else None
         self.cfg = cfg
         self._pool = DeadlinePool(
@@ -98,6 +99,9 @@ class RewardScorer:
             for i, res in zip(todo, done):
                 results[i] = res
         return [res for res in results if res is not None]
+
+    score_batch = score
+    """Alias used by the trainer (``float(result)`` is the score)."""
 
     def score_groups(self, completions: list[Completion], ground_truths: Sequence[str]) -> list[ScoredGroup]:
         """Score engine output grouped by prompt.
@@ -132,6 +136,11 @@ class RewardScorer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def build_reward(cfg: RewardConfig) -> RewardScorer:
+    """The scorer for ``cfg`` (close it when done; its deadline workers are forked from the reward zygote)."""
+    return RewardScorer(cfg)
 
 
 def reward_metrics(results: Sequence[RewardResult]) -> dict[str, float]:

@@ -1,0 +1,98 @@
+"""Prompt templates (``data.template``) and tokenizer glue that works with any tokenizer.
+
+- ``qwen_chat``: the tokenizer's own chat template (``apply_chat_template``, generation prompt added) when it has
+  one, otherwise the Qwen2.5 ChatML layout written out here (no default system message is injected).
+- ``zero``: a plain-text "<think>" prompt for RL from a base model (R1-Zero style): the model reasons inside
+  ``<think> </think>`` and puts the final answer in ``\\boxed{}``; the prompt ends with an open ``<think>``.
+- ``plain``: the problem text as is.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+TEMPLATES = ("qwen_chat", "zero", "plain")
+
+ZERO_TEMPLATE = (
+    "A conversation between a User and an Assistant. The User poses a math problem. The Assistant first thinks "
+    "it through step by step inside <think> </think> tags, then states the final answer inside \\boxed{{}}.\n"
+    "User: {problem}\nAssistant: <think>"
+)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without added special tokens, for HF tokenizers and simple ``encode(text)`` ones.
+
+    Raises:
+        TypeError: the tokenizer has neither ``encode`` nor ``__call__``.
+    """
+    if hasattr(tokenizer, "encode"):
+        try:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        except TypeError:  # a minimal tokenizer whose encode takes only the text
+            ids = tokenizer.encode(text)
+    elif callable(tokenizer):
+        ids = tokenizer(text)
+    else:
+        raise TypeError(f"tokenizer {type(tokenizer).__name__} has no encode(text) method")
+    if not isinstance(ids, (list, tuple)) and hasattr(ids, "__getitem__"):  # BatchEncoding / dict
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def _chatml(messages: Sequence[tuple[str, str]]) -> str:
+    body = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
+    return body + "<|im_start|>assistant\n"
+
+
+def render(template: str, problem: str, messages: Sequence[tuple[str, str]] = (), *, tokenizer: Any = None,
+           instruction: str = "") -> str:
+    """The prompt text for one problem.
+
+    Args:
+        template: one of :data:`TEMPLATES`.
+        problem: the problem text (used by ``zero`` and ``plain``, and by ``qwen_chat`` when ``messages`` is empty).
+        messages: a full chat (verl layout) as (role, content) pairs; used as is by ``qwen_chat``.
+        tokenizer: its ``apply_chat_template`` is used for ``qwen_chat`` when it has a chat template.
+        instruction: appended to a plain problem (after a blank line) for ``qwen_chat``; '' = none.
+
+    Raises:
+        ValueError: unknown template.
+    """
+    if template == "plain":
+        return problem
+    if template == "zero":
+        return ZERO_TEMPLATE.format(problem=problem)
+    if template != "qwen_chat":
+        raise ValueError(f"data.template={template!r} is not known; choose one of {list(TEMPLATES)}")
+    if not messages:
+        messages = (("user", f"{problem}\n\n{instruction}" if instruction else problem),)
+    if getattr(tokenizer, "chat_template", None) and hasattr(tokenizer, "apply_chat_template"):
+        text = tokenizer.apply_chat_template(
+            [{"role": role, "content": content} for role, content in messages],
+            tokenize=False, add_generation_prompt=True,
+        )
+        if isinstance(text, str):
+            return text
+        # some versions return a BatchEncoding/list even for tokenize=False; fall back to our rendering
+    return _chatml(messages)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """End-of-response ids: the tokenizer's EOS plus ``<|im_end|>`` / ``<|endoftext|>`` when it knows them."""
+    ids: list[int] = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.append(eos)
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        if token in vocab and vocab[token] not in ids:
+            ids.append(int(vocab[token]))
+    return ids
+
+
+def decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Text of ``ids`` without special tokens (for any tokenizer with ``decode``)."""
+    try:
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
+    except TypeError:
+        return tokenizer.decode(list(ids))
