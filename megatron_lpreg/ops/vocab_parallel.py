@@ -8,7 +8,8 @@ Megatron vocab padding and take part in nothing.
 Per chunk of tokens the forward pass makes exactly two collectives: a MAX all-reduce of the row max of the raw
 logits, and one SUM all-reduce of a packed ``[chunk, 5]`` tensor holding every sum the statistics need. The
 backward pass recomputes the softmax from the saved per-row scalars and makes no collective. Nothing of the size of
-the shard is saved besides the (unmodified) input itself.
+the shard is saved besides the (unmodified) input itself. Inside a chunk, rows are processed in blocks that reuse
+two work buffers, so memory does not grow with the chunk.
 
 Temperature: the sampling distribution is ``pi = softmax(z / temperature)``. ``logprobs``, ``entropy`` and the
 proxy-KL refer to ``pi``. The proxy follows the Lp-Reg authors exactly: the min-p filter is applied to the
@@ -118,14 +119,15 @@ def _target_columns(tokens: torch.Tensor, layout: _ShardLayout) -> tuple[torch.T
 
 _CPU_BLOCK_ELEMENTS = 1 << 20
 """On CPU rows are processed in blocks of about this many elements (4 MiB in fp32): the work buffers are reused
-from block to block and stay in cache, instead of fresh ``[chunk, Vs]`` temporaries (page faults dominate on CPU).
-On GPU a block is a whole chunk (fewer kernel launches)."""
+from block to block and stay in cache, instead of fresh ``[chunk, Vs]`` temporaries (page faults dominate on CPU)."""
+_GPU_BLOCK_ELEMENTS = 1 << 27
+"""On GPU blocks are large (512 MiB per fp32 work buffer) to keep kernel launches few, but still bounded: a 30k-token
+micro-batch at Vs = 76k would otherwise need two 9 GB buffers."""
 
 
 def _block_rows(n_valid: int, chunk: int, device: torch.device) -> int:
-    if device.type != "cpu":
-        return chunk
-    return max(1, min(chunk, _CPU_BLOCK_ELEMENTS // max(n_valid, 1)))
+    budget = _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _GPU_BLOCK_ELEMENTS
+    return max(1, min(chunk, budget // max(n_valid, 1)))
 
 
 class _VocabParallelLogprobStats(torch.autograd.Function):
@@ -352,8 +354,9 @@ def vocab_parallel_logprob_stats(
     """Log-probs, entropy, Lp-Reg proxy log-probs (and exact proxy-KL) from this rank's vocab shard.
 
     Never gathers the vocabulary. Per chunk of ``chunk_size`` tokens: one MAX all-reduce and one packed SUM
-    all-reduce on ``group``; the backward pass recomputes the softmax chunk by chunk and makes no collective, so the
-    extra memory is O(chunk_size * Vs) plus O(N) saved scalars. The input is never modified. bf16/fp16 inputs are
+    all-reduce on ``group``; the backward pass recomputes the softmax block by block and makes no collective. Extra
+    memory: two ``[block, Vs]`` work buffers (a block is at most one chunk: ~1M elements on CPU, ~128M on GPU) plus
+    O(N) saved scalars, besides the gradient itself. The input is never modified. bf16/fp16 inputs are
     accumulated in fp32 (outputs are fp32, the logits gradient has the input dtype); float64 stays float64.
 
     Args:
