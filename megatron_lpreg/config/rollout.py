@@ -39,8 +39,10 @@ class RolloutConfig:
     """How engines receive new weights (auto: no copy for local, distributed for sglang)."""
     request_timeout_s: float = 600.0
     """HTTP timeout for one generate call."""
-    max_batch_size: int = 64
-    """Rows (prompt x sample) per forward in the local engine, per HTTP request for sglang."""
+    max_batch_size: int = 256
+    """Rows (prompt x sample) per forward in the local engine, per HTTP request for sglang. Bigger is faster on CPU
+    with TP>1 (fewer all-gathers per token): 512 rows x 14 tokens of the tiny demo model at TP2 took 1.5 s in one
+    batch vs 4.1 s in batches of 64 (2 busy cores)."""
     sglang_launch_module: str = "sglang.launch_server"
     """Module run as `python -m <module>` to launch a server (tests point it at the CPU stand-in)."""
     launch_timeout_s: float = 900.0

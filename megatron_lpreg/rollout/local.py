@@ -43,7 +43,7 @@ class LocalEngine:
         *,
         eos_token_ids: tuple[int, ...] = (),
         tokenizer: object | None = None,
-        max_batch_size: int = 64,
+        max_batch_size: int = 256,
     ) -> None:
         """Args:
             model: the adapter to decode through (shares the caller's parameters).
