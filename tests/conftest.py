@@ -13,6 +13,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Heavy imports once, here, so every forked rank starts with them loaded.
+import megatron.core.dist_checkpointing  # noqa: E402,F401
+import megatron.core.models.gpt  # noqa: E402,F401
+import megatron.core.optimizer  # noqa: E402,F401
+import megatron.core.pipeline_parallel  # noqa: E402,F401
+import transformers  # noqa: E402,F401
+
+from megatron_lpreg.parallel.spawn import start_zygote  # noqa: E402
+
+# Ranks are forked from a helper made now, before this process runs any (multi-threaded) torch op: GNU OpenMP
+# does not survive fork, and a rank forked from a process that already used its thread pool hangs.
+start_zygote()
 torch.set_num_threads(2)
 
 

@@ -3,15 +3,26 @@
 ``torchrun`` costs 13-18 s per launch on a 2-core machine, almost all of it imports; forking a parent that has
 already imported torch and megatron starts a 2-rank job in under a second. Used by tests, benchmarks and the
 ``local`` launcher. Each job gets a fresh free port, so jobs can run back to back in one process.
+
+Fork safety: once a process has run multi-threaded torch ops, GNU OpenMP's thread pool does not survive a
+fork, and a child that enters a parallel region hangs for ever (measured here: a parent that ran ``x.exp()``
+on 1M elements, a forked child doing the same never returns). :func:`start_zygote` therefore forks a clean
+helper process *before* the parent computes anything; rank processes are then forked from that helper, never
+from the (threaded) parent. Call it right after the heavy imports (tests/conftest.py, the CLI entry points).
+Without a zygote, ranks are forked from the caller directly (fine for a caller that has not run torch ops).
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import pickle
+import signal
 import socket
+import sys
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -74,31 +85,61 @@ def _rank_main(
         os._exit(0)
 
 
-def run_ranks(
-    fn: Callable[..., T],
-    world_size: int,
-    *args: Any,
-    timeout_s: float = 300.0,
-    threads_per_rank: int | None = None,
-    **kwargs: Any,
-) -> list[T]:
-    """Fork ``world_size`` ranks, init gloo on each, return ``[fn(rank, world_size, *args, **kwargs) ...]``.
+class _Zygote:
+    """A process forked before any torch computation; it forks rank processes on request."""
 
-    Args:
-        fn: called in each child after ``torch.distributed`` (gloo, default group = all ranks) is initialized.
-            Must be defined at module level or be a closure; its result must be picklable.
-        world_size: number of ranks.
-        timeout_s: whole-job deadline; children still running are killed and RankFailure is raised.
-        threads_per_rank: torch intra-op threads per child (default: cores // world_size, at least 1).
+    def __init__(self) -> None:
+        ctx = mp.get_context("fork")
+        self.conn, child = ctx.Pipe(duplex=True)
+        # Not a daemon: daemonic processes may not fork children. atexit stops it (registered after
+        # multiprocessing's own exit hook, so it runs first and that hook finds nothing to join).
+        self.proc = ctx.Process(target=_zygote_main, args=(child,), daemon=False, name="lpreg-zygote")
+        self.proc.start()
+        child.close()
+        atexit.register(self.stop)
+        self.lock = threading.Lock()
 
-    Raises:
-        RankFailure: if any rank raised, died, or the job timed out (message has each rank's traceback).
-    """
-    if world_size < 1:
-        raise ValueError(f"world_size={world_size} must be >= 1")
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.conn.close()
+            self.proc.join(timeout=2)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join()
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def run(self, request: bytes, timeout_s: float) -> tuple[list[Any], list[str]]:
+        with self.lock:
+            self.conn.send_bytes(request)
+            if not self.conn.poll(timeout_s + 30.0):
+                raise RankFailure(f"fork helper gave no answer within {timeout_s + 30:.0f} s")
+            return pickle.loads(self.conn.recv_bytes())
+
+
+_ZYGOTE: _Zygote | None = None
+
+
+def start_zygote() -> None:
+    """Fork the clean rank-forking helper now (idempotent). Call before this process runs torch compute."""
+    global _ZYGOTE
+    if _ZYGOTE is None or not _ZYGOTE.alive():
+        _ZYGOTE = _Zygote()
+
+
+def stop_zygote() -> None:
+    global _ZYGOTE
+    if _ZYGOTE is not None:
+        _ZYGOTE.stop()
+        _ZYGOTE = None
+
+
+def _fork_and_collect(fn: Callable[..., Any], world_size: int, args: tuple, kwargs: dict, timeout_s: float,
+                      threads: int) -> tuple[list[Any], list[str]]:
+    """Fork the ranks from this process, wait for them; return (results, errors)."""
     ctx = mp.get_context("fork")
     port = free_port()
-    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
     procs, conns = [], []
     for rank in range(world_size):
         parent_conn, child_conn = ctx.Pipe(duplex=False)
@@ -137,6 +178,64 @@ def run_ranks(
         if proc.is_alive():
             proc.kill()
             proc.join()
+    return results, errors
+
+
+def _zygote_main(conn: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
+    while True:
+        try:
+            request = conn.recv_bytes()
+        except (EOFError, OSError):
+            os._exit(0)
+        try:
+            fn, world_size, args, kwargs, timeout_s, threads, env, path = pickle.loads(request)
+            os.environ.clear()
+            os.environ.update(env)
+            sys.path[:] = path
+            answer = _fork_and_collect(fn, world_size, args, kwargs, timeout_s, threads)
+        except BaseException as exc:  # unpicklable request etc.: report, keep serving
+            answer = ([], [f"fork helper: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"])
+        try:
+            conn.send_bytes(pickle.dumps(answer))
+        except Exception as exc:
+            conn.send_bytes(pickle.dumps(([], [f"fork helper: result not picklable: {exc}"])))
+
+
+def run_ranks(
+    fn: Callable[..., T],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 300.0,
+    threads_per_rank: int | None = None,
+    **kwargs: Any,
+) -> list[T]:
+    """Fork ``world_size`` ranks, init gloo on each, return ``[fn(rank, world_size, *args, **kwargs) ...]``.
+
+    Args:
+        fn: called in each child after ``torch.distributed`` (gloo, default group = all ranks) is initialized.
+            Must be defined at module level or be a closure; its result must be picklable.
+        world_size: number of ranks.
+        timeout_s: whole-job deadline; children still running are killed and RankFailure is raised.
+        threads_per_rank: torch intra-op threads per child (default: cores // world_size, at least 1).
+
+    Raises:
+        RankFailure: if any rank raised, died, or the job timed out (message has each rank's traceback).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be >= 1")
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    request = None
+    if _ZYGOTE is not None and _ZYGOTE.alive():
+        try:
+            request = pickle.dumps((fn, world_size, args, kwargs, timeout_s, threads, dict(os.environ),
+                                    list(sys.path)))
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            logger.debug("run_ranks: %s is not picklable (%s); forking from this process", fn, exc)
+    if request is not None:
+        results, errors = _ZYGOTE.run(request, timeout_s)
+    else:
+        results, errors = _fork_and_collect(fn, world_size, args, kwargs, timeout_s, threads)
     if errors:
         raise RankFailure("\n".join(errors))
     return results

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_lpreg.algo.registry import PolicyLossInputs, compute_policy_loss
+from megatron_lpreg.algo.registry import PolicyLossInputs, compute_policy_loss, loss_requirements
 from megatron_lpreg.config import AlgoConfig, ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob_stats
 from megatron_lpreg.parallel.bootstrap import ParallelContext
@@ -113,9 +113,11 @@ class Policy:
         return output, partial(loss_fn, mb)
 
     def _stats(self, mb: TrainBatch, logits_shard: torch.Tensor, with_proxy_kl: bool = False):
+        direction = loss_requirements(self.algo_cfg).proxy_kl_direction or "proxy_to_policy"
         return vocab_parallel_logprob_stats(
             logits_shard, mb.targets, group=self.ctx.tp_group, kappa=self.algo_cfg.kappa,
             temperature=self.temperature, vocab_size=self.model_cfg.vocab_size, with_proxy_kl=with_proxy_kl,
+            proxy_kl_direction=direction,
         )
 
     def _run(self, micro_batches: list[TrainBatch], mbs: int, loss_fn, *, forward_only: bool) -> list[Any]:
@@ -166,9 +168,10 @@ class Policy:
             dist.broadcast(proxy, src=src, group=self.ctx.pp_group)
         return old, proxy
 
-    def train_step(self, batch: TrainBatch, *, lowprob_threshold: float | None = None,
-                   global_valid_tokens: float | None = None) -> StepResult:
-        """One optimizer update over all micro-batches of ``batch`` (this rank's share)."""
+    def accumulate_gradients(self, batch: TrainBatch, *, lowprob_threshold: float | None = None,
+                             global_valid_tokens: float | None = None) -> dict[str, float]:
+        """Zero the grads, run forward+backward over all micro-batches of ``batch``; return the last stage's
+        micro-batch-averaged metrics (empty on other stages). Grads end up reduced in ``param.main_grad``."""
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -178,7 +181,7 @@ class Policy:
         dp = self.ctx.dp_size
 
         def loss_fn(mb: TrainBatch, logits: torch.Tensor):
-            exact_kl = self.algo_cfg.proxy_kl != "k3"
+            exact_kl = loss_requirements(self.algo_cfg).proxy_kl_direction is not None
             stats = self._stats(mb, logits, with_proxy_kl=exact_kl)
             logprobs = stats.logprobs.float()
             old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
@@ -199,12 +202,20 @@ class Policy:
             mask = mb.loss_mask
             ntok = mask.sum().clamp(min=1)
             metrics = dict(metrics)
+            metrics["loss/total"] = float(loss.detach())
             metrics["entropy/mean"] = float((stats.entropy.float() * mask).sum() / ntok)
             metrics["rollout/logprob_mismatch"] = float(((logprobs.detach() - mb.engine_logprobs).abs() * mask).sum() / ntok)
             return loss * weight, metrics
 
         outputs = self._run(micro_batches, mbs, loss_fn, forward_only=False)
-        local_metrics = _mean_dicts(outputs) if self.ctx.is_last_pp_stage else {}
+        return _mean_dicts(outputs) if self.ctx.is_last_pp_stage else {}
+
+    def train_step(self, batch: TrainBatch, *, lowprob_threshold: float | None = None,
+                   global_valid_tokens: float | None = None) -> StepResult:
+        """One optimizer update over all micro-batches of ``batch`` (this rank's share); a non-finite loss or
+        gradient on any rank skips the update on all ranks."""
+        local_metrics = self.accumulate_gradients(batch, lowprob_threshold=lowprob_threshold,
+                                                  global_valid_tokens=global_valid_tokens)
         finite = self._grads_finite() and all(math.isfinite(v) for v in local_metrics.values())
         finite = self._all_ranks_true(finite)
         if not finite:

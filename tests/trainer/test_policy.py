@@ -1,0 +1,124 @@
+"""The trainer's policy update on real megatron ranks (gloo): the on-policy fast path gives the same gradients
+as a separate old-log-prob pass, TP/PP layouts give the same update, and a non-finite loss skips the step."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_lpreg.config import RunConfig
+from megatron_lpreg.models.qwen import model_config_from_hf
+from megatron_lpreg.parallel.spawn import run_ranks
+from megatron_lpreg.trainer.batch import TrainBatch, build_train_batch
+from tests.support.tiny import tiny_model_dir
+
+# Gradients from two code paths that do the same float32 math in a different call order: they agree to
+# rounding (the reductions are identical, so in practice bit-for-bit); 1e-6 relative leaves room for BLAS order.
+GRAD_RTOL = 1e-6
+# Across TP/PP layouts the matmuls are split differently, so fp32 sums round differently.
+LAYOUT_RTOL = 2e-5
+# After one Adam step at lr 1e-3: Adam divides by sqrt(v), so a parameter whose true gradient is ~0 (the
+# key bias: softmax is invariant to it) moves by +-lr * (rounding noise / |noise|). Agreement within 5% of lr
+# still catches any sharding mistake (those move weights by O(lr) or corrupt them outright).
+WEIGHT_ATOL = 5e-5
+
+
+def _cfg(hf_dir, algo="lpreg", tp=1, pp=1, world=1, **algo_kw) -> RunConfig:
+    model = model_config_from_hf(hf_dir)
+    model = type(model)(**{**model.__dict__, "hf_path": str(hf_dir)})
+    cfg = RunConfig.from_dict({"parallel": {"tp": tp, "pp": pp}, "trainer": {"world_size": world},
+                               "algo": {"name": algo, "rho": 0.2, **algo_kw}, "optimizer": {"lr": 1e-3}})
+    return cfg.replace(model=model)
+
+
+def _batch(seed=0, n=12, vocab=300) -> TrainBatch:
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, vocab, (5,), generator=g).tolist() for _ in range(n)]
+    responses = [torch.randint(0, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(n)]
+    adv = torch.randn(n, generator=g).tolist()
+    return build_train_batch(prompts, responses, [[-1.0] * len(r) for r in responses], adv, [0.0] * n, pad_id=0)
+
+
+def _policy(cfg: RunConfig, micro_batch_tokens=40):
+    from megatron_lpreg.models.bridge import load_hf_weights
+    from megatron_lpreg.parallel.bootstrap import init_parallel
+    from megatron_lpreg.trainer.policy import Policy
+
+    ctx = init_parallel(cfg.parallel, seed=cfg.seed)
+    policy = Policy(cfg.model, cfg.parallel, cfg.optimizer, cfg.algo, ctx, temperature=1.0,
+                    micro_batch_tokens=micro_batch_tokens, total_steps=10)
+    load_hf_weights(policy.raw_chunks, cfg.model.hf_path, cfg.model, ctx)
+    return policy, ctx
+
+
+def _grads(policy) -> dict[str, torch.Tensor]:
+    return {name: p.main_grad.detach().clone() for chunk in policy.chunks for name, p in chunk.named_parameters()}
+
+
+def _fast_path_vs_old_pass(rank, world, cfg):
+    policy, _ = _policy(cfg)
+    batch = _batch()
+    fast_metrics = policy.accumulate_gradients(batch)
+    fast = _grads(policy)
+    with_old = policy.compute_old_logprobs(batch)
+    slow_metrics = policy.accumulate_gradients(with_old)
+    slow = _grads(policy)
+    worst = max(float((fast[k] - slow[k]).abs().max() / slow[k].abs().max().clamp(min=1e-12)) for k in fast)
+    return worst, fast_metrics, slow_metrics, float(sum(g.abs().sum() for g in fast.values()))
+
+
+@pytest.mark.parametrize("algo,tp", [("lpreg", 2), ("grpo", 1), ("entropy", 2)])
+def test_on_policy_fast_path_matches_separate_old_logprob_pass(algo, tp):
+    cfg = _cfg(tiny_model_dir("qwen2"), algo=algo, tp=tp, world=tp, entropy_coef=0.01)
+    worst, fast_m, slow_m, total = run_ranks(_fast_path_vs_old_pass, tp, cfg, timeout_s=240)[0]
+    assert total > 0  # gradients really flowed
+    assert worst <= GRAD_RTOL, worst
+    for key in fast_m:
+        assert math.isclose(fast_m[key], slow_m[key], rel_tol=1e-5, abs_tol=1e-7), key
+    if algo == "lpreg":
+        assert fast_m["lpreg/num_regularized"] == slow_m["lpreg/num_regularized"]
+
+
+def _one_update(rank, world, cfg):
+    policy, ctx = _policy(cfg)
+    result = policy.train_step(_batch(seed=3))
+    from megatron_lpreg.models.bridge import export_hf_weights
+
+    weights = {k: v for k, v in export_hf_weights(policy.raw_chunks, cfg.model, ctx)}
+    return result.grad_norm, result.metrics.get("loss/policy"), weights if ctx.tp_rank == 0 else None
+
+
+def test_layouts_give_the_same_update():
+    hf = tiny_model_dir("qwen2")
+    base = run_ranks(_one_update, 1, _cfg(hf), timeout_s=240)[0]
+    for tp, pp in [(2, 1), (1, 2)]:
+        results = run_ranks(_one_update, tp * pp, _cfg(hf, tp=tp, pp=pp, world=tp * pp), timeout_s=240)
+        assert math.isclose(results[0][0], base[0], rel_tol=LAYOUT_RTOL)
+        assert math.isclose(results[-1][1], base[1], rel_tol=LAYOUT_RTOL, abs_tol=1e-6)
+        merged = {}
+        for r in results:
+            merged.update(r[2] or {})
+        assert merged.keys() == base[2].keys()
+        for name, tensor in base[2].items():
+            torch.testing.assert_close(merged[name], tensor, rtol=0.0, atol=WEIGHT_ATOL, msg=name)
+
+
+def _nan_step(rank, world, cfg):
+    policy, ctx = _policy(cfg)
+    batch = _batch()
+    batch.advantages[0, :] = float("nan")
+    before = [p.detach().clone() for p in policy.raw_chunks[0].parameters()]
+    result = policy.train_step(batch)
+    after = list(policy.raw_chunks[0].parameters())
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, after))
+    good = policy.train_step(_batch(seed=1))
+    return result.skipped, unchanged, good.skipped, math.isfinite(good.grad_norm)
+
+
+def test_non_finite_loss_skips_the_update_on_every_rank():
+    cfg = _cfg(tiny_model_dir("qwen2"), tp=2, world=2)
+    for skipped, unchanged, good_skipped, good_finite in run_ranks(_nan_step, 2, cfg, timeout_s=240):
+        assert skipped and unchanged
+        assert not good_skipped and good_finite
