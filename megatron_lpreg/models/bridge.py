@@ -177,6 +177,19 @@ def _check_hf_names(hf: HFSafetensors, table: MappingTable, num_layers: int) -> 
     return expected
 
 
+def check_hf_checkpoint(hf_dir: str | os.PathLike, model_cfg: Any, *, fused_norms: bool = False) -> None:
+    """Header-only check that ``hf_dir`` holds exactly the tensors ``model_cfg``'s mapping table expects.
+
+    Cheap (no tensor data is read); conversion runs it before starting any rank.
+
+    Raises:
+        ValueError: missing/truncated/corrupt shards, missing tensors, or tensors the table does not use.
+    """
+    table = mapping_table(model_cfg.arch, tie_word_embeddings=model_cfg.tie_word_embeddings, fused_norms=fused_norms)
+    with HFSafetensors(hf_dir) as hf:
+        _check_hf_names(hf, table, model_cfg.num_layers)
+
+
 def load_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_dir: str | os.PathLike, model_cfg: Any,
                     ctx: Any) -> None:
     """Copy HF safetensors weights into this rank's megatron model chunks (its TP shard, its PP stage).

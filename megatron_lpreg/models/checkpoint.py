@@ -333,42 +333,50 @@ def run_job(fn: Any, world_size: int, *args: Any, timeout_s: float = 3600.0) -> 
             raise ValueError(f"launched with world size {env.world_size} but the conversion needs tp*pp="
                              f"{world_size} ranks; launch exactly {world_size}")
         return [fn(env.rank, env.world_size, *args)]
-    return run_ranks(fn, world_size, *args, timeout_s=timeout_s)
+    # One intra-op thread per forked rank: a child whose parent already ran an OpenMP region can deadlock in
+    # its own first parallel region (seen in tests that build a tiny model in the parent), and conversion is
+    # bound by copying, not arithmetic.
+    return run_ranks(fn, world_size, *args, timeout_s=timeout_s, threads_per_rank=1)
 
 
-def _build_chunks(model_cfg: Any, parallel_cfg: Any, ctx: Any) -> list[torch.nn.Module]:
-    from megatron_lpreg.models.qwen import build_gpt_model
+def _build_chunks(model_cfg: Any, parallel_cfg: Any) -> list[torch.nn.Module]:
+    from megatron_lpreg.models.qwen import build_model_chunks
 
-    return [build_gpt_model(model_cfg, parallel_cfg, pre_process=ctx.is_first_pp_stage,
-                            post_process=ctx.is_last_pp_stage)]
+    return build_model_chunks(model_cfg, parallel_cfg)
 
 
 def check_conversion_layout(model_cfg: Any, tp: int, pp: int) -> None:
     """Reject a TP/PP the model cannot be split into, before any rank starts.
 
     Raises:
-        ValueError: naming the value, the rule and the valid choices.
+        ConfigError: naming the value, the rule and the valid choices.
     """
-    heads, groups = model_cfg.num_attention_heads, model_cfg.num_query_groups
-    if tp < 1 or heads % tp or groups % tp:
-        valid = [d for d in range(1, groups + 1) if groups % d == 0 and heads % d == 0]
-        raise ValueError(f"--tp {tp} must divide num_attention_heads={heads} and num_query_groups={groups}; "
-                         f"use one of {valid}")
-    if pp < 1 or pp > model_cfg.num_layers:
-        raise ValueError(f"--pp {pp} must be between 1 and num_layers={model_cfg.num_layers}")
+    from megatron_lpreg.config.model import ParallelConfig
+
+    model_cfg.validate(ParallelConfig(tp=tp, pp=pp))
+
+
+def _conversion_model_config(hf_dir: str) -> Any:
+    """The HF model's config, with parameters kept in the checkpoint's own dtype (so conversion is bit-exact)."""
+    from megatron_lpreg.config.model import ModelConfig
+    from megatron_lpreg.models.qwen import model_config_from_hf
+
+    dtype = _hf_dtype(json.loads((Path(hf_dir) / "config.json").read_text()))
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    base = ModelConfig(params_dtype=names.get(dtype, "float32"), transformer_impl="local")
+    return model_config_from_hf(hf_dir, base=base)
 
 
 def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, out_dir: str, tp: int, pp: int, overwrite: bool) -> None:
     from megatron_lpreg.config.model import ParallelConfig
     from megatron_lpreg.models.bridge import load_hf_weights
-    from megatron_lpreg.models.qwen import model_config_from_hf
     from megatron_lpreg.parallel.bootstrap import destroy_parallel, init_parallel
 
     parallel_cfg = ParallelConfig(tp=tp, pp=pp)
     ctx = init_parallel(parallel_cfg, seed=0)
     try:
-        model_cfg = model_config_from_hf(hf_dir)
-        chunks = _build_chunks(model_cfg, parallel_cfg, ctx)
+        model_cfg = _conversion_model_config(hf_dir)
+        chunks = _build_chunks(model_cfg, parallel_cfg)
         load_hf_weights(chunks, hf_dir, model_cfg, ctx)
         save_checkpoint(out_dir, chunks, model_cfg, ctx, hf_assets_dir=hf_dir, overwrite=overwrite)
     finally:
@@ -385,12 +393,14 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     Raises:
         ValueError: bad layout, unsupported architecture, or HF tensors that do not match the table.
     """
-    from megatron_lpreg.models.qwen import model_config_from_hf
-
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"--out {out_dir} already exists; remove it or pass overwrite")
-    check_conversion_layout(model_config_from_hf(hf_dir), tp, pp)
+    from megatron_lpreg.models.bridge import check_hf_checkpoint
+
+    model_cfg = _conversion_model_config(str(hf_dir))
+    check_conversion_layout(model_cfg, tp, pp)
+    check_hf_checkpoint(hf_dir, model_cfg)
     run_job(_hf_to_mcore_rank, tp * pp, str(Path(hf_dir).absolute()), str(out_dir), tp, pp, overwrite)
     return out_dir
 
@@ -446,8 +456,9 @@ def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, asset
     parallel_cfg = ParallelConfig(tp=tp, pp=pp)
     ctx = init_parallel(parallel_cfg, seed=0)
     try:
-        model_cfg = from_dict(ModelConfig, read_manifest(mcore_dir)["model"])
-        chunks = _build_chunks(model_cfg, parallel_cfg, ctx)
+        model_cfg = dataclasses.replace(from_dict(ModelConfig, read_manifest(mcore_dir)["model"]),
+                                        transformer_impl="local")
+        chunks = _build_chunks(model_cfg, parallel_cfg)
         load_checkpoint(mcore_dir, chunks, model_cfg, ctx)
         config = json.loads((Path(assets) / "config.json").read_text()) if assets else hf_config_dict(model_cfg)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
