@@ -43,6 +43,8 @@ class RolloutConfig:
     """Rows (prompt x sample) per forward in the local engine, per HTTP request for sglang. Bigger is faster on CPU
     with TP>1 (fewer all-gathers per token): 512 rows x 14 tokens of the tiny demo model at TP2 took 1.5 s in one
     batch vs 4.1 s in batches of 64 (2 busy cores)."""
+    max_inflight_requests: int = 8
+    """HTTP generate requests in flight at once per SGLang engine (chunks of max_batch_size rows)."""
     sglang_launch_module: str = "sglang.launch_server"
     """Module run as `python -m <module>` to launch a server (tests point it at the CPU stand-in)."""
     launch_timeout_s: float = 900.0
@@ -75,7 +77,7 @@ class RolloutConfig:
             raise ConfigError(f"rollout.top_k={self.top_k} must be -1 (off) or >= 1")
         if not 0.0 <= self.min_p < 1.0:
             raise ConfigError(f"rollout.min_p={self.min_p} must be in [0, 1)")
-        for name in ("max_batch_size", "engine_tp", "num_engines"):
+        for name in ("max_batch_size", "max_inflight_requests", "engine_tp", "num_engines"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rollout.{name}={getattr(self, name)} must be >= 1")
         if self.max_retries < 0 or self.verify_tensors < 0:

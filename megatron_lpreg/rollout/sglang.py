@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,14 +66,31 @@ class SGLangError(RuntimeError):
 
 
 class SGLangClient:
-    """HTTP client for one SGLang server; owns a ``requests.Session`` (call ``close()``)."""
+    """HTTP client for one SGLang server; owns one ``requests.Session`` per calling thread (call ``close()``).
+
+    Sessions are not thread-safe, and generation sends several requests to one server at once so that SGLang's
+    continuous batching sees them all; each thread therefore gets its own keep-alive session.
+    """
 
     def __init__(self, url: str, *, timeout_s: float = 600.0, max_retries: int = 3, backoff_s: float = 1.0) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
-        self.session = requests.Session()
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
+
+    @property
+    def session(self) -> requests.Session:
+        """This thread's session (created on first use)."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            self._local.session = session
+            with self._sessions_lock:
+                self._sessions.append(session)
+        return session
 
     def request(
         self, method: str, route: str, payload: dict | None = None, *, timeout_s: float | None = None,
@@ -140,7 +158,10 @@ class SGLangClient:
         return [float(e[0]) for e in tail]
 
     def close(self) -> None:
-        self.session.close()
+        with self._sessions_lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
 
 
 class SGLangServerProcess:
@@ -247,31 +268,31 @@ class SGLangEngine:
         """
         validate_params(params)
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
-        per_engine = [[r for r in rows if r[0] % len(self.clients) == k] for k in range(len(self.clients))]
-        with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
-            futures = [
-                pool.submit(self._generate_on, client, prompts, engine_rows, params)
-                for client, engine_rows in zip(self.clients, per_engine)
-            ]
+        jobs = []
+        for k, client in enumerate(self.clients):
+            engine_rows = [r for r in rows if r[0] % len(self.clients) == k]
+            for start in range(0, len(engine_rows), self.cfg.max_batch_size):
+                jobs.append((client, engine_rows[start : start + self.cfg.max_batch_size]))
+        workers = max(1, min(len(jobs), len(self.clients) * self.cfg.max_inflight_requests))
+        # every chunk is in flight at once (up to max_inflight_requests per engine): no chunk waits for the
+        # slowest response of the previous one
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(self._generate_chunk, client, prompts, chunk, params) for client, chunk in jobs]
             results = [c for f in futures for c in f.result()]
         return sorted(results, key=lambda c: (c.prompt_index, c.sample_index))
 
-    def _generate_on(
-        self, client: SGLangClient, prompts: list[list[int]], rows: list[tuple[int, int]], params: SamplingParams
+    def _generate_chunk(
+        self, client: SGLangClient, prompts: list[list[int]], chunk: list[tuple[int, int]], params: SamplingParams
     ) -> list[Completion]:
-        out: list[Completion] = []
-        for start in range(0, len(rows), self.cfg.max_batch_size):
-            chunk = rows[start : start + self.cfg.max_batch_size]
-            payload = {
-                "input_ids": [prompts[i] for i, _ in chunk],
-                "sampling_params": [sampling_payload(params, i, j) for i, j in chunk],
-                "return_logprob": True,
-            }
-            items = client.post("/generate", payload)
-            if not isinstance(items, list) or len(items) != len(chunk):
-                raise SGLangError(f"{client.url}/generate returned {type(items).__name__} for {len(chunk)} items")
-            out.extend(parse_item(item, prompts[i], i, j) for item, (i, j) in zip(items, chunk))
-        return out
+        payload = {
+            "input_ids": [prompts[i] for i, _ in chunk],
+            "sampling_params": [sampling_payload(params, i, j) for i, j in chunk],
+            "return_logprob": True,
+        }
+        items = client.post("/generate", payload)
+        if not isinstance(items, list) or len(items) != len(chunk):
+            raise SGLangError(f"{client.url}/generate returned {type(items).__name__} for {len(chunk)} items")
+        return [parse_item(item, prompts[i], i, j) for item, (i, j) in zip(items, chunk)]
 
     # ---- weights ----------------------------------------------------------------------------------------------
     def update_weights(self, update: WeightUpdate) -> None:
