@@ -404,7 +404,7 @@ def vocab_parallel_logprob_stats(
     if proxy_kl_direction not in ("proxy_to_policy", "policy_to_proxy"):
         raise ValueError(f"proxy_kl_direction={proxy_kl_direction!r}; use 'proxy_to_policy' or 'policy_to_proxy'")
     layout = _layout(group, logits_shard.shape[-1], vocab_size)
-    tokens_1d = tokens.reshape(-1)
+    tokens_1d = tokens.reshape(-1).long()  # gather/scatter indices must be int64
     if tokens_1d.numel():
         low, high = (int(v) for v in torch.aminmax(tokens_1d))
         if low < 0 or high >= layout.vocab_size:

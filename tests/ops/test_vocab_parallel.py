@@ -234,11 +234,13 @@ def test_gradcheck_float64(direction):
     assert torch.autograd.gradcheck(stats, (logits,))
 
 
-def test_fp32_output_for_bf16_and_float64_preserved():
+def test_dtypes_fp32_output_for_bf16_float64_preserved_int32_tokens():
     logits = torch.randn(4, 9)
     tokens = torch.tensor([0, 1, 2, 8])
     assert vocab_parallel_logprob_stats(logits.bfloat16(), tokens).logprobs.dtype == torch.float32
     assert vocab_parallel_logprob_stats(logits.double(), tokens).entropy.dtype == torch.float64
+    want = vocab_parallel_logprob_stats(logits, tokens).logprobs
+    assert torch.equal(vocab_parallel_logprob_stats(logits, tokens.int()).logprobs, want)
 
 
 @pytest.mark.parametrize(
