@@ -68,10 +68,11 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """Evaluation during/after training."""
+    """Evaluation during/after training (docs/eval.md)."""
 
     benchmarks: list[str] = field(default_factory=list)
-    """Benchmarks to run (aime24, aime25, math500, minerva, olympiadbench, synthetic)."""
+    """Benchmarks to run: aime24, aime25 (sampled, avg@k), math500, minerva, olympiadbench (greedy), synthetic
+    (the data's held-out problems, greedy), or name=path for any problem file."""
     data_dir: str = ""
     """Directory with the benchmark files (see docs/eval.md)."""
     interval: int = 0
@@ -80,5 +81,24 @@ class EvalConfig:
     """avg@k for sampled benchmarks (AIME)."""
     temperature: float = 0.6
     """Sampling temperature for sampled benchmarks."""
+    top_p: float = 1.0
+    """Nucleus threshold for sampled benchmarks."""
     max_new_tokens: int = 64
     """Longest response during evaluation."""
+    template: Literal["data", "qwen_chat", "zero", "plain"] = "data"
+    """Prompt template for benchmark problems; 'data' = the training template (data.template)."""
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    """qwen_chat only: appended to each benchmark problem ('' = none)."""
+    batch_size: int = 64
+    """Prompts per engine call."""
+
+    def validate(self) -> None:
+        if self.samples < 1:
+            raise ConfigError(f"eval.samples={self.samples} must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"eval.temperature={self.temperature} must be > 0 (greedy benchmarks ignore it)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"eval.top_p={self.top_p} must be in (0, 1]")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError(f"eval.max_new_tokens={self.max_new_tokens} and eval.batch_size={self.batch_size} "
+                              "must be >= 1")
