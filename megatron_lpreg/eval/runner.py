@@ -63,7 +63,9 @@ def _generate(engine: RolloutEngine, prompts: list[Prompt], params: SamplingPara
         chunk = prompts[start:start + batch_size]
         completions = engine.generate([list(p.token_ids) for p in chunk], params)
         if len(completions) != len(chunk) * params.n:
-            raise RuntimeError(f"engine returned {len(completions)} completions for {len(chunk)} prompts x n={params.n}")
+            raise RuntimeError(
+                f"engine returned {len(completions)} completions for {len(chunk)} prompts x n={params.n}"
+            )
         for c in completions:
             c.prompt_index += start
         out.extend(completions)

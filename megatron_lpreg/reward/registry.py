@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import time
 from collections import Counter
 from typing import Any, Callable, Sequence
 
@@ -35,7 +34,9 @@ def load_callable(path: str) -> Callable[..., Any]:
     """
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward function {path!r} must be one of {sorted(BUILTIN_REWARDS)} or 'package.module:function'")
+        raise ValueError(
+            f"reward function {path!r} must be one of {sorted(BUILTIN_REWARDS)} or 'package.module:function'"
+        )
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:

@@ -164,7 +164,8 @@ def _serve(control_fd: int) -> None:
     from math_verify import parse, verify
 
     # pay sympy's lazy imports here, not inside the first sample's deadline
-    verify(parse("\\boxed{1/2}", parsing_timeout=None), parse("\\boxed{0.5}", parsing_timeout=None), timeout_seconds=None)
+    warm = [parse(text, parsing_timeout=None) for text in ("\\boxed{1/2}", "\\boxed{0.5}")]
+    verify(*warm, timeout_seconds=None)
     conn.send(("ready", os.getpid()))
     while True:
         try:

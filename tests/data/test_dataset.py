@@ -65,7 +65,8 @@ def test_epochs_reshuffle_and_cover_everything():
     assert epoch0 != epoch1 and ds.epoch == 1
     wrap = PromptDataset(_prompts(5), seed=3)
     assert [p.id for p in wrap.next_batch(7)] == epoch0 + epoch1[:2]
-    assert [p.id for p in PromptDataset(_prompts(5), seed=3, shuffle=False).next_batch(6)] == ["0", "1", "2", "3", "4", "0"]
+    in_order = PromptDataset(_prompts(5), seed=3, shuffle=False).next_batch(6)
+    assert [p.id for p in in_order] == ["0", "1", "2", "3", "4", "0"]
 
 
 def test_cursor_resume_equals_uninterrupted_order():

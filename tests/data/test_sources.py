@@ -62,7 +62,8 @@ def test_explicit_keys(tmp_path):
         ([{"problem": "p"}], "no answer column"),
         ([{"text": "p", "answer": "1"}], r"no problem column .*found columns \['answer', 'text'\]"),
         ([{"prompt": [{"role": "user"}], "reward_model": {"ground_truth": "1"}}], "'role' and 'content'"),
-        ([{"prompt": [{"role": "user", "content": "c"}], "reward_model": {"style": "rule"}}], "reward_model.ground_truth"),
+        ([{"prompt": [{"role": "user", "content": "c"}], "reward_model": {"style": "rule"}}],
+         "reward_model.ground_truth"),
         ([], "no rows"),
     ],
 )

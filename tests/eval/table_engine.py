@@ -22,7 +22,10 @@ class TableEngine:
             for j in range(params.n):
                 response = self.tokenizer.encode(self.respond(text, j), add_special_tokens=False)
                 finish = "length" if len(response) >= params.max_new_tokens else "stop"
-                response = response[:params.max_new_tokens] if finish == "length" else response + [self.tokenizer.eos_token_id]
+                if finish == "length":
+                    response = response[:params.max_new_tokens]
+                else:
+                    response = response + [self.tokenizer.eos_token_id]
                 out.append(Completion(prompt_index=i, sample_index=j, prompt_ids=list(ids), response_ids=response,
                                       logprobs=[0.0] * len(response), finish_reason=finish))
         return out

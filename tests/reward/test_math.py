@@ -61,6 +61,24 @@ def test_wrong_or_missing_scores_zero(response, truth, reason):
     assert (result.score, result.reason) == (0.0, reason)
 
 
+@pytest.mark.parametrize(
+    "answer, truth, expected",
+    [  # the behaviours docs/rewards.md lists where veRL's prime_math grader decides differently
+        ("0.5", "50", 0.0),  # no implicit percent scaling
+        ("10\\%", "0.1", 1.0),  # an explicit percent sign is understood
+        ("3.14", "\\pi", 0.0),  # pi is not replaced by 3.14
+        ("84.9999", "85", 0.0),  # no 1e-4 relative tolerance
+        ("1010_2", "10", 0.0),  # a base subscript is not read as "digits before _"
+        ("(2,1)", "(1,2)", 0.0),  # tuples are ordered ...
+        ("2,1", "\\{1,2\\}", 1.0),  # ... sets are not
+        ("(1,2)", "[1,2]", 0.0),  # open and closed intervals differ
+        ("5\\text{ cm}", "5", 1.0),  # units are stripped
+    ],
+)
+def test_documented_grader_behaviour(answer, truth, expected):
+    assert score(f"\\boxed{{{answer}}}", truth, timeout=10) == expected
+
+
 def test_fast_path_needs_no_worker():
     assert precheck("\\boxed{ 85 }", "85").reason == "match"
     assert precheck("\\boxed{084}", "85").score == 0.0
@@ -95,7 +113,9 @@ def test_score_batch_mixes_fast_and_slow_paths():
     results = score_batch(
         ["\\boxed{85}", "nothing", "\\boxed{0.25}", HANGING[0]], ["85", "1", "\\frac14", "5"], timeout=1.0
     )
-    assert [(r.score, r.reason) for r in results] == [(1.0, "match"), (0.0, "no_box"), (1.0, "verified"), (0.0, "timeout")]
+    assert [(r.score, r.reason) for r in results] == [
+        (1.0, "match"), (0.0, "no_box"), (1.0, "verified"), (0.0, "timeout"),
+    ]
 
 
 def test_score_from_many_threads_at_once():

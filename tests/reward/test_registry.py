@@ -74,3 +74,10 @@ def test_bad_names_fail_clearly(name, message):
 
 def test_load_callable_dotted_attribute():
     assert load_callable("os.path:join")("a", "b") == "a/b"
+
+
+def test_memory_limit_fails_the_sample_not_the_worker():
+    cfg = RewardConfig(name="tests.reward.user_rewards:allocates_8_gib", num_workers=1, memory_limit_mb=2048)
+    with RewardScorer(cfg) as scorer:
+        (result,) = scorer.score(["a"], ["1"])
+    assert result.reason == "error" and "MemoryError" in result.detail

@@ -23,3 +23,8 @@ def crashes(response: str, ground_truth: str) -> float:
 
 
 NOT_CALLABLE = 42
+
+
+def allocates_8_gib(response: str, ground_truth: str) -> float:
+    block = bytearray(8 * 1024**3)
+    return float(len(block))

@@ -1,0 +1,37 @@
+"""The zygote outlives the (short-lived) thread that started it, and workers die with their pool."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from megatron_lpreg.reward.deadline import DeadlinePool
+from megatron_lpreg.reward.math import MATH_REWARD_PATH
+from megatron_lpreg.reward.zygote import Zygote
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_zygote_survives_its_starting_thread_and_cleans_up():
+    holder: dict[str, Zygote] = {}
+    thread = threading.Thread(target=lambda: holder.setdefault("z", Zygote()))
+    thread.start()
+    thread.join()
+    zygote = holder["z"]
+    time.sleep(0.2)
+    assert zygote.alive()
+    pool = DeadlinePool(num_workers=2, timeout_s=5.0, zygote=zygote)
+    pids = [w.pid for w in pool._workers]
+    assert pool.map(MATH_REWARD_PATH, [("\\boxed{1/2}", "0.5"), ("\\boxed{3}", "4")])[0].score == 1.0
+    pool.close()
+    zygote.close()
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids) and not zygote.alive()
