@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
@@ -29,9 +30,27 @@ class _RankFilter(logging.Filter):
         return not (self.quiet and record.levelno < logging.WARNING)
 
 
+# Harmless on CPU / with the local spec; they would otherwise repeat on every rank of every run.
+_KNOWN_WARNINGS = (
+    r".*Transformer Engine and Apex are not installed.*",
+    r".*Apex is not installed.*",
+    r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+    r".*full scope is deprecated.*",
+    r".*all_gather_into_tensor. is deprecated.*",
+    r".*Converting a tensor with requires_grad=True to a scalar.*",
+)
+
+
+def quiet_known_warnings() -> None:
+    """Silence the known-harmless megatron/torch warnings listed in ``_KNOWN_WARNINGS``."""
+    for pattern in _KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def setup(rank: int = 0, world_size: int = 1, *, level: str = "INFO", all_ranks: bool = False,
           log_file: str | os.PathLike | None = None) -> None:
     """Configure the root logger for this process (idempotent: replaces our previous handlers)."""
+    quiet_known_warnings()
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_mlpreg", False):

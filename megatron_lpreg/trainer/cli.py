@@ -74,6 +74,7 @@ def materialize_tiny(model: ModelConfig) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     telemetry.setup(0, 1)
+    _prepare_fork_helper()
     try:
         cfg = resolve_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
@@ -92,6 +93,17 @@ def run(args: argparse.Namespace) -> int:
     code = launch(cfg, str(run_dir))
     logger.info("training finished with exit code %d; run dir %s", code, run_dir)
     return code
+
+
+def _prepare_fork_helper() -> None:
+    """Import megatron once and start the clean fork helper before this process computes anything (see
+    megatron_lpreg.parallel.spawn: ranks forked from a process that used OpenMP threads hang)."""
+    import megatron.core.models.gpt  # noqa: F401  (pre-import: forked ranks start warm)
+    import megatron.core.optimizer  # noqa: F401
+
+    from megatron_lpreg.parallel.spawn import start_zygote
+
+    start_zygote()
 
 
 def _check_compatible_run_dir(run_dir: Path, cfg: RunConfig) -> None:

@@ -72,9 +72,14 @@ def _launch_ray(cfg: RunConfig, run_dir: str, world: int) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started_here = not ray.is_initialized()
     if started_here:
+        # RAY_ADDRESS (set by slurm/train.sbatch) joins the job's cluster; otherwise a private local instance,
+        # never some other Ray cluster that happens to run on this machine.
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=True,
-                 num_cpus=None if address else max(world, os.cpu_count() or 1))
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(address="local", include_dashboard=False, log_to_driver=True,
+                     num_cpus=max(world, os.cpu_count() or 1))
     try:
         use_gpu = _cluster_has_gpus()
         bundle: dict[str, Any] = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
@@ -87,7 +92,8 @@ def _launch_ray(cfg: RunConfig, run_dir: str, world: int) -> int:
                 num_cpus=1, num_gpus=1 if use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
                                                                      placement_group_bundle_index=i),
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "RAY_AUTH_MODE": "disabled"}},
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "RAY_AUTH_MODE": "disabled",
+                                          "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning"}},
             ).remote()
             for i in range(world)
         ]
