@@ -176,6 +176,20 @@ def test_tp_shards_match_reference(tp):
         _check(case, [results[rank][index] for rank in range(tp)])
 
 
+def _rank_cases_in_subgroups(rank: int, world_size: int) -> list[dict]:
+    # TP2 x DP2: every rank creates both groups (new_group is collective), then uses its own.
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = groups[rank // 2]
+    return [_run_case(case, dist.get_rank(group), 2, group) for case in CASES]
+
+
+def test_tp_group_inside_a_larger_world():
+    results = run_ranks(_rank_cases_in_subgroups, 4, timeout_s=120)
+    for pair in ((0, 1), (2, 3)):
+        for index, case in enumerate(CASES):
+            _check(case, [results[rank][index] for rank in pair])
+
+
 def test_small_row_blocks_match_reference(monkeypatch):
     # Blocks of 1-3 rows inside each chunk (the CPU path for big vocabularies) must not change any result.
     monkeypatch.setattr(vocab_parallel, "_CPU_BLOCK_ELEMENTS", 25)
