@@ -215,6 +215,61 @@ def _in_process_write_queue() -> Iterator[None]:
         filesystem_async._results_queue = previous
 
 
+def _megatron_optimizers(optimizer: Any) -> list[Any]:
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def _prepare_optimizer_for_load(optimizer: Any) -> None:
+    """Give an untouched distributed optimizer real states before building its loading state dict.
+
+    Without Apex/TE (CPU), megatron's ``DistributedOptimizer.state_dict()`` reads one ``step`` from the torch
+    optimizer's states and asserts there is exactly one, which fails while the states are still empty. Its own
+    initialiser (a zero-grad step) creates them; every value it writes is then overwritten by the load.
+    """
+    for opt in _megatron_optimizers(optimizer):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and len(opt.optimizer.state) == 0:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+@contextlib.contextmanager
+def _step_state_workaround(optimizer: Any) -> Iterator[None]:
+    """Work around two upstream bugs in megatron-core 0.16's distributed-optimizer load with torch Adam (no
+    Apex/TE): ``load_state_dict`` puts one shared ``step`` tensor into every param state (torch Adam then bumps
+    it once per parameter per step), and ``load_parameter_state_from_fully_reshardable`` copies *every* state key
+    but its source skips ``step`` (KeyError 'step'). For the duration of the load, ``step`` is lifted out of the
+    states around that call and put back as one private copy per state. Instance-scoped; no global patching.
+    """
+    patched = []
+    for opt in _megatron_optimizers(optimizer):
+        original = getattr(opt, "load_parameter_state_from_fully_reshardable", None)
+        if original is None:
+            continue
+
+        def without_step(param_state: Any, _opt: Any = opt, _original: Any = original) -> None:
+            steps = {p: st.pop("step") for p, st in _opt.optimizer.state.items() if "step" in st}
+            try:
+                _original(param_state)
+            finally:
+                for p, step in steps.items():
+                    _opt.optimizer.state[p]["step"] = step.clone()
+
+        opt.load_parameter_state_from_fully_reshardable = without_step
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt.load_parameter_state_from_fully_reshardable  # back to the class method
+
+
+def _unshare_step_tensors(optimizer: Any) -> None:
+    """Give every param state its own ``step`` tensor (see :func:`_step_state_workaround`)."""
+    for opt in _megatron_optimizers(optimizer):
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
 def save_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], model_cfg: Any, ctx: Any, *,
                     optimizer: Any = None, extra: dict[str, Any] | None = None,
                     hf_assets_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
@@ -284,6 +339,7 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
             or tensors the model expects but the checkpoint lacks.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     path = Path(path)
@@ -296,18 +352,23 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
         raise CheckpointError(f"checkpoint {path} has no optimizer state; load it with optimizer=None "
                               f"(checkpoint.save_optimizer was off when it was written)")
     _verify_files(path, manifest, checksums=verify_checksums)
+    if optimizer is not None:
+        _prepare_optimizer_for_load(optimizer)
     state = _sharded_state(model_chunks, optimizer, is_loading=True)
     state["extra"] = {}
-    loaded, missing, _unexpected = dist_checkpointing.load(state, str(path / DIST_DIR),
-                                                           strict=StrictHandling.RETURN_ALL)
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs: "
-                              f"{', '.join(sorted(missing)[:20])}")
+    # RAISE_UNEXPECTED: megatron's "unexpected" = requested by the model but absent from the checkpoint, checked
+    # before anything is read; tensors stored but not requested (optimizer state when loading weights) are fine.
+    try:
+        loaded = dist_checkpointing.load(state, str(path / DIST_DIR), strict=StrictHandling.RAISE_UNEXPECTED)
+    except CheckpointingException as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {exc}") from exc
     models = [unwrap(c) for c in model_chunks]
     for i, model in enumerate(models):
         model.load_state_dict(loaded["model"] if len(models) == 1 else loaded[f"model{i}"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with _step_state_workaround(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_step_tensors(optimizer)
     logger.info("loaded checkpoint %s (written at tp=%d pp=%d)", path, manifest["parallel"]["tp"],
                 manifest["parallel"]["pp"])
     return loaded.get("extra", {})

@@ -1,0 +1,249 @@
+"""Atomic dist checkpoints: save at one layout, load at others (TP2 -> TP1, TP2 -> PP2, vocab padding that
+changes with TP), `extra` round trip, and refusals that leave the model and the disk untouched: missing,
+truncated or corrupt files, no manifest, an architecture mismatch (with a diff), a failing save.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_lpreg.config.model import ParallelConfig
+from megatron_lpreg.models.bridge import export_hf_weights, load_hf_weights
+from megatron_lpreg.models.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    config_diff,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
+from megatron_lpreg.models.qwen import build_model_chunks, model_config_from_hf
+from megatron_lpreg.parallel.bootstrap import destroy_parallel, init_parallel
+from megatron_lpreg.parallel.spawn import run_ranks
+from tests.support.tiny import tiny_model_dir
+
+VOCAB = 1100
+"""Padded to 1152 at TP1 and 1280 at TP2 (divisible by 128 * tp): the stored embedding changes shape."""
+EXTRA = {"run_state": {"step": 7, "consumed": [1, 2, 3]}, "note": "hello"}
+
+
+def _layout(hf_dir: str, tp: int, pp: int):
+    parallel_cfg = ParallelConfig(tp=tp, pp=pp)
+    ctx = init_parallel(parallel_cfg, seed=tp * 10 + pp)
+    model_cfg = model_config_from_hf(hf_dir)
+    return ctx, model_cfg, build_model_chunks(model_cfg, parallel_cfg)
+
+
+def _reshard_rank(rank: int, world: int, hf_dir: str, ckpt: str):
+    ctx, model_cfg, chunks = _layout(hf_dir, tp=2, pp=1)
+    load_hf_weights(chunks, hf_dir, model_cfg, ctx)
+    save_checkpoint(ckpt, chunks, model_cfg, ctx, extra=EXTRA, hf_assets_dir=hf_dir)
+    destroy_parallel(destroy_process_group=False)
+    out = {}
+    for tp, pp in [(1, 1), (1, 2)]:
+        ctx, model_cfg, chunks = _layout(hf_dir, tp, pp)
+        extra = load_checkpoint(ckpt, chunks, model_cfg, ctx)
+        out[tp, pp] = (ctx.pp_rank, extra, dict(export_hf_weights(chunks, model_cfg, ctx)))
+        destroy_parallel(destroy_process_group=False)
+    return out
+
+
+def test_save_tp2_load_tp1_and_pp2_bit_exact(tmp_path):
+    hf_dir = tiny_model_dir("qwen2", vocab_size=VOCAB)
+    ckpt = tmp_path / "ckpt"
+    results = run_ranks(_reshard_rank, 2, str(hf_dir), str(ckpt), timeout_s=300, threads_per_rank=1)
+    (original_file,) = hf_dir.glob("*.safetensors")
+    original = load_file(str(original_file))
+    manifest = read_manifest(ckpt)
+    assert manifest["parallel"] == {"tp": 2, "pp": 1, "vpp": 1} and manifest["model"]["vocab_size"] == VOCAB
+    assert (ckpt / "hf_assets" / "config.json").is_file()
+    assert not list(tmp_path.glob(".ckpt.tmp-*"))
+    for layout in [(1, 1), (1, 2)]:
+        merged: dict[str, torch.Tensor] = {}
+        for rank_result in results:
+            pp_rank, extra, exported = rank_result[layout]
+            assert extra == EXTRA
+            merged.update(exported)
+        assert set(merged) == set(original), layout
+        for name, tensor in original.items():
+            assert torch.equal(merged[name], tensor), (layout, name)
+
+
+def _damage_rank(rank: int, world: int, hf_dir: str, ckpt: str, other_hf: str, work: str):
+    ctx, model_cfg, chunks = _layout(hf_dir, tp=1, pp=1)
+    load_hf_weights(chunks, hf_dir, model_cfg, ctx)
+    save_checkpoint(ckpt, chunks, model_cfg, ctx, extra=EXTRA)
+    reference = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+    with torch.no_grad():
+        for p in chunks[0].parameters():
+            p.add_(1.0)  # any successful load would undo this
+    touched = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+    errors: dict[str, str] = {}
+
+    def attempt(label: str, path: Path, cfg=model_cfg) -> None:
+        try:
+            load_checkpoint(str(path), chunks, cfg, ctx)
+            errors[label] = "loaded"
+        except CheckpointError as exc:
+            errors[label] = str(exc)
+
+    ckpt, work = Path(ckpt), Path(work)
+    distcp = sorted((ckpt / "dist").glob("*.distcp"))[0].relative_to(ckpt)
+    for label, damage in [
+        ("missing", lambda d: (d / distcp).unlink()),
+        ("truncated", lambda d: (d / distcp).write_bytes((d / distcp).read_bytes()[:-10])),
+        ("corrupt", lambda d: (d / distcp).write_bytes(b"\x00" * (d / distcp).stat().st_size)),
+        ("no_manifest", lambda d: (d / MANIFEST).unlink()),
+    ]:
+        damaged = work / label
+        shutil.copytree(ckpt, damaged)
+        damage(damaged)
+        attempt(label, damaged)
+    attempt("other_model", ckpt, model_config_from_hf(other_hf))
+    unchanged = all(torch.equal(p, touched[n]) for n, p in chunks[0].named_parameters())
+    # a save that fails half-way (unpicklable extra) leaves neither the target nor a temp dir
+    try:
+        save_checkpoint(str(work / "failed"), chunks, model_cfg, ctx, extra={"fn": lambda: 0})
+        errors["failed_save"] = "saved"
+    except Exception as exc:  # noqa: BLE001 - the pickling error type is torch's business
+        errors["failed_save"] = type(exc).__name__
+    try:
+        save_checkpoint(ckpt, chunks, model_cfg, ctx)
+    except CheckpointError as exc:
+        errors["exists"] = str(exc)
+    extra = load_checkpoint(ckpt, chunks, model_cfg, ctx)
+    restored = all(torch.equal(p, reference[n]) for n, p in chunks[0].named_parameters())
+    destroy_parallel(destroy_process_group=False)
+    return errors, unchanged, restored, extra
+
+
+def test_refusals_leave_model_and_disk_untouched(tmp_path):
+    hf_dir = tiny_model_dir("qwen2")
+    other = tiny_model_dir("qwen2", hidden_size=32, num_attention_heads=2, num_kv_heads=1, ffn_hidden_size=64)
+    work = tmp_path / "work"
+    work.mkdir()
+    (errors, unchanged, restored, extra), = run_ranks(
+        _damage_rank, 1, str(hf_dir), str(tmp_path / "ckpt"), str(other), str(work), timeout_s=300,
+        threads_per_rank=1)
+    distcp = "dist/__0_0.distcp"
+    assert f"{distcp}: missing" in errors["missing"]
+    assert "truncated?" in errors["truncated"] and distcp in errors["truncated"]
+    assert f"{distcp}: sha256 mismatch (corrupt)" in errors["corrupt"]
+    assert "manifest.json is missing" in errors["no_manifest"]
+    assert "model.hidden_size: checkpoint=64 model=32" in errors["other_model"]
+    assert "model.num_query_groups: checkpoint=2 model=1" in errors["other_model"]
+    assert errors["failed_save"] != "saved"
+    assert not (work / "failed").exists() and not list(work.glob(".failed.tmp-*"))
+    assert "already exists" in errors["exists"]
+    assert unchanged, "a refused load modified parameters"
+    assert restored and extra == EXTRA
+
+
+def test_config_diff_names_fields():
+    cfg = model_config_from_hf(tiny_model_dir("qwen3"))
+    saved = json.loads(json.dumps(cfg.__dict__))
+    assert config_diff(saved, cfg) == []
+    saved["tie_word_embeddings"] = False
+    saved["make_vocab_size_divisible_by"] = 64  # padding may differ: resharding handles it
+    assert config_diff(saved, cfg) == ["model.tie_word_embeddings: checkpoint=False model=True"]
+
+
+def _trainable(hf_dir: str, parallel_cfg: ParallelConfig):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ctx = init_parallel(parallel_cfg, seed=1)
+    model_cfg = model_config_from_hf(hf_dir)
+    raw = build_model_chunks(model_cfg, parallel_cfg)
+    load_hf_weights(raw, hf_dir, model_cfg, ctx)
+    raw[0].config.finalize_model_grads_func = finalize_model_grads
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                            use_distributed_optimizer=parallel_cfg.use_distributed_optimizer)
+    ddp = [DistributedDataParallel(config=raw[0].config, ddp_config=ddp_cfg, module=raw[0])]
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, params_dtype=torch.float32,
+                                                 use_distributed_optimizer=parallel_cfg.use_distributed_optimizer),
+                                 ddp)
+    return ctx, model_cfg, raw, ddp, opt
+
+
+def _train_step(ddp, opt, ctx, seed: int) -> None:
+    from megatron_lpreg.parallel import cpu
+
+    tokens = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(seed * 10 + ctx.dp_rank))
+    positions = torch.arange(8).unsqueeze(0).expand(2, 8)
+    ddp[0].zero_grad_buffer()
+    opt.zero_grad()
+    with cpu.cpu_mode():
+        ddp[0](tokens, positions, None).float().pow(2).mean().backward()
+        ddp[0].finish_grad_sync()
+        opt.step()
+
+
+def _resume_rank(rank: int, world: int, hf_dir: str, root: str):
+    results = {}
+    for dist_opt in (False, True):
+        parallel_cfg = ParallelConfig(tp=1, pp=1, use_distributed_optimizer=dist_opt)
+        ckpt = f"{root}/opt{int(dist_opt)}"
+        ctx, model_cfg, raw, ddp, opt = _trainable(hf_dir, parallel_cfg)
+        _train_step(ddp, opt, ctx, seed=0)
+        save_checkpoint(ckpt, raw, model_cfg, ctx, optimizer=opt)
+        _train_step(ddp, opt, ctx, seed=1)
+        uninterrupted = {n: p.detach().clone() for n, p in raw[0].named_parameters()}
+        destroy_parallel(destroy_process_group=False)
+        outcome = []
+        for with_optimizer in (True, False):
+            ctx, model_cfg, raw, ddp, opt = _trainable(hf_dir, parallel_cfg)
+            load_checkpoint(ckpt, raw, model_cfg, ctx, optimizer=opt if with_optimizer else None)
+            _train_step(ddp, opt, ctx, seed=1)
+            outcome.append(all(torch.equal(p, uninterrupted[n]) for n, p in raw[0].named_parameters()))
+            steps = [st["step"] for o in getattr(opt, "chained_optimizers", [opt]) for st in o.optimizer.state.values()]
+            if with_optimizer:
+                outcome.append(sorted({float(s) for s in steps}))
+                outcome.append(len({id(s) for s in steps}) == len(steps))
+            destroy_parallel(destroy_process_group=False)
+        results[dist_opt] = outcome
+    return results
+
+
+def test_optimizer_resume_is_bit_exact(tmp_path):
+    """DP2, with and without the distributed optimizer: save after step 1, resume, step 2 == uninterrupted step 2.
+    The control (resume without optimizer state) must differ, or the test could not fail."""
+    results = run_ranks(_resume_rank, 2, str(tiny_model_dir("qwen2")), str(tmp_path), timeout_s=300,
+                        threads_per_rank=1)
+    for per_rank in results:
+        for dist_opt, (resumed_equal, steps, unshared, control_equal) in per_rank.items():
+            assert resumed_equal, f"use_distributed_optimizer={dist_opt}: resume diverged"
+            assert steps == [2.0] and unshared, f"use_distributed_optimizer={dist_opt}: step state {steps}"
+            assert not control_equal
+
+
+def _absent_rank(rank: int, world: int, qwen3_dir: str, qwen2_dir: str, ckpt: str):
+    ctx, model_cfg, chunks = _layout(qwen3_dir, tp=1, pp=1)
+    save_checkpoint(ckpt, chunks, model_cfg, ctx)
+    destroy_parallel(destroy_process_group=False)
+    # a manifest edited to claim qwen2 gets past the config check; the missing QKV biases must still be caught
+    manifest = json.loads((Path(ckpt) / MANIFEST).read_text())
+    manifest["model"]["arch"] = "qwen2"
+    (Path(ckpt) / MANIFEST).write_text(json.dumps(manifest))
+    ctx, model_cfg, chunks = _layout(qwen2_dir, tp=1, pp=1)
+    try:
+        load_checkpoint(ckpt, chunks, model_cfg, ctx)
+        return "loaded"
+    except CheckpointError as exc:
+        return str(exc)
+    finally:
+        destroy_parallel(destroy_process_group=False)
+
+
+def test_tensors_absent_from_checkpoint_are_refused(tmp_path):
+    shape = dict(head_dim=16, tie_word_embeddings=False)
+    (message,) = run_ranks(_absent_rank, 1, str(tiny_model_dir("qwen3", **shape)),
+                           str(tiny_model_dir("qwen2", **shape)), str(tmp_path / "ckpt"), timeout_s=120,
+                           threads_per_rank=1)
+    assert "does not fit the model" in message and "linear_qkv.bias" in message
