@@ -89,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     from megatron_lpreg.trainer.launch import launch
+    from megatron_lpreg.trainer.signals import forward_signals_to_run_dir
+
+    # Ranks live in other processes (forked or Ray actors): a SIGUSR1/SIGTERM sent to this launcher becomes
+    # the run dir's preemption flag, which the ranks poll every step.
+    forward_signals_to_run_dir(run_dir)
 
     code = launch(cfg, str(run_dir))
     logger.info("training finished with exit code %d; run dir %s", code, run_dir)

@@ -58,3 +58,15 @@ def request_preemption(run_dir: str | Path) -> None:
     path = Path(run_dir) / PREEMPT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch()
+
+
+def forward_signals_to_run_dir(run_dir: str | Path) -> None:
+    """In a launcher process: turn SIGUSR1/SIGTERM into the run dir's preemption flag (ranks poll it)."""
+
+    def handler(signum: int, frame: object) -> None:
+        logger.warning("launcher received %s: asking the ranks to checkpoint and exit",
+                       signal.Signals(signum).name)
+        request_preemption(run_dir)
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, handler)
