@@ -396,8 +396,8 @@ def vocab_parallel_logprob_stats(
         raise ValueError(f"temperature={temperature} must be > 0")
     if _keep_threshold(math.log(kappa), temperature) < _MIN_KEEP_THRESHOLD:
         raise ValueError(
-            f"kappa={kappa} ** (1 / temperature={temperature}) is below {_MIN_KEEP_THRESHOLD:g}, outside fp32 range for "
-            "the min-p test; use a larger kappa or temperature"
+            f"kappa={kappa} ** (1 / temperature={temperature}) is below {_MIN_KEEP_THRESHOLD:g}, outside fp32 "
+            "range for the min-p test; use a larger kappa or temperature"
         )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1 or None (one chunk)")

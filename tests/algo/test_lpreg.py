@@ -83,8 +83,8 @@ def test_clipped_surrogate_and_unclipped_ratio_on_regularized_tokens():
     adv = _row(1.0, -1.0, -2.0, -2.0)
     loss, metrics = lpreg_policy_loss(lp, old, proxy, adv, torch.ones(1, 4), rho=1.0, clip_low=0.2, clip_high=0.2)
     # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(0.5, 0.8) = 0.8 (clipped); k = int(3*1) = 3 selects
-    # tokens 1, 2, 3; token 1 has lp >= proxy; token 2 (lp -4 < proxy -1) is regularized with r = 0.5 unclipped: 2*0.5 + (e^3 - 3 - 1)
-    # -> clamp 10; token 3: lp -5 >= proxy -9, plain surrogate 2*1 = 2.
+    # tokens 1, 2, 3; token 1 has lp >= proxy; token 2 (lp -4 < proxy -1) is regularized with r = 0.5 unclipped:
+    # 2*0.5 + (e^3 - 3 - 1) -> clamp 10; token 3: lp -5 >= proxy -9, plain surrogate 2*1 = 2.
     expected = (-1.2 + 0.8 + (1.0 + 10.0) + 2.0) / 4
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()

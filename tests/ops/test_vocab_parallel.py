@@ -150,7 +150,9 @@ def _check(case: Case, per_rank: list[dict]) -> dict[str, float]:
             assert first[key] is None
             continue
         got = first[key].to(torch.float64)
-        torch.testing.assert_close(got, want.detach(), atol=VALUE_ATOL, rtol=VALUE_RTOL, msg=lambda m: f"{case.name} {key}: {m}")
+        torch.testing.assert_close(
+            got, want.detach(), atol=VALUE_ATOL, rtol=VALUE_RTOL, msg=lambda m: f"{case.name} {key}: {m}"
+        )
         errors[key] = (got - want).abs().max().item() if got.numel() else 0.0
     grad = torch.cat([r["grad"] for r in per_rank], dim=-1).to(torch.float64)
     assert torch.all(grad[..., case.vocab :] == 0), f"{case.name}: padding got gradient"
