@@ -512,6 +512,7 @@ def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, asset
     from megatron_lpreg.config.base import from_dict
     from megatron_lpreg.config.model import ModelConfig, ParallelConfig
     from megatron_lpreg.models.bridge import export_hf_weights, write_hf_safetensors
+    from megatron_lpreg.telemetry import progress
     from megatron_lpreg.parallel.bootstrap import destroy_parallel, init_parallel
 
     parallel_cfg = ParallelConfig(tp=tp, pp=pp)
@@ -520,10 +521,11 @@ def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, asset
         model_cfg = dataclasses.replace(from_dict(ModelConfig, read_manifest(mcore_dir)["model"]),
                                         transformer_impl="local")
         chunks = _build_chunks(model_cfg, parallel_cfg)
-        load_checkpoint(mcore_dir, chunks, model_cfg, ctx)
+        load_checkpoint(mcore_dir, chunks, model_cfg, ctx, verify_checksums=False)  # the parent verified them
         config = json.loads((Path(assets) / "config.json").read_text()) if assets else hf_config_dict(model_cfg)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            stream = export_hf_weights(chunks, model_cfg, ctx, dtype=_hf_dtype(config))
+            stream = progress(export_hf_weights(chunks, model_cfg, ctx, dtype=_hf_dtype(config)), desc="export hf",
+                              rank=rank)
             if ctx.tp_rank == 0 and ctx.dp_rank == 0:  # one writer per pipeline stage, in parallel
                 shards = write_hf_safetensors(stream, tmp, prefix=f"stage{ctx.pp_rank:03d}",
                                               max_shard_bytes=max_shard_bytes)
@@ -564,6 +566,7 @@ def convert_mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike
     tp = tp or manifest["parallel"]["tp"]
     pp = pp or manifest["parallel"]["pp"]
     check_conversion_layout(from_dict(ModelConfig, manifest["model"]), tp, pp)
+    _verify_files(Path(mcore_dir), manifest, checksums=True)
     assets = Path(hf_config_dir) if hf_config_dir else Path(mcore_dir) / HF_ASSETS_DIR
     assets_arg = str(assets.absolute()) if (assets / "config.json").is_file() else None
     if hf_config_dir and assets_arg is None:
