@@ -119,6 +119,7 @@ class _Zygote:
 
 
 _ZYGOTE: _Zygote | None = None
+_CANNOT_LOAD = "cannot-load"
 
 
 def start_zygote() -> None:
@@ -189,7 +190,12 @@ def _zygote_main(conn: Any) -> None:
         except (EOFError, OSError):
             os._exit(0)
         try:
-            fn, world_size, args, kwargs, timeout_s, threads, env, path = pickle.loads(request)
+            try:
+                fn, world_size, args, kwargs, timeout_s, threads, env, path = pickle.loads(request)
+            except (AttributeError, ImportError) as exc:  # defined after we were forked: the caller forks itself
+                conn.send_bytes(pickle.dumps(_CANNOT_LOAD))
+                logger.debug("fork helper cannot load the job (%s)", exc)
+                continue
             os.environ.clear()
             os.environ.update(env)
             sys.path[:] = path
@@ -200,6 +206,23 @@ def _zygote_main(conn: Any) -> None:
             conn.send_bytes(pickle.dumps(answer))
         except Exception as exc:
             conn.send_bytes(pickle.dumps(([], [f"fork helper: result not picklable: {exc}"])))
+
+
+def _pickle_job(job: tuple, *, by_value: bool) -> bytes | None:
+    """Pickle by reference when possible; by value (cloudpickle, shipped with Ray) for closures, lambdas and a
+    script's own functions, which did not exist when the zygote was forked. None if neither works."""
+    if not by_value:
+        try:
+            return pickle.dumps(job)
+        except (pickle.PicklingError, AttributeError, TypeError):
+            pass
+    try:
+        from ray import cloudpickle
+
+        return cloudpickle.dumps(job)
+    except Exception as exc:  # e.g. an unpicklable argument: fall back to forking from this process
+        logger.debug("run_ranks: job not picklable (%s); forking from this process", exc)
+        return None
 
 
 def run_ranks(
@@ -227,13 +250,11 @@ def run_ranks(
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
     request = None
     if _ZYGOTE is not None and _ZYGOTE.alive():
-        try:
-            request = pickle.dumps((fn, world_size, args, kwargs, timeout_s, threads, dict(os.environ),
-                                    list(sys.path)))
-        except (pickle.PicklingError, AttributeError, TypeError) as exc:
-            logger.debug("run_ranks: %s is not picklable (%s); forking from this process", fn, exc)
-    if request is not None:
-        results, errors = _ZYGOTE.run(request, timeout_s)
+        job = (fn, world_size, args, kwargs, timeout_s, threads, dict(os.environ), list(sys.path))
+        request = _pickle_job(job, by_value=getattr(fn, "__module__", "") == "__main__")
+    answer = _ZYGOTE.run(request, timeout_s) if request is not None else _CANNOT_LOAD
+    if answer != _CANNOT_LOAD:
+        results, errors = answer
     else:
         results, errors = _fork_and_collect(fn, world_size, args, kwargs, timeout_s, threads)
     if errors:
