@@ -167,7 +167,8 @@ class _VocabParallelLogprobStats(torch.autograd.Function):
             return grad_logits, None, None, None, None, None, None
         weights = torch.stack([grad_logprobs, grad_entropy, grad_kl], dim=-1).to(saved.dtype)
         # Write straight into the gradient when it is contiguous fp32/fp64 (no padding on this shard), else stage.
-        direct = grad_logits.dtype == saved.dtype and layout.n_valid == logits_2d.shape[1]
+        direct = (grad_logits.dtype == saved.dtype and layout.n_valid == logits_2d.shape[1]
+                  and grad_logits.is_contiguous())
         work = torch.empty(1 if direct else 2, min(block, n_tokens), layout.n_valid, dtype=saved.dtype,
                            device=logits_2d.device)
         for begin in range(0, n_tokens, block):

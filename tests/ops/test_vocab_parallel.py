@@ -250,6 +250,20 @@ def test_gradcheck_float64(direction):
     assert torch.autograd.gradcheck(stats, (logits,))
 
 
+def test_transposed_input_matches_contiguous():
+    base = torch.randn(9, 4, dtype=torch.float64)
+    tokens = torch.tensor([0, 3, 8, 1])
+    contiguous = base.t().contiguous().requires_grad_()
+    transposed = base.clone().requires_grad_()  # the op sees transposed.t(): a [4, 9] non-contiguous view
+    outputs = []
+    for view in (contiguous, transposed.t()):
+        stats = vocab_parallel_logprob_stats(view, tokens, with_proxy_kl=True)
+        (stats.logprobs.sum() + stats.entropy.sum() + stats.proxy_kl.sum()).backward()
+        outputs.append(stats.logprobs)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    torch.testing.assert_close(contiguous.grad, transposed.grad.t())
+
+
 def test_dtypes_fp32_output_for_bf16_float64_preserved_int32_tokens():
     logits = torch.randn(4, 9)
     tokens = torch.tensor([0, 1, 2, 8])
