@@ -8,6 +8,7 @@
 #   MLPREG_PYTHON     interpreter with megatron_lpreg installed (default: python3 on PATH)
 #   MLPREG_SRUN_ARGS  extra srun options for every step, e.g. "--container-image=/path/img.sqsh" (pyxis)
 #   MLPREG_RAY_WAIT_S seconds to wait for all Ray nodes to join (default 300)
+#   MLPREG_PREEMPT_DIR set by the scripts: the trainer's run directory (preemption requests go there)
 
 mlpreg_log() { echo "[mlpreg $(date +%H:%M:%S)] $*" >&2; }
 
@@ -39,28 +40,39 @@ mlpreg_srun_argv() {
   MLPREG_SRUN_CMD+=("${MLPREG_SRUN_EXTRA[@]}")
 }
 
-_mlpreg_forward() {   # signal name: pass it on to the running child (srun forwards it to its task)
+_mlpreg_forward() {   # signal name: pass it on to the running child
   mlpreg_log "got SIG$1; forwarding to pid ${MLPREG_CHILD:-?}"
   [[ -n ${MLPREG_CHILD:-} ]] && kill -s "$1" "$MLPREG_CHILD" 2>/dev/null || true
 }
 
-# Run a command (not a shell function) in the background and wait for it while forwarding USR1 (Slurm's
+_mlpreg_preempt() {   # USR1 with MLPREG_PREEMPT_DIR: ask the trainer through its run directory
+  mlpreg_log "got SIGUSR1; asking the trainer in $MLPREG_PREEMPT_DIR to checkpoint and exit for requeue"
+  "$MLPREG_PYTHON" -m megatron_lpreg.launch.job preempt "$MLPREG_PREEMPT_DIR" || true
+}
+
+# Run a command (not a shell function) in the background and wait for it, handling USR1 (Slurm's
 # --signal=B:USR1@<sec> warning, or `scancel --batch --signal=USR1`), TERM and INT. Sets MLPREG_RC.
-# MLPREG_TERMINATING=1 records a TERM/INT: the job is being cancelled, so it must not requeue itself.
+# USR1: when MLPREG_PREEMPT_DIR names the trainer's run directory, the request goes through the trainer's flag
+# file there (rank 0 polls it; a signal through srun would hit every process of the step, reward workers and
+# forked ranks included); otherwise USR1 is forwarded to the child. TERM/INT are forwarded and set
+# MLPREG_TERMINATING=1: the job is being cancelled, so it must not requeue itself.
 mlpreg_run() {
   MLPREG_TERMINATING=0
+  if [[ -n ${MLPREG_PREEMPT_DIR:-} ]]; then
+    "$MLPREG_PYTHON" -m megatron_lpreg.launch.job preempt --clear "$MLPREG_PREEMPT_DIR"   # stale request
+  fi
   "$@" &
   MLPREG_CHILD=$!
-  trap '_mlpreg_forward USR1' USR1
+  if [[ -n ${MLPREG_PREEMPT_DIR:-} ]]; then trap _mlpreg_preempt USR1; else trap '_mlpreg_forward USR1' USR1; fi
   trap 'MLPREG_TERMINATING=1; _mlpreg_forward TERM' TERM
   trap 'MLPREG_TERMINATING=1; _mlpreg_forward INT' INT
-  local rc
-  while :; do
-    rc=0
-    wait "$MLPREG_CHILD" || rc=$?
-    # A trapped signal interrupts `wait` (status > 128) while the child still runs: wait again.
-    kill -0 "$MLPREG_CHILD" 2>/dev/null || break
+  # A trapped signal interrupts `wait` (status 128 + signal) while the child may still run: wait again until it
+  # is gone, then ask once more for its own status (bash keeps it for a child it has already reaped).
+  while kill -0 "$MLPREG_CHILD" 2>/dev/null; do
+    wait "$MLPREG_CHILD" || true
   done
+  local rc=0
+  wait "$MLPREG_CHILD" || rc=$?
   trap - USR1 TERM INT
   MLPREG_CHILD=
   MLPREG_RC=$rc

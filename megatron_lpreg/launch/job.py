@@ -3,6 +3,10 @@
 - ``array-task DIR``: run manifest row ``$SLURM_ARRAY_TASK_ID`` of array directory DIR as a child process,
   forwarding SIGUSR1/SIGUSR2/SIGTERM/SIGINT to it, then record its exit code in ``DIR/status/task_<i>.json``
   and exit with it (so :data:`~megatron_lpreg.launch.slurm.REQUEUE_EXIT_CODE` reaches the batch script).
+- ``run-dir CONFIG [overrides]`` / ``run-dir --array-dir DIR``: the training run directory of this job or task.
+- ``preempt RUN_DIR [--clear]``: ask the trainer writing RUN_DIR to checkpoint and exit with the requeue code
+  (megatron_lpreg.trainer.signals.request_preemption: a flag file rank 0 polls at every step boundary), or
+  remove a stale request before the trainer starts.
 - ``ray-env``: ``export`` lines with the Ray head node, IP, port and per-node GPUs/CPUs of this allocation.
 - ``wait-ray --address A --nodes N``: block until N Ray nodes are alive (or fail after a timeout).
 - ``requeue-code``: print REQUEUE_EXIT_CODE (the one definition the shell scripts use).
@@ -114,6 +118,41 @@ def run_array_task(root: str | os.PathLike, env: Mapping[str, str], index: int |
     return code
 
 
+def training_run_dir(env: Mapping[str, str], config: str | None = None, overrides: Sequence[str] = (),
+                     array_dir: str | None = None) -> Path:
+    """The run directory the trainer of this job writes: ``trainer.output_dir`` of CONFIG + overrides (relative
+    paths resolved against the current directory, as the trainer resolves them), or the array task's directory.
+
+    Raises:
+        ConfigError: the config does not load. ValueError: not a training array, or neither argument given.
+    """
+    if array_dir is not None:
+        manifest = ArrayManifest.read(array_dir)
+        if manifest.kind != "train":
+            raise ValueError(f"{array_dir} is an {manifest.kind} array; only training tasks have a run directory")
+        return manifest.task_dir(Path(array_dir).resolve(), task_index(env))
+    if config is None:
+        raise ValueError("run-dir needs CONFIG [overrides] or --array-dir DIR")
+    from megatron_lpreg.config import RunConfig
+
+    return Path(RunConfig.load(config, overrides).trainer.output_dir).resolve()
+
+
+def request_preemption(run_dir: str | os.PathLike, clear: bool = False) -> None:
+    """Ask the trainer writing ``run_dir`` to checkpoint and exit with REQUEUE_EXIT_CODE (or withdraw the ask).
+
+    A file, not a signal: with srun, Ray or forked ranks a signal would reach either one process or every process
+    of the step (reward workers included); the flag reaches rank 0 whatever the launcher.
+    """
+    from megatron_lpreg.trainer import signals
+
+    if clear:
+        (Path(run_dir) / signals.PREEMPT_FILE).unlink(missing_ok=True)
+    else:
+        signals.request_preemption(run_dir)
+        logger.warning("preemption requested for %s", run_dir)
+
+
 def wait_for_ray(address: str, num_nodes: int, timeout_s: float, poll_s: float = 2.0) -> int:
     """Block until ``num_nodes`` Ray nodes are alive in the cluster at ``address``; return the count.
 
@@ -144,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("array_dir")
     task.add_argument("--task", type=int, default=None, help="row to run (default: $SLURM_ARRAY_TASK_ID)")
     task.add_argument("--extra", action="append", default=[], help="argument appended to the task's command")
+    run_dir = sub.add_parser("run-dir", help="print the training run directory of this job or array task")
+    run_dir.add_argument("config", nargs="?", default=None)
+    run_dir.add_argument("overrides", nargs="*")
+    run_dir.add_argument("--array-dir", default=None)
+    preempt = sub.add_parser("preempt", help="ask the trainer in RUN_DIR to checkpoint and exit for requeue")
+    preempt.add_argument("run_dir")
+    preempt.add_argument("--clear", action="store_true", help="remove a pending request instead")
     sub.add_parser("ray-env", help="print export lines for the Ray head/worker bootstrap")
     wait = sub.add_parser("wait-ray", help="wait until N Ray nodes are alive")
     wait.add_argument("--address", required=True)
@@ -160,6 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.step == "array-task":
             return run_array_task(args.array_dir, os.environ, args.task, args.extra)
+        if args.step == "run-dir":
+            sys.stdout.write(f"{training_run_dir(os.environ, args.config, args.overrides, args.array_dir)}\n")
+            return 0
+        if args.step == "preempt":
+            request_preemption(args.run_dir, args.clear)
+            return 0
         if args.step == "ray-env":
             sys.stdout.write(ray_layout(SlurmJobEnv.from_environ(os.environ), os.environ).shell_exports())
             return 0
@@ -169,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         sys.stdout.write(f"{REQUEUE_EXIT_CODE}\n")
         return 0
-    except (SlurmError, TimeoutError, ValueError) as exc:
+    except (SlurmError, TimeoutError, ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 1
 

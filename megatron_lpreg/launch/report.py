@@ -73,7 +73,7 @@ def summarize_run(run_dir: str | os.PathLike, *, name: str = "", overrides: dict
             value = _metric(row, keys)
             if value is not None:
                 curves[column].append((step, value))
-    metrics: dict[str, float | None] = {"steps": float(int(rows[-1].get("step", len(rows)))) if rows else None}
+    metrics: dict[str, float | None] = {"steps": float(len(rows)) if rows else None}  # steps logged
     for column in METRIC_KEYS:
         metrics[column] = curves[column][-1][1] if curves[column] else None
     tail = [v for _, v in curves["reward_mean"][-LAST_K:]]

@@ -148,8 +148,14 @@ def submit_array(manifest: ArrayManifest, root: Path, script: str, args: argpars
     if not args.wait:
         print(root)
         return 0
-    wait_for_job(manifest.job_id, poll_s=args.poll, timeout_s=args.timeout, env=env,
-                 on_poll=lambda n: print(f"  {n} task(s) queued or running", file=sys.stderr, flush=True))
+    last = [-1]
+
+    def progress(remaining: int) -> None:  # one line per change, not per poll
+        if remaining != last[0]:
+            print(f"  {remaining} task(s) queued or running", file=sys.stderr, flush=True)
+            last[0] = remaining
+
+    wait_for_job(manifest.job_id, poll_s=args.poll, timeout_s=args.timeout, env=env, on_poll=progress)
     outcomes = task_outcomes(root, manifest, array_task_states(manifest.job_id, env))
     for outcome, line in zip(outcomes, (shlex.join(t) for t in manifest.tasks)):
         code = "-" if outcome.exit_code is None else outcome.exit_code

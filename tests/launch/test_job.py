@@ -101,3 +101,28 @@ def test_main_requeue_code_and_errors(capsys, monkeypatch):
     assert capsys.readouterr().out == "42\n"
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert main(["ray-env"]) == 1
+
+
+def test_training_run_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+    from megatron_lpreg.launch.job import training_run_dir
+
+    assert training_run_dir({}, str(tiny), ["trainer.output_dir=runs/x"]) == tmp_path / "runs" / "x"
+    _train_array(tmp_path / "sw", ["0", "1"])
+    assert training_run_dir({"SLURM_ARRAY_TASK_ID": "1"}, array_dir=str(tmp_path / "sw")) == tmp_path / "sw" / "task_1"
+    ArrayManifest(kind="eval", command=["e"], tasks=[["x"]]).write(tmp_path / "ev")
+    with pytest.raises(ValueError, match="only training tasks have a run directory"):
+        training_run_dir({"SLURM_ARRAY_TASK_ID": "0"}, array_dir=str(tmp_path / "ev"))
+    assert main(["run-dir", str(tiny), "trainer.output_dir=/r", "algo.rhoo=1"]) == 1  # bad config: clear failure
+
+
+def test_preempt_request_is_the_trainers_flag_file(tmp_path):
+    from megatron_lpreg.trainer.signals import PreemptionWatcher
+
+    watcher = PreemptionWatcher(tmp_path, install_handlers=False)
+    assert not watcher.should_stop()
+    assert main(["preempt", str(tmp_path)]) == 0
+    assert watcher.should_stop()
+    assert main(["preempt", "--clear", str(tmp_path)]) == 0
+    assert not watcher.should_stop()

@@ -29,7 +29,8 @@ mlpreg_finish
 """
 
 
-def _start(tmp_path: Path, sleep: float, code: int) -> tuple[subprocess.Popen, Path, Path]:
+def _start(tmp_path: Path, sleep: float = 0, code: int = 0, script: str = SCRIPT,
+           **extra_env: str) -> tuple[subprocess.Popen, Path, Path]:
     bin_dir, ready, calls = tmp_path / "bin", tmp_path / "ready", tmp_path / "scontrol.calls"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
@@ -37,9 +38,9 @@ def _start(tmp_path: Path, sleep: float, code: int) -> tuple[subprocess.Popen, P
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IXUSR)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MLPREG_ROOT": str(REPO), "SLURM_JOB_ID": "77",
            "MLPREG_PYTHON": sys.executable, "TRAINER": TRAINER, "READY": str(ready), "SLEEP": str(sleep),
-           "CODE": str(code)}
+           "CODE": str(code), **extra_env}
     env.pop("MLPREG_SITE_ENV", None)
-    proc = subprocess.Popen(["bash", "-c", SCRIPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     return proc, ready, calls
 
@@ -89,3 +90,34 @@ def test_scripts_parse_and_need_their_variables(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "slurm" / "sweep_array.sbatch"), str(tmp_path)],
                           env={**env, "MLPREG_ROOT": str(REPO)}, capture_output=True, text=True)
     assert proc.returncode != 0 and "not inside a Slurm job" in proc.stderr
+
+
+# A trainer stand-in that, like megatron_lpreg/trainer/loop.py, polls its run directory's preemption flag; it dies
+# on a signal (default action), so the test fails if the request arrives as a signal instead.
+POLLING_TRAINER = ("import pathlib, sys, time\n"
+                   "flag = pathlib.Path(sys.argv[1]) / '.preempt_requested'\n"
+                   "open(sys.argv[2], 'w').close()\n"
+                   "for _ in range(600):\n"
+                   "    if flag.exists(): flag.unlink(); sys.exit(42)\n"
+                   "    time.sleep(0.05)\n"
+                   "sys.exit(0)\n")
+
+
+def test_usr1_with_a_run_dir_goes_through_the_trainers_flag_file(tmp_path):
+    from megatron_lpreg.trainer.signals import PREEMPT_FILE
+
+    assert PREEMPT_FILE == ".preempt_requested"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / PREEMPT_FILE).touch()  # a stale request from an earlier attempt must not stop this one
+    script = SCRIPT.replace('mlpreg_run "$MLPREG_PYTHON" -c "$TRAINER" "$READY" "$SLEEP" "$CODE"',
+                            'MLPREG_PREEMPT_DIR=$RUN_DIR\nmlpreg_run "$MLPREG_PYTHON" -c "$POLLING" "$RUN_DIR" "$READY"')
+    proc, ready, calls = _start(tmp_path, script=script, POLLING=POLLING_TRAINER, RUN_DIR=str(run_dir))
+    _wait_ready(ready)
+    time.sleep(0.3)
+    assert proc.poll() is None  # the stale flag was cleared before the trainer started
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert calls.read_text() == "requeue 77\n"
+    assert "asking the trainer in" in out
