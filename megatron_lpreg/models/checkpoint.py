@@ -400,10 +400,31 @@ def run_job(fn: Any, world_size: int, *args: Any, timeout_s: float = 3600.0) -> 
     return run_ranks(fn, world_size, *args, timeout_s=timeout_s, threads_per_rank=1)
 
 
-def _build_chunks(model_cfg: Any, parallel_cfg: Any) -> list[torch.nn.Module]:
-    from megatron_lpreg.models.qwen import build_model_chunks
+def _build_chunks(model_cfg: Any, parallel_cfg: Any, ctx: Any) -> list[torch.nn.Module]:
+    """This rank's model chunk for a conversion job, built *without* weight initialisation.
 
-    return build_model_chunks(model_cfg, parallel_cfg)
+    Every value is overwritten by the load. megatron's CPU initialisation would first materialise each layer's
+    full fp32 master weight on every rank (a 151936 x 5120 embedding is 3.1 GB), which dominated the
+    conversion's peak memory. Same modules and names as ``qwen.build_gpt_model`` (no virtual pipeline here);
+    TODO(#3): an ``initialize`` flag on build_gpt_model would let this reuse it.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_lpreg.models import qwen
+    from megatron_lpreg.parallel import cpu
+
+    config = qwen.transformer_config(model_cfg, parallel_cfg)
+    config.perform_initialization = False
+    with cpu.cpu_mode():
+        model = GPTModel(
+            config=config, transformer_layer_spec=qwen.layer_spec(model_cfg),
+            vocab_size=model_cfg.padded_vocab_size(parallel_cfg.tp),
+            max_sequence_length=model_cfg.max_position_embeddings,
+            pre_process=ctx.is_first_pp_stage, post_process=ctx.is_last_pp_stage, parallel_output=True,
+            share_embeddings_and_output_weights=model_cfg.tie_word_embeddings,
+            position_embedding_type="rope", rotary_percent=1.0, rotary_base=model_cfg.rope_theta,
+        )
+    return [model]
 
 
 def check_conversion_layout(model_cfg: Any, tp: int, pp: int) -> None:
@@ -437,7 +458,7 @@ def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, out_dir: str, tp: int,
     ctx = init_parallel(parallel_cfg, seed=0)
     try:
         model_cfg = _conversion_model_config(hf_dir)
-        chunks = _build_chunks(model_cfg, parallel_cfg)
+        chunks = _build_chunks(model_cfg, parallel_cfg, ctx)
         load_hf_weights(chunks, hf_dir, model_cfg, ctx)
         save_checkpoint(out_dir, chunks, model_cfg, ctx, hf_assets_dir=hf_dir, overwrite=overwrite)
     finally:
@@ -520,7 +541,7 @@ def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, asset
     try:
         model_cfg = dataclasses.replace(from_dict(ModelConfig, read_manifest(mcore_dir)["model"]),
                                         transformer_impl="local")
-        chunks = _build_chunks(model_cfg, parallel_cfg)
+        chunks = _build_chunks(model_cfg, parallel_cfg, ctx)
         load_checkpoint(mcore_dir, chunks, model_cfg, ctx, verify_checksums=False)  # the parent verified them
         config = json.loads((Path(assets) / "config.json").read_text()) if assets else hf_config_dict(model_cfg)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
