@@ -63,11 +63,15 @@ class DeadlinePool:
         self.memory_limit_mb = memory_limit_mb
         self.killed = 0
         """Workers killed so far for running past a deadline."""
+        self._uses_shared_zygote = zygote is None
         self._zygote = zygote or shared_zygote()
         self._lock = threading.Lock()
         self._workers = [self._spawn() for _ in range(num_workers)]
 
     def _spawn(self) -> _Worker:
+        if self._uses_shared_zygote and not self._zygote.alive():
+            logger.warning("the reward zygote died; starting a new one")
+            self._zygote = shared_zygote()
         pid, conn = self._zygote.fork_worker(self.memory_limit_mb)
         return _Worker(pid=pid, conn=conn)
 

@@ -35,3 +35,21 @@ def test_zygote_survives_its_starting_thread_and_cleans_up():
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(p) for p in pids) and not zygote.alive()
+
+
+def test_pool_survives_the_death_of_the_shared_zygote():
+    from megatron_lpreg.reward.zygote import shared_zygote
+
+    with DeadlinePool(num_workers=1, timeout_s=0.5) as pool:
+        zygote = shared_zygote()
+        zygote._proc.kill()
+        zygote._proc.wait()
+        worker_pid = pool._workers[0].pid
+        deadline = time.monotonic() + 5
+        while _alive(worker_pid) and time.monotonic() < deadline:  # workers die with their zygote
+            time.sleep(0.05)
+        assert not _alive(worker_pid)
+        # the dead worker is noticed at dispatch and replaced from a new zygote; the sample is not lost
+        results = pool.map(MATH_REWARD_PATH, [("\\boxed{10^{10^{10^{10}}}}", "5"), ("\\boxed{1/2}", "0.5")])
+    assert [r.reason for r in results] == ["timeout", "verified"]
+    assert shared_zygote() is not zygote and shared_zygote().alive()
