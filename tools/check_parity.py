@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tol", type=float, default=None, help="default: 1e-4 (float32), 5e-2 (bfloat16)")
+    parser.add_argument("--tol", type=float, default=None, help="default: 1e-4 (float32), 0.25 (bfloat16)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
