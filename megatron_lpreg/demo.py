@@ -45,7 +45,7 @@ def warm_start(base_dir: Path, out_dir: Path, cfg: RunConfig, *, target_acc: flo
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
     dataset = build_dataset(cfg.data, tokenizer, seed=cfg.seed + 1000)
-    dev = dataset.next_batch(200)
+    dev = dataset.dev()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     t0 = time.perf_counter()
@@ -97,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
     from megatron_lpreg.trainer.cli import materialize_tiny, resolve_config
     from megatron_lpreg.trainer.launch import launch
 
+    from megatron_lpreg.trainer.cli import _prepare_fork_helper
+
     telemetry.setup(0, 1)
+    _prepare_fork_helper()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     out = Path(args.out).resolve()

@@ -109,9 +109,8 @@ class RunConfig:
             )
         if p.sequence_parallel and m.transformer_impl == "local":
             raise ConfigError("parallel.sequence_parallel=true needs model.transformer_impl=transformer_engine")
-        self.algo.validate()
-        self.rollout.validate()
-        self.trainer.validate()
+        for section in (self.algo, self.rollout, self.trainer, self.data, self.reward, self.eval):
+            section.validate()
 
 
 def _divisors(n: int) -> list[int]:

@@ -10,7 +10,7 @@ from typing import Any
 from megatron_lpreg import telemetry
 from megatron_lpreg.config import RunConfig
 from megatron_lpreg.parallel.bootstrap import ParallelContext, init_parallel
-from megatron_lpreg.rollout.base import RolloutEngine, WeightUpdate
+from megatron_lpreg.trainer.engine_host import EngineHost
 from megatron_lpreg.trainer.policy import Policy
 from megatron_lpreg.trainer.state import CheckpointManager
 
@@ -24,7 +24,7 @@ class Components:
     run_dir: Path
     tokenizer: Any
     policy: Policy
-    engine: RolloutEngine
+    engine: EngineHost
     dataset: Any
     reward: Any
     checkpoints: CheckpointManager
@@ -43,19 +43,10 @@ class Components:
         if self.sinks is not None:
             self.sinks.truncate_after(step)
 
-    def weight_update(self, version: int) -> WeightUpdate:
-        """The local engine shares the trainer's parameters: announce the version, stream nothing."""
-        if self.cfg.rollout.engine == "local":
-            return WeightUpdate(version=version)
-        from megatron_lpreg.models.bridge import export_hf_weights
-
-        return WeightUpdate(version=version,
-                            tensors=export_hf_weights(self.policy.raw_chunks, self.cfg.model, self.ctx))
-
-    def engine_after_restore(self) -> None:
-        """Push restored weights to an engine that keeps its own copy."""
-        if self.cfg.rollout.engine != "local":
-            self.engine.update_weights(self.weight_update(version=0))
+    def engine_after_restore(self, version: int) -> None:
+        """Push restored weights to an engine that keeps its own copy (no-op when colocated)."""
+        if self.engine.hosted:
+            self.engine.update_weights(version)
 
     def evaluate_if_due(self, step: int, *, force: bool = False) -> None:
         from megatron_lpreg.trainer.evaluation import evaluate_heldout
@@ -73,6 +64,7 @@ class Components:
         if self.sinks is not None:
             self.sinks.close()
         self.engine.shutdown()
+        self.reward.close()
 
 
 def build_components(cfg: RunConfig, run_dir: Path) -> Components:
@@ -80,7 +72,6 @@ def build_components(cfg: RunConfig, run_dir: Path) -> Components:
 
     from megatron_lpreg.data import build_dataset
     from megatron_lpreg.reward import build_reward
-    from megatron_lpreg.rollout.factory import build_engine
 
     ctx = init_parallel(cfg.parallel, seed=cfg.seed)
     telemetry.setup(ctx.rank, ctx.world_size, level=cfg.logging.level, all_ranks=cfg.logging.all_ranks,
@@ -92,7 +83,7 @@ def build_components(cfg: RunConfig, run_dir: Path) -> Components:
     policy = Policy(cfg.model, cfg.parallel, cfg.optimizer, cfg.algo, ctx, temperature=cfg.rollout.temperature,
                     micro_batch_tokens=cfg.trainer.micro_batch_tokens, total_steps=cfg.trainer.max_steps)
     _load_initial_weights(cfg, policy, ctx)
-    engine = build_engine(cfg.rollout, cfg.model.hf_path, seed=cfg.seed, model=policy.raw_chunks)
+    engine = EngineHost(cfg, ctx, policy.raw_chunks)
     dataset = build_dataset(cfg.data, tokenizer, seed=cfg.seed)
     reward = build_reward(cfg.reward)
     checkpoints = CheckpointManager(run_dir, interval=cfg.checkpoint.interval, keep_last=cfg.checkpoint.keep_last,

@@ -22,6 +22,8 @@ def evaluate_heldout(comp: "Components", step: int) -> dict[str, Any]:
     (TP/PP ranks generate in lockstep); DP ranks split the problems and the counts are summed."""
     prompts = comp.dataset.heldout()
     dp, dp_rank = comp.ctx.dp_size, comp.ctx.dp_rank
+    if comp.engine.hosted:  # rank 0 generates everything; count it once
+        dp, dp_rank = 1, 0
     mine = prompts[dp_rank::dp]
     result: dict[str, Any] = {"step": step, "heldout/num": len(prompts)}
     modes = {"greedy": SamplingParams(n=1, top_k=1, max_new_tokens=comp.cfg.eval.max_new_tokens,

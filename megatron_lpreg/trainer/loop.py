@@ -30,8 +30,6 @@ def run_rank(cfg: RunConfig, run_dir: str) -> int:
     comp: Components = build_components(cfg, run_path)
     state: RunState = comp.checkpoints.restore_or_init(comp)
     watcher = PreemptionWatcher(run_path)
-    if state.step == 0 and cfg.eval.benchmarks and comp.ctx.rank == 0:
-        pass  # evaluation before training is reported by the eval hook below
     comp.evaluate_if_due(state.step, force=state.step == 0)
     steps = telemetry.progress(range(state.step, cfg.trainer.max_steps), total=cfg.trainer.max_steps - state.step,
                                desc="rl", enabled=cfg.logging.progress, rank=comp.ctx.rank)
@@ -41,7 +39,7 @@ def run_rank(cfg: RunConfig, run_dir: str) -> int:
         t1 = time.perf_counter()
         result = update_policy(comp, scored, step)
         t2 = time.perf_counter()
-        comp.engine.update_weights(comp.weight_update(version=step + 1))
+        comp.engine.update_weights(version=step + 1)
         state = state.advance(skipped=result.skipped)
         if state.nan_streak >= cfg.trainer.max_consecutive_nan or (result.skipped and cfg.trainer.nan_policy == "stop"):
             raise NonFiniteLossError(

@@ -50,6 +50,7 @@ class Policy:
 
         self.model_cfg, self.algo_cfg, self.ctx = model_cfg, algo_cfg, ctx
         self.temperature = temperature
+        self.loss_generator: torch.Generator | None = None
         self.micro_batch_tokens = micro_batch_tokens
         raw_chunks = build_model_chunks(model_cfg, parallel_cfg, ctx)
         for chunk in raw_chunks:
@@ -117,7 +118,7 @@ class Policy:
         return vocab_parallel_logprob_stats(
             logits_shard, mb.targets, group=self.ctx.tp_group, kappa=self.algo_cfg.kappa,
             temperature=self.temperature, vocab_size=self.model_cfg.vocab_size, with_proxy_kl=with_proxy_kl,
-            proxy_kl_direction=direction,
+            proxy_kl_direction=direction, chunk_size=self.algo_cfg.logprob_chunk_size or None,
         )
 
     def _run(self, micro_batches: list[TrainBatch], mbs: int, loss_fn, *, forward_only: bool) -> list[Any]:
@@ -168,6 +169,10 @@ class Policy:
             dist.broadcast(proxy, src=src, group=self.ctx.pp_group)
         return old, proxy
 
+    def set_step_seed(self, seed: int) -> None:
+        """Seed the generator of losses that draw random numbers (Clip-Cov) for this step and rank."""
+        self.loss_generator = torch.Generator().manual_seed(seed)
+
     def accumulate_gradients(self, batch: TrainBatch, *, lowprob_threshold: float | None = None,
                              global_valid_tokens: float | None = None) -> dict[str, float]:
         """Zero the grads, run forward+backward over all micro-batches of ``batch``; return the last stage's
@@ -190,7 +195,7 @@ class Policy:
                 logprobs=logprobs, old_logprobs=old, proxy_logprobs=proxy, entropy=stats.entropy.float(),
                 advantages=mb.advantages, response_mask=mb.loss_mask, lowprob_threshold=lowprob_threshold,
                 global_valid_tokens=global_valid_tokens,
-                proxy_kl=stats.proxy_kl.float() if exact_kl else None,
+                proxy_kl=stats.proxy_kl.float() if exact_kl else None, generator=self.loss_generator,
             )
             loss, metrics = compute_policy_loss(self.algo_cfg, inputs)
             # megatron divides by the number of micro-batches and DDP averages over DP ranks; undo that and

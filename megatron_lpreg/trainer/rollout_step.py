@@ -31,11 +31,27 @@ def dp_slice(items: list, dp_rank: int, dp_size: int) -> list:
 
 def sampling_params(comp: "Components", step: int) -> SamplingParams:
     r = comp.cfg.rollout
+    stream = 0 if comp.engine.hosted else comp.ctx.dp_rank  # hosted engines sample the whole step at once
     return SamplingParams(
         n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, min_p=r.min_p,
         max_new_tokens=r.max_new_tokens, stop_token_ids=tuple(stop_ids(comp.tokenizer)),
-        seed=derive_seed(comp.cfg.seed, step, comp.ctx.dp_rank),
+        seed=derive_seed(comp.cfg.seed, step, stream),
     )
+
+
+def generate_for_slice(comp: "Components", prompts: list, params: SamplingParams) -> tuple[list, list]:
+    """(my prompts, their completions): colocated engines generate only this DP rank's slice; hosted engines
+    generate the whole list once and every rank keeps its slice (prompt_index renumbered within the slice)."""
+    dp, dp_rank = comp.ctx.dp_size, comp.ctx.dp_rank
+    mine = dp_slice(prompts, dp_rank, dp)
+    if not comp.engine.hosted:
+        return mine, comp.engine.generate([p.token_ids for p in mine], params)
+    everything = comp.engine.generate([p.token_ids for p in prompts], params)
+    first = dp_rank * len(mine)
+    kept = [c for c in everything if first <= c.prompt_index < first + len(mine)]
+    for c in kept:
+        c.prompt_index -= first
+    return mine, kept
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -48,8 +64,8 @@ def stop_ids(tokenizer) -> list[int]:
 def rollout_batch(comp: "Components", step: int) -> tuple[TrainBatch, dict[str, float]]:
     """Generate, score and turn this rank's share of the step's prompts into a TrainBatch."""
     cfg = comp.cfg
-    prompts = dp_slice(comp.dataset.next_batch(cfg.rollout.prompts_per_step), comp.ctx.dp_rank, comp.ctx.dp_size)
-    completions = comp.engine.generate([p.token_ids for p in prompts], sampling_params(comp, step))
+    prompts, completions = generate_for_slice(comp, comp.dataset.next_batch(cfg.rollout.prompts_per_step),
+                                              sampling_params(comp, step))
     texts = [c.text or comp.tokenizer.decode(c.response_ids, skip_special_tokens=True) for c in completions]
     truths = [prompts[c.prompt_index].ground_truth for c in completions]
     rewards = [float(r) for r in comp.reward.score_batch(texts, truths)]
@@ -95,6 +111,7 @@ def update_policy(comp: "Components", batch: TrainBatch, step: int) -> StepResul
     """On-policy: one update, old log-probs from the same forward. Off-policy or global selection: a no-grad
     old-log-prob pass, then ``trainer.updates_per_step`` mini-batch updates."""
     cfg = comp.cfg
+    comp.policy.set_step_seed(derive_seed(cfg.seed, step, comp.ctx.rank, 1))
     updates = cfg.trainer.updates_per_step
     needs_old_pass = updates > 1 or cfg.algo.selection == "global"
     if needs_old_pass:

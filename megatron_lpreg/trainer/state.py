@@ -89,7 +89,7 @@ class CheckpointManager:
         if rng is not None:
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
-        comp.engine_after_restore()
+        comp.engine_after_restore(state.weight_version)
         comp.metrics_truncate(state.step)
         return state
 

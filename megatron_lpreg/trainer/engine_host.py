@@ -1,0 +1,119 @@
+"""Where a step's rollouts come from, and how new weights reach them.
+
+colocated: ``rollout.engine=local`` with pp == 1: every rank runs the in-process engine on its own parameter
+    shard (TP ranks of one replica in lockstep, each DP replica on its own prompt slice); no weights move.
+hosted:  sglang / vllm, or ``local`` with pp > 1 (the in-process engine cannot run a pipeline): global rank 0
+    owns the engine(s), generates for the whole step and broadcasts the completions; after each update the
+    trainer streams HF-named tensors to rank 0 (:func:`stream_weights_to_rank0`: TP shards all-gathered inside
+    each stage, later pipeline stages sent tensor by tensor), which feeds them to ``engine.update_weights`` and
+    verifies per-tensor float64 checksums.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron_lpreg.config import RunConfig
+from megatron_lpreg.parallel.bootstrap import ParallelContext
+from megatron_lpreg.rollout.base import Completion, SamplingParams, WeightUpdate
+
+logger = logging.getLogger(__name__)
+
+_END = "__end_of_stage__"
+
+
+class EngineHost:
+    """The step's rollout engine, colocated on every rank or hosted on global rank 0."""
+
+    def __init__(self, cfg: RunConfig, ctx: ParallelContext, model_chunks: list) -> None:
+        from megatron_lpreg.rollout.factory import build_engine
+
+        self.cfg, self.ctx, self.chunks = cfg, ctx, model_chunks
+        self.hosted = cfg.rollout.engine != "local" or ctx.pp_size > 1 or ctx.vpp_size > 1
+        self.engine = None
+        if not self.hosted:
+            self.engine = build_engine(cfg.rollout, cfg.model.hf_path, seed=cfg.seed, model=model_chunks)
+        elif ctx.rank == 0:
+            # A hosted local engine is a transformers copy of the initial weights, refreshed after every update.
+            self.engine = build_engine(cfg.rollout, cfg.model.hf_path, seed=cfg.seed, model=None)
+        if self.hosted:
+            logger.info("rollout engine '%s' hosted on rank 0 (pp=%d)", cfg.rollout.engine, ctx.pp_size)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Completions for ``prompts`` (this rank's DP slice when colocated, the whole step when hosted)."""
+        if not self.hosted:
+            return self.engine.generate(prompts, params)
+        box: list[Any] = [self.engine.generate(prompts, params) if self.ctx.rank == 0 else None]
+        if self.ctx.world_size > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def update_weights(self, version: int) -> None:
+        """Colocated: announce the version. Hosted: stream the new weights to rank 0's engine (collective)."""
+        if not self.hosted:
+            self.engine.update_weights(WeightUpdate(version=version))
+            return
+        checksums: dict[str, float] = {}
+        stream = stream_weights_to_rank0(self.chunks, self.cfg.model, self.ctx, checksums=checksums)
+        if self.ctx.rank == 0:
+            self.engine.update_weights(WeightUpdate(version=version, tensors=stream, checksums=checksums))
+        else:
+            for _ in stream:
+                pass
+
+    def health(self):
+        return self.engine.health() if self.engine is not None else None
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+
+def stream_weights_to_rank0(model_chunks: list, model_cfg: Any, ctx: ParallelContext, *,
+                            checksums: dict[str, float] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective generator: on global rank 0 it yields every HF tensor of the model, one at a time; on other
+    ranks it yields nothing but must be drained (TP peers join the all-gathers, stage leaders send).
+
+    Only data-parallel replica 0 takes part in sending; other replicas hold the same weights. ``checksums``
+    (rank 0) is filled with each tensor's float64 sum as it passes, for the engine to verify afterwards.
+    """
+    from megatron_lpreg.models.bridge import export_hf_weights
+
+    leaders = _stage_leaders(ctx) if ctx.world_size > 1 else {0: 0}
+    if ctx.dp_rank != 0:
+        return
+    for stage in range(ctx.pp_size):
+        leader = leaders[stage]
+        if ctx.pp_rank == stage:
+            for name, tensor in export_hf_weights(model_chunks, model_cfg, ctx):
+                if ctx.rank == 0:
+                    if checksums is not None:
+                        checksums[name] = float(tensor.double().sum())
+                    yield name, tensor
+                elif ctx.tp_rank == 0:
+                    dist.send_object_list([name, tuple(tensor.shape), tensor.dtype], dst=0)
+                    dist.send(tensor.contiguous(), dst=0)
+            if ctx.rank == leader and leader != 0:
+                dist.send_object_list([_END, None, None], dst=0)
+        elif ctx.rank == 0:
+            while True:
+                header: list[Any] = [None, None, None]
+                dist.recv_object_list(header, src=leader)
+                name, shape, dtype = header
+                if name == _END:
+                    break
+                tensor = torch.empty(shape, dtype=dtype)
+                dist.recv(tensor, src=leader)
+                if checksums is not None:
+                    checksums[name] = float(tensor.double().sum())
+                yield name, tensor
+
+
+def _stage_leaders(ctx: ParallelContext) -> dict[int, int]:
+    """pp stage -> global rank of its (tp 0, dp 0) member, learned from every rank (no rank-order assumption)."""
+    coords: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(coords, (ctx.pp_rank, ctx.tp_rank, ctx.dp_rank, ctx.rank))
+    return {pp: rank for pp, tp, dp, rank in coords if tp == 0 and dp == 0}
