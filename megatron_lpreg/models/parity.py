@@ -110,7 +110,7 @@ def _rank_logits(rank: int, world: int, model_cfg: ModelConfig, parallel_cfg: Pa
 
     ctx = init_parallel(parallel_cfg, seed=0)
     try:
-        chunks = build_model_chunks(model_cfg, parallel_cfg)
+        chunks = build_model_chunks(model_cfg, parallel_cfg, initialize=False)
         for chunk in chunks:
             chunk.eval()
         if mcore_dir:

@@ -202,6 +202,7 @@ def build_gpt_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     vp_stage: int | None = None,
+    initialize: bool = True,
 ) -> Any:
     """Build this rank's megatron-core ``GPTModel`` (one pipeline chunk) for a Qwen config. Weights are random.
 
@@ -214,6 +215,9 @@ def build_gpt_model(
         pre_process / post_process: whether this chunk holds the embedding / the final norm and output layer;
             default: first / last (virtual) pipeline stage of this rank.
         vp_stage: virtual pipeline stage index of this chunk (required when ``parallel_cfg.vpp > 1``).
+        initialize: False skips weight initialisation (parameters are left uninitialised): for callers that
+            overwrite every weight (checkpoint loading, conversion), and it avoids megatron's CPU init path, which
+            materialises each full fp32 master weight on every rank.
 
     Raises:
         ConfigError: invalid layout for the model, or ``vp_stage`` inconsistent with ``parallel_cfg.vpp``.
@@ -222,6 +226,7 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
 
     config = transformer_config(model_cfg, parallel_cfg)
+    config.perform_initialization = initialize
     if parallel_cfg.vpp > 1 and vp_stage is None:
         raise ConfigError(f"parallel.vpp={parallel_cfg.vpp}: pass vp_stage (0..{parallel_cfg.vpp - 1}) per chunk, "
                           f"or use build_model_chunks()")
@@ -246,8 +251,9 @@ def build_gpt_model(
     return model
 
 
-def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> list[Any]:
+def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, initialize: bool = True) -> list[Any]:
     """All of this rank's model chunks: one per virtual pipeline stage (a single chunk without VPP)."""
     if parallel_cfg.vpp == 1:
-        return [build_gpt_model(model_cfg, parallel_cfg)]
-    return [build_gpt_model(model_cfg, parallel_cfg, vp_stage=v) for v in range(parallel_cfg.vpp)]
+        return [build_gpt_model(model_cfg, parallel_cfg, initialize=initialize)]
+    return [build_gpt_model(model_cfg, parallel_cfg, vp_stage=v, initialize=initialize)
+            for v in range(parallel_cfg.vpp)]

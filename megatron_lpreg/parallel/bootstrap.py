@@ -187,12 +187,11 @@ def init_parallel(cfg: ParallelConfig, *, seed: int = 0, timeout_s: float = 1800
     else:
         world, rank, local_rank = env.world_size, env.rank, env.local_rank
     dp = check_layout(cfg, world)
-    if backend == "nccl":
+    if cpu.cuda_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if not cpu.cuda_available():
         cpu.install_cpu_shim()
         cpu.enter_cpu_mode()
     if not dist.is_initialized():

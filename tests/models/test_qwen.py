@@ -184,3 +184,14 @@ def test_tp_and_pp_layouts_agree_forward_and_backward() -> None:
         # fp32, same weights: only the TP reduction order differs (~1e-6 on O(1) logits).
         torch.testing.assert_close(got["logits"], ref["logits"], rtol=0, atol=1e-5)
         torch.testing.assert_close(got["norm_grad"], ref["norm_grad"], rtol=1e-5, atol=1e-5)
+
+
+def test_resolve_model_config_takes_architecture_from_checkpoint(tiny_qwen3: Path) -> None:
+    from megatron_lpreg.models.qwen import resolve_model_config
+
+    stale = ModelConfig(hf_path=str(tiny_qwen3), arch="qwen2", hidden_size=999, params_dtype="bfloat16")
+    resolved = resolve_model_config(stale)
+    assert (resolved.arch, resolved.hidden_size, resolved.head_dim, resolved.tie_word_embeddings) == (
+        "qwen3", 64, 32, True)
+    assert resolved.params_dtype == "bfloat16" and resolved.hf_path == str(tiny_qwen3)
+    assert resolve_model_config(ModelConfig()) == ModelConfig()
