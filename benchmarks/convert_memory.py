@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_lpreg.config.model import ModelConfig
+from megatron_lpreg.models.bridge import HFSafetensors
 from megatron_lpreg.models.checkpoint import convert_hf_to_mcore, convert_mcore_to_hf, hf_config_dict
 
 GIB = 2**30
@@ -161,7 +162,12 @@ def main() -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="convert-mem-"))
     try:
         start = time.monotonic()
-        total, largest = write_synthetic(work / "hf", cfg, seed=0)
+        if (work / "hf" / "config.json").is_file():  # reuse a --workdir from an earlier run
+            with HFSafetensors(work / "hf") as hf:
+                sizes = [torch.Size(hf.shape(n)).numel() * 2 for n in hf.names()]
+            total, largest = sum(sizes), max(sizes)
+        else:
+            total, largest = write_synthetic(work / "hf", cfg, seed=0)
         baseline = psutil.Process().memory_info().rss
         print(f"synthetic qwen2 ({args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, vocab {args.vocab}, "
               f"bf16): {total / GIB:.2f} GiB, largest tensor {largest / GIB:.3f} GiB, made in "

@@ -98,8 +98,9 @@ def _heads(model_cfg: Any) -> HeadDims:
 class HFSafetensors:
     """Lazy, read-only view of an HF checkpoint directory's safetensors (single file or sharded with an index).
 
-    Every file is opened (header only) on construction, so a missing, truncated or corrupt shard fails before any
-    weight is read. Use as a context manager.
+    Every file's header is checked on construction, so a missing, truncated or corrupt shard fails before any
+    weight is read. Each :meth:`read` maps the file only for the duration of that read: pages of a file that
+    stayed mapped would count in this process' resident set until the end of the load.
 
     Raises:
         ValueError: no safetensors in ``hf_dir``, an index naming a missing file, or an unreadable file.
@@ -122,19 +123,19 @@ class HFSafetensors:
         if missing:
             raise ValueError(f"hf dir {self.hf_dir}: shard file(s) listed in {INDEX_FILE} are missing: "
                              f"{_listing(missing)}")
-        self._handles: dict[str, Any] = {}
         self._file_of: dict[str, str] = {}
+        self._shapes: dict[str, list[int]] = {}
         for name in files:
             try:
-                handle = safe_open(str(self.hf_dir / name), framework="pt")
+                with safe_open(str(self.hf_dir / name), framework="pt") as handle:
+                    keys = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
             except Exception as exc:  # safetensors raises its own error types for bad headers / short files
                 raise ValueError(f"hf dir {self.hf_dir}: shard {name} is truncated or corrupt ({exc})") from exc
-            self._handles[name] = handle
-            for key in handle.keys():
+            for key, shape in keys.items():
                 if key in self._file_of:
                     raise ValueError(f"hf dir {self.hf_dir}: tensor {key} is stored twice "
                                      f"({self._file_of[key]} and {name})")
-                self._file_of[key] = name
+                self._file_of[key], self._shapes[key] = name, shape
         stale = {k for k, f in weight_map.items() if self._file_of.get(k) != f}
         if stale:
             raise ValueError(f"hf dir {self.hf_dir}: {INDEX_FILE} names tensors not found in the listed shard: "
@@ -144,22 +145,23 @@ class HFSafetensors:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._handles.clear()
+        pass
 
     def names(self) -> set[str]:
         return set(self._file_of)
 
     def shape(self, name: str) -> list[int]:
-        return list(self._handles[self._file_of[name]].get_slice(name).get_shape())
+        return list(self._shapes[name])
 
     def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Rows (``dim=0``) or columns (``dim=1``) ``[start, stop)`` of tensor ``name``; reads only those bytes."""
-        tensor_slice = self._handles[self._file_of[name]].get_slice(name)
-        if dim == 0:
-            return tensor_slice[start:stop]
-        if dim == 1:
-            return tensor_slice[:, start:stop]
-        raise ValueError(f"read({name}): dim={dim}; only 0 and 1 are split")
+        from safetensors import safe_open
+
+        if dim not in (0, 1):
+            raise ValueError(f"read({name}): dim={dim}; only 0 and 1 are split")
+        with safe_open(str(self.hf_dir / self._file_of[name]), framework="pt") as handle:
+            tensor_slice = handle.get_slice(name)
+            return tensor_slice[start:stop] if dim == 0 else tensor_slice[:, start:stop]
 
 
 def _check_hf_names(hf: HFSafetensors, table: MappingTable, num_layers: int) -> set[str]:

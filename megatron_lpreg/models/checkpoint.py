@@ -297,7 +297,8 @@ def save_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
         state = _sharded_state(model_chunks, optimizer, is_loading=False)
         state["extra"] = extra or {}
-        (tmp / DIST_DIR).mkdir(exist_ok=True) if _rank() == 0 else None
+        if _rank() == 0:
+            (tmp / DIST_DIR).mkdir()
         _barrier()
         with _in_process_write_queue():
             dist_checkpointing.save(state, str(tmp / DIST_DIR), sharded_strategy=("torch_dist", 1))
