@@ -50,6 +50,7 @@ def test_two_plus_two_steps_equal_four(tmp_path):
             if not key.startswith("perf/"):
                 assert ra[key] == rb[key], (ra["step"], key)
     assert any(r["loss/policy"] != 0 for r in a), "the test needs steps with a real update"
+    assert all({"step", "loss", "reward_mean", "entropy"} <= r.keys() for r in a)
     wa, wb = _final_weights(straight, tmp_path, "hf_a"), _final_weights(resumed, tmp_path, "hf_b")
     assert wa.keys() == wb.keys()
     for name in wa:
