@@ -95,9 +95,24 @@ def run(args: argparse.Namespace) -> int:
     # the run dir's preemption flag, which the ranks poll every step.
     forward_signals_to_run_dir(run_dir)
 
-    code = launch(cfg, str(run_dir))
+    from megatron_lpreg.parallel.spawn import RankFailure
+
+    try:
+        code = launch(cfg, str(run_dir))
+    except RankFailure as exc:
+        logger.error("training failed:\n%s", exc)
+        print(f"error: training failed: {_first_error_line(str(exc))} (full traceback in {run_dir}/logs and above)",
+              file=sys.stderr)
+        return 1
     logger.info("training finished with exit code %d; run dir %s", code, run_dir)
     return code
+
+
+def _first_error_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.startswith("rank "):
+            return line
+    return text.splitlines()[0] if text else "unknown error"
 
 
 def _prepare_fork_helper() -> None:

@@ -41,12 +41,6 @@ def run_rank(cfg: RunConfig, run_dir: str) -> int:
         t2 = time.perf_counter()
         comp.engine.update_weights(version=step + 1)
         state = state.advance(skipped=result.skipped)
-        if state.nan_streak >= cfg.trainer.max_consecutive_nan or (result.skipped and cfg.trainer.nan_policy == "stop"):
-            raise NonFiniteLossError(
-                f"step {step}: non-finite loss or gradient {state.nan_streak} time(s) in a row "
-                f"(trainer.nan_policy={cfg.trainer.nan_policy}, trainer.max_consecutive_nan="
-                f"{cfg.trainer.max_consecutive_nan}); last metrics: {result.metrics}"
-            )
         metrics = {**rollout_metrics, **result.metrics, "actor/grad_norm": result.grad_norm,
                    "actor/lr": comp.policy.current_lr(), "actor/skipped": float(result.skipped),
                    "perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1, "perf/step_s": time.perf_counter() - t0}
@@ -54,6 +48,15 @@ def run_rank(cfg: RunConfig, run_dir: str) -> int:
         metrics.update(loss=metrics.get("loss/total", float("nan")), reward_mean=metrics["reward/mean"],
                        entropy=metrics.get("entropy/mean", float("nan")))
         comp.log(metrics, step)
+        if result.skipped:
+            logger.warning("step %d: non-finite loss or gradient on some rank; update skipped (%d in a row)",
+                           step, state.nan_streak)
+        if state.nan_streak >= cfg.trainer.max_consecutive_nan or (result.skipped and cfg.trainer.nan_policy == "stop"):
+            raise NonFiniteLossError(
+                f"step {step}: non-finite loss or gradient {state.nan_streak} time(s) in a row "
+                f"(trainer.nan_policy={cfg.trainer.nan_policy}, trainer.max_consecutive_nan="
+                f"{cfg.trainer.max_consecutive_nan}); last metrics: {result.metrics}"
+            )
         comp.evaluate_if_due(step + 1, force=step + 1 == cfg.trainer.max_steps)
         stop = watcher.should_stop()
         if stop or comp.checkpoints.due(step + 1, final=step + 1 == cfg.trainer.max_steps):

@@ -8,3 +8,8 @@ from __future__ import annotations
 def even_length(response: str, ground_truth: str) -> float:
     """1 for a response with an even number of characters, else 0."""
     return float(len(response) % 2 == 0)
+
+
+def nan_reward(response: str, ground_truth: str) -> float:
+    """Always NaN: drives the trainer's non-finite loss policy."""
+    return float("nan")
