@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,3 +324,49 @@ def write_hf_index(out_dir: str | os.PathLike, weight_map: dict[str, str], total
     """Write ``model.safetensors.index.json`` for the shards in ``out_dir``."""
     index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
     (Path(out_dir) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+HF_ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+"""Copied next to exported HF weights when present (the tokenizer and config of the source model)."""
+
+
+def hf_config_dict(model_cfg: Any) -> dict[str, Any]:
+    """A transformers ``config.json`` for ``model_cfg`` (used when neither the checkpoint nor the caller has one)."""
+    qwen3 = model_cfg.arch == "qwen3"
+    return {
+        "architectures": ["Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"],
+        "model_type": model_cfg.arch, "vocab_size": model_cfg.vocab_size, "hidden_size": model_cfg.hidden_size,
+        "intermediate_size": model_cfg.ffn_hidden_size, "num_hidden_layers": model_cfg.num_layers,
+        "num_attention_heads": model_cfg.num_attention_heads, "num_key_value_heads": model_cfg.num_query_groups,
+        "head_dim": model_cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": model_cfg.rms_norm_eps,
+        "rope_theta": model_cfg.rope_theta, "max_position_embeddings": model_cfg.max_position_embeddings,
+        "tie_word_embeddings": model_cfg.tie_word_embeddings, "attention_bias": not qwen3,
+        "torch_dtype": model_cfg.params_dtype, "use_cache": True,
+    }
+
+
+def hf_dtype(config: dict[str, Any]) -> torch.dtype | None:
+    """The ``torch_dtype`` (transformers 4) or ``dtype`` (5) of an HF config, if it names one."""
+    name = config.get("torch_dtype") or config.get("dtype")
+    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
+
+
+def finish_hf_dir(tmp: Path, shard_maps: list[Any], assets: Path | None, model_cfg: Any) -> None:
+    """Name the shards ``model-0000i-of-0000n``, write the index, copy config/tokenizer files from ``assets``
+    (else generate config.json from ``model_cfg``). Run once (rank 0) after every writer finished."""
+    files = [f for m in shard_maps for f in dict.fromkeys(m.weight_map.values())]
+    renamed = {old: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, old in enumerate(files)}
+    for old, new in renamed.items():
+        os.replace(tmp / old, tmp / new)
+    weight_map = {name: renamed[f] for m in shard_maps for name, f in m.weight_map.items()}
+    write_hf_index(tmp, weight_map, sum(m.total_bytes for m in shard_maps))
+    copied = []
+    if assets is not None:
+        for name in HF_ASSET_FILES:
+            if (assets / name).is_file():
+                shutil.copy2(assets / name, tmp / name)
+                copied.append(name)
+    if "config.json" not in copied:
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model_cfg), indent=2) + "\n")
+    logger.info("wrote %d tensors in %d files; copied %s", len(weight_map), len(files), copied or "no assets")

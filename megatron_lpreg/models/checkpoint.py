@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_lpreg.models.bridge import unwrap
+from megatron_lpreg.models.bridge import HF_ASSET_FILES, finish_hf_dir, hf_config_dict, hf_dtype, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +41,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DIST_DIR = "dist"
 HF_ASSETS_DIR = "hf_assets"
-HF_ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                  "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-"""Copied next to exported HF weights when present (the tokenizer and config of the source model)."""
 
 ARCH_FIELDS = ("arch", "vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
                "num_query_groups", "head_dim", "tie_word_embeddings", "rope_theta", "rms_norm_eps")
@@ -444,7 +441,7 @@ def _conversion_model_config(hf_dir: str) -> Any:
     from megatron_lpreg.config.model import ModelConfig
     from megatron_lpreg.models.qwen import model_config_from_hf
 
-    dtype = _hf_dtype(json.loads((Path(hf_dir) / "config.json").read_text()))
+    dtype = hf_dtype(json.loads((Path(hf_dir) / "config.json").read_text()))
     names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
     base = ModelConfig(params_dtype=names.get(dtype, "float32"), transformer_impl="local")
     return model_config_from_hf(hf_dir, base=base)
@@ -488,47 +485,6 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     return out_dir
 
 
-def hf_config_dict(model_cfg: Any) -> dict[str, Any]:
-    """A transformers ``config.json`` for ``model_cfg`` (used when neither the checkpoint nor the caller has one)."""
-    qwen3 = model_cfg.arch == "qwen3"
-    return {
-        "architectures": ["Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"],
-        "model_type": model_cfg.arch, "vocab_size": model_cfg.vocab_size, "hidden_size": model_cfg.hidden_size,
-        "intermediate_size": model_cfg.ffn_hidden_size, "num_hidden_layers": model_cfg.num_layers,
-        "num_attention_heads": model_cfg.num_attention_heads, "num_key_value_heads": model_cfg.num_query_groups,
-        "head_dim": model_cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": model_cfg.rms_norm_eps,
-        "rope_theta": model_cfg.rope_theta, "max_position_embeddings": model_cfg.max_position_embeddings,
-        "tie_word_embeddings": model_cfg.tie_word_embeddings, "attention_bias": not qwen3,
-        "torch_dtype": model_cfg.params_dtype, "use_cache": True,
-    }
-
-
-def _hf_dtype(config: dict[str, Any]) -> torch.dtype | None:
-    name = config.get("torch_dtype") or config.get("dtype")
-    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
-
-
-def _finish_hf_dir(tmp: Path, shard_maps: list[Any], assets: Path | None, model_cfg: Any) -> None:
-    """Rank 0: name shards ``model-0000i-of-0000n``, write the index, config and tokenizer files."""
-    from megatron_lpreg.models.bridge import write_hf_index
-
-    files = [f for m in shard_maps for f in dict.fromkeys(m.weight_map.values())]
-    renamed = {old: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, old in enumerate(files)}
-    for old, new in renamed.items():
-        os.replace(tmp / old, tmp / new)
-    weight_map = {name: renamed[f] for m in shard_maps for name, f in m.weight_map.items()}
-    write_hf_index(tmp, weight_map, sum(m.total_bytes for m in shard_maps))
-    copied = []
-    if assets is not None:
-        for name in HF_ASSET_FILES:
-            if (assets / name).is_file():
-                shutil.copy2(assets / name, tmp / name)
-                copied.append(name)
-    if "config.json" not in copied:
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model_cfg), indent=2) + "\n")
-    logger.info("wrote %d tensors in %d files; copied %s", len(weight_map), len(files), copied or "no assets")
-
-
 def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, assets: str | None, tp: int, pp: int,
                       overwrite: bool, max_shard_bytes: int) -> None:
     from megatron_lpreg.config.base import from_dict
@@ -546,7 +502,7 @@ def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, asset
         load_checkpoint(mcore_dir, chunks, model_cfg, ctx, verify_checksums=False)  # the parent verified them
         config = json.loads((Path(assets) / "config.json").read_text()) if assets else hf_config_dict(model_cfg)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            stream = progress(export_hf_weights(chunks, model_cfg, ctx, dtype=_hf_dtype(config)), desc="export hf",
+            stream = progress(export_hf_weights(chunks, model_cfg, ctx, dtype=hf_dtype(config)), desc="export hf",
                               rank=rank)
             if ctx.tp_rank == 0 and ctx.dp_rank == 0:  # one writer per pipeline stage, in parallel
                 shards = write_hf_safetensors(stream, tmp, prefix=f"stage{ctx.pp_rank:03d}",
@@ -558,7 +514,7 @@ def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, asset
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, shards)
             if rank == 0:
-                _finish_hf_dir(tmp, [s for s in gathered if s is not None], Path(assets) if assets else None,
+                finish_hf_dir(tmp, [s for s in gathered if s is not None], Path(assets) if assets else None,
                                model_cfg)
     finally:
         destroy_parallel(destroy_process_group=False)
