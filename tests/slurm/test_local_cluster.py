@@ -47,7 +47,8 @@ def slurm_env():
     match = re.search(r"^export SLURM_CONF=(\S+)$", proc.stdout, re.M)
     assert match, proc.stdout
     sys.stderr.write(f"\nlocal Slurm up in {time.monotonic() - start:.1f}s\n")
-    env = {**os.environ, "SLURM_CONF": match.group(1), "MLPREG_ROOT": str(REPO), "MLPREG_PYTHON": sys.executable}
+    env = {**os.environ, "SLURM_CONF": match.group(1), "MLPREG_ROOT": str(REPO), "MLPREG_PYTHON": sys.executable,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("MLPREG_SITE_ENV", None)
     yield env
     if not was_up:
@@ -58,7 +59,7 @@ def slurm_env():
 
 def _cli(env: dict, *args: str, timeout: float = 360) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megatron_lpreg", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=REPO)
 
 
 def _logs(directory: Path) -> str:
@@ -69,7 +70,8 @@ def _submit_train(env: dict, run_dir: Path, log_dir: Path, overrides: list[str])
     log_dir.mkdir(parents=True, exist_ok=True)
     request = SbatchRequest(script=REPO / "slurm" / "train.sbatch", job_name="mlpreg-train",
                             output=str(log_dir / "%x-%j.out"),
-                            script_args=[TINY, *overrides, f"trainer.output_dir={run_dir}"])
+                            script_args=[TINY, *overrides, f"trainer.output_dir={run_dir}"],
+                            extra_args=[f"--chdir={REPO}"])
     return submit(request, env)
 
 
@@ -86,15 +88,15 @@ def _scontrol_field(job_id: str, env: dict, field: str) -> str:
     return match.group(1) if match else ""
 
 
-def _model_tensors(checkpoint: Path, scratch: Path) -> dict:
-    """Every model tensor of a dist checkpoint, read without a process group."""
+def _checkpoint_tensors(checkpoint: Path, scratch: Path) -> dict:
+    """Every tensor of a dist checkpoint (model parameters and optimizer state), read without a process group."""
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    target = scratch / f"{checkpoint.parent.parent.name}.pt"
+    target = scratch / f"{checkpoint.parent.parent.name}-{checkpoint.name}.pt"
     dcp_to_torch_save(str(checkpoint / "dist"), str(target))
     state = torch.load(target, weights_only=False)
-    return {k: v for k, v in state.items() if k.startswith("model") and isinstance(v, torch.Tensor)}
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def test_sweep_array_of_tiny_cpu_and_collect(slurm_env, tmp_path):
@@ -151,7 +153,8 @@ def test_eval_array_waits_for_the_training_job(slurm_env, tmp_path):
 
 
 def test_usr1_checkpoints_requeues_and_resumes_bit_exact(slurm_env, tmp_path):
-    steps = ["trainer.max_steps=4", "checkpoint.interval=100"] + [o for o in FAST if "max_steps" not in o]
+    steps = ["trainer.max_steps=4", "checkpoint.interval=100", "reward.name=tests.slurm.rewards:digit_share",
+             *(o for o in FAST if "max_steps" not in o)]
     reference = tmp_path / "reference"
     proc = _cli(slurm_env, "train", TINY, *steps, f"trainer.output_dir={reference}")
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -173,10 +176,12 @@ def test_usr1_checkpoints_requeues_and_resumes_bit_exact(slurm_env, tmp_path):
     ref_rows, run_rows = read_jsonl(reference / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in run_rows] == [r["step"] for r in ref_rows] and len(ref_rows) == 4
     assert [r["loss"] for r in run_rows] == [r["loss"] for r in ref_rows]
+    assert any(r["loss"] != 0 for r in ref_rows)  # the parameters really moved, so the comparison can fail
     ref, got = latest_checkpoint(reference), latest_checkpoint(run_dir)
     assert got.name == ref.name
-    ref_tensors, got_tensors = _model_tensors(ref, tmp_path), _model_tensors(got, tmp_path)
-    assert ref_tensors and ref_tensors.keys() == got_tensors.keys()
+    ref_tensors, got_tensors = _checkpoint_tensors(ref, tmp_path), _checkpoint_tensors(got, tmp_path)
+    assert "embedding.word_embeddings.weight" in ref_tensors and any(k.startswith("optimizer.") for k in ref_tensors)
+    assert ref_tensors.keys() == got_tensors.keys()
     for name, tensor in ref_tensors.items():
         assert tensor.equal(got_tensors[name]), name
     sys.stderr.write(f"\nUSR1 -> requeue -> resume: {elapsed:.1f}s\n")
