@@ -84,3 +84,7 @@ class LoggingConfig:
     wandb_project: str = "megatron_lpreg"
     progress: bool = True
     """tqdm progress bars on rank 0 when stdout is a TTY."""
+    diversity_interval: int = 10
+    """Compute self-BLEU across each prompt's responses every N steps (0 = never; it costs CPU time)."""
+    lowprob_threshold: float = 0.1
+    """Sampled tokens with engine probability below this count as low-probability (``lowprob/*`` metrics)."""

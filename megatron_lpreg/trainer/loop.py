@@ -44,6 +44,7 @@ def run_rank(cfg: RunConfig, run_dir: str) -> int:
         metrics = {**rollout_metrics, **result.metrics, "actor/grad_norm": result.grad_norm,
                    "actor/lr": comp.policy.current_lr(), "actor/skipped": float(result.skipped),
                    "perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1, "perf/step_s": time.perf_counter() - t0}
+        metrics["perf/tokens_per_s"] = rollout_metrics["rollout/tokens"] * comp.ctx.dp_size / metrics["perf/step_s"]
         # Plain names scripts and the acceptance checks read (the namespaced keys stay the source of truth).
         metrics.update(loss=metrics.get("loss/total", float("nan")), reward_mean=metrics["reward/mean"],
                        entropy=metrics.get("entropy/mean", float("nan")))

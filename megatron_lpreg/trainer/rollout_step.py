@@ -76,14 +76,32 @@ def rollout_batch(comp: "Components", step: int) -> tuple[TrainBatch, dict[str, 
         [c.logprobs for c in completions], advantages, rewards, pad_id=_pad_id(comp.tokenizer),
     )
     lengths = [len(c.response_ids) for c in completions]
-    metrics = {
+    metrics = _exploration_metrics(comp, step, completions, texts, batch)
+    metrics.update({
         "reward/mean": sum(rewards) / len(rewards),
         "reward/all_correct_frac": float((grouped.min(dim=1).values > 0).float().mean()),
         "reward/all_wrong_frac": float((grouped.max(dim=1).values <= 0).float().mean()),
         "response/length_mean": sum(lengths) / len(lengths),
         "response/clip_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
-    }
+        "rollout/tokens": float(sum(lengths)),
+    })
     return batch, _dp_mean(comp, metrics)
+
+
+def _exploration_metrics(comp: "Components", step: int, completions: list, texts: list[str],
+                         batch: TrainBatch) -> dict[str, float]:
+    """Low-probability sampled tokens (engine log-probs) every step; self-BLEU every logging.diversity_interval."""
+    from megatron_lpreg.metrics.exploration import group_self_bleu, low_prob_token_stats
+
+    log = comp.cfg.logging
+    metrics = low_prob_token_stats(batch.engine_logprobs.flatten(), batch.loss_mask.flatten(),
+                                   threshold=log.lowprob_threshold)
+    metrics.pop("lowprob/count", None)
+    if log.diversity_interval and step % log.diversity_interval == 0:
+        n = comp.cfg.rollout.n
+        groups = [texts[i:i + n] for i in range(0, len(texts), n)]
+        metrics.update({k: v for k, v in group_self_bleu(groups).items() if k.endswith("self_bleu")})
+    return metrics
 
 
 def _pad_id(tokenizer) -> int:
