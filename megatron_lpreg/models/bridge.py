@@ -239,21 +239,26 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_dir: str | os.Pa
 
 
 def export_hf_weights(model_chunks: Sequence[torch.nn.Module], model_cfg: Any, ctx: Any, *,
-                      dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                      dtype: torch.dtype | None = None,
+                      all_tp_ranks: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full_tensor)`` for every HF tensor this rank's pipeline stage owns (see module doc).
 
     Args:
         model_chunks: this rank's chunks, possibly DDP-wrapped.
         model_cfg: ``ModelConfig`` (vocab_size trims the padded vocab rows).
-        ctx: ``ParallelContext`` (``tp_size``, ``tp_group``). All TP ranks of a stage must drain the generator
-            in step: each TP-split tensor costs one all-gather in the TP group.
+        ctx: ``ParallelContext`` (``tp_rank``, ``tp_size``, ``tp_group``). All TP ranks of a stage must drain the
+            generator in step: each TP-split tensor costs one collective in the TP group.
         dtype: cast each yielded tensor (default: the parameter dtype).
+        all_tp_ranks: True: every TP rank yields the full tensors (all-gather). False: only TP rank 0 yields
+            (gather to it); the other TP ranks still drain the generator but yield nothing and never hold more
+            than their own shard (what a single writer per stage wants).
 
     Yields:
         HF name and its full (un-sharded, un-padded, un-fused) tensor, one at a time; each holds fresh memory.
     """
     table = _table(model_cfg, model_chunks)
     heads, tp_size = _heads(model_cfg), ctx.tp_size
+    receiver = all_tp_ranks or ctx.tp_rank == 0
     for item in _plan(model_chunks, table):
         if item.row.tied:  # the first stage exports the embedding; this is its copy on the last stage
             continue
@@ -262,15 +267,23 @@ def export_hf_weights(model_chunks: Sequence[torch.nn.Module], model_cfg: Any, c
             shards = [local]
         else:
             local = local.contiguous()
-            shards = [torch.empty_like(local) for _ in range(tp_size)]
-            dist.all_gather(shards, local, group=ctx.tp_group)
-        for name, tensor in merge_shards(item.row, item.layer, shards, heads, vocab_size=model_cfg.vocab_size):
+            shards = [torch.empty_like(local) for _ in range(tp_size)] if receiver else None
+            if all_tp_ranks:
+                dist.all_gather(shards, local, group=ctx.tp_group)
+            else:
+                dist.gather(local, shards, dst=dist.get_global_rank(ctx.tp_group, 0), group=ctx.tp_group)
+        if not receiver:
+            continue
+        merged = merge_shards(item.row, item.layer, shards, heads, vocab_size=model_cfg.vocab_size)
+        del shards  # the gathered shards are dead once merged: peak = one full tensor plus its shards
+        while merged:
+            name, tensor = merged.pop(0)
             if dtype is not None:
                 tensor = tensor.to(dtype)
             if tensor.untyped_storage().data_ptr() == item.param.untyped_storage().data_ptr():
                 tensor = tensor.clone()  # never hand out a view of a live parameter
             yield name, tensor
-        del shards
+            del tensor
 
 
 class HFShards(NamedTuple):

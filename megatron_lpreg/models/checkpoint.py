@@ -502,8 +502,8 @@ def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, asset
         load_checkpoint(mcore_dir, chunks, model_cfg, ctx, verify_checksums=False)  # the parent verified them
         config = json.loads((Path(assets) / "config.json").read_text()) if assets else hf_config_dict(model_cfg)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            stream = progress(export_hf_weights(chunks, model_cfg, ctx, dtype=hf_dtype(config)), desc="export hf",
-                              rank=rank)
+            stream = progress(export_hf_weights(chunks, model_cfg, ctx, dtype=hf_dtype(config), all_tp_ranks=False),
+                              desc="export hf", rank=rank)
             if ctx.tp_rank == 0 and ctx.dp_rank == 0:  # one writer per pipeline stage, in parallel
                 shards = write_hf_safetensors(stream, tmp, prefix=f"stage{ctx.pp_rank:03d}",
                                               max_shard_bytes=max_shard_bytes)

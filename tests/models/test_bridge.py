@@ -40,7 +40,14 @@ def _roundtrip_rank(rank: int, world: int, hf_dir: str, layouts: list[tuple[int,
             model_cfg = model_config_from_hf(hf_dir)
             chunks = build_model_chunks(model_cfg, parallel_cfg)
             load_hf_weights(chunks, hf_dir, model_cfg, ctx)
-            results.append((ctx.tp_rank, ctx.pp_rank, dict(export_hf_weights(chunks, model_cfg, ctx))))
+            exported = dict(export_hf_weights(chunks, model_cfg, ctx))
+            first_only = dict(export_hf_weights(chunks, model_cfg, ctx, all_tp_ranks=False))
+            if ctx.tp_rank == 0:  # gather-to-first mode: same stream on TP rank 0, nothing elsewhere
+                assert first_only.keys() == exported.keys()
+                assert all(torch.equal(t, exported[n]) for n, t in first_only.items())
+            else:
+                assert first_only == {}
+            results.append((ctx.tp_rank, ctx.pp_rank, exported))
         finally:
             destroy_parallel(destroy_process_group=False)
     return results
