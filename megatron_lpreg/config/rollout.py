@@ -37,6 +37,12 @@ class RolloutConfig:
     """Rollout engines (data parallel)."""
     weight_sync: Literal["auto", "disk", "tensor", "distributed"] = "auto"
     """How engines receive new weights (auto: no copy for local, distributed for sglang)."""
+    placement: Literal["rank0", "actor"] = "rank0"
+    """Where a hosted engine lives (sglang/vllm, or local with pp>1): in trainer rank 0's process, or in its own
+    Ray actor (needs trainer.launcher=ray) with ``engine_num_gpus`` GPUs: 1 = separate devices, a fraction =
+    colocated with the trainer (the engine's memory is released during the update when it supports it)."""
+    engine_num_gpus: float = 1.0
+    """GPUs per engine actor when the Ray cluster has GPUs (ignored on CPU)."""
     request_timeout_s: float = 600.0
     """HTTP timeout for one generate call."""
     max_batch_size: int = 256

@@ -83,38 +83,11 @@ class RunConfig:
     # ---- validation ---------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Cross-field checks; raise ConfigError naming the fields, values and a fix."""
-        m, p = self.model, self.parallel
-        for name in ("tp", "pp", "vpp"):
-            if getattr(p, name) < 1:
-                raise ConfigError(f"parallel.{name}={getattr(p, name)} must be >= 1")
-        if m.num_attention_heads % p.tp:
-            raise ConfigError(
-                f"parallel.tp={p.tp} must divide model.num_attention_heads={m.num_attention_heads}; "
-                f"use one of {_divisors(m.num_attention_heads)}"
-            )
-        if m.num_query_groups % p.tp:
-            raise ConfigError(
-                f"parallel.tp={p.tp} must divide model.num_query_groups={m.num_query_groups}; "
-                f"use one of {_divisors(m.num_query_groups)}"
-            )
-        if m.num_attention_heads % m.num_query_groups:
-            raise ConfigError(
-                f"model.num_query_groups={m.num_query_groups} must divide "
-                f"model.num_attention_heads={m.num_attention_heads}"
-            )
-        if p.pp * p.vpp > m.num_layers or m.num_layers % (p.pp * p.vpp):
-            raise ConfigError(
-                f"parallel.pp={p.pp} x parallel.vpp={p.vpp} must divide model.num_layers={m.num_layers} "
-                f"(and not exceed it); use pp in {_divisors(m.num_layers)}"
-            )
-        if p.sequence_parallel and m.transformer_impl == "local":
+        self.model.validate(self.parallel)
+        if self.parallel.sequence_parallel and self.model.transformer_impl == "local":
             raise ConfigError("parallel.sequence_parallel=true needs model.transformer_impl=transformer_engine")
         for section in (self.algo, self.rollout, self.trainer, self.data, self.reward, self.eval):
             section.validate()
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def load_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -30,13 +30,9 @@ def resolve_config(path: str, overrides: list[str]) -> RunConfig:
     if cfg.model.hf_path.startswith(TINY_PREFIX):
         cfg = cfg.replace(model=dataclasses.replace(cfg.model, hf_path=str(materialize_tiny(cfg.model))))
     if cfg.model.hf_path:
-        from megatron_lpreg.models.qwen import model_config_from_hf
+        from megatron_lpreg.models.qwen import resolve_model_config
 
-        hf_model = model_config_from_hf(cfg.model.hf_path)
-        keep = {k: getattr(cfg.model, k) for k in ("hf_path", "mcore_path", "make_vocab_size_divisible_by",
-                                                   "params_dtype", "transformer_impl")}
-        model = type(hf_model)(**{**hf_model.__dict__, **keep})
-        cfg = cfg.replace(model=model)
+        cfg = cfg.replace(model=resolve_model_config(cfg.model))  # the checkpoint's config.json wins
         cfg.validate()
     return cfg
 

@@ -36,6 +36,10 @@ class EngineHost:
         self.engine = None
         if not self.hosted:
             self.engine = build_engine(cfg.rollout, cfg.model.hf_path, seed=cfg.seed, model=model_chunks)
+        elif ctx.rank == 0 and cfg.rollout.placement == "actor":
+            from megatron_lpreg.rollout.ray_actor import RayEngine
+
+            self.engine = RayEngine(cfg.rollout, cfg.model.hf_path, seed=cfg.seed)
         elif ctx.rank == 0:
             # A hosted local engine is a transformers copy of the initial weights, refreshed after every update.
             self.engine = build_engine(cfg.rollout, cfg.model.hf_path, seed=cfg.seed, model=None)
@@ -63,6 +67,15 @@ class EngineHost:
         else:
             for _ in stream:
                 pass
+
+    def release_memory(self) -> None:
+        """Before the update: colocated engines that can, give their device memory back to the trainer."""
+        if getattr(self.engine, "colocated", False):
+            self.engine.release_memory()
+
+    def resume_memory(self) -> None:
+        if getattr(self.engine, "colocated", False):
+            self.engine.resume_memory()
 
     def health(self):
         return self.engine.health() if self.engine is not None else None

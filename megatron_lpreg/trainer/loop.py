@@ -37,8 +37,10 @@ def run_rank(cfg: RunConfig, run_dir: str) -> int:
         t0 = time.perf_counter()
         scored, rollout_metrics = rollout_batch(comp, step)
         t1 = time.perf_counter()
+        comp.engine.release_memory()  # colocated engines lend their device memory to the update
         result = update_policy(comp, scored, step)
         t2 = time.perf_counter()
+        comp.engine.resume_memory()
         comp.engine.update_weights(version=step + 1)
         state = state.advance(skipped=result.skipped)
         metrics = {**rollout_metrics, **result.metrics, "actor/grad_norm": result.grad_norm,

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_lpreg.algo.registry import PolicyLossInputs, compute_policy_loss, loss_requirements
 from megatron_lpreg.config import AlgoConfig, ModelConfig, OptimizerConfig, ParallelConfig
+from megatron_lpreg.models.qwen import build_model_chunks
 from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob_stats
 from megatron_lpreg.parallel.bootstrap import ParallelContext
 from megatron_lpreg.trainer.batch import TrainBatch, micro_batch_size_for, split_micro_batches
@@ -52,7 +53,7 @@ class Policy:
         self.temperature = temperature
         self.loss_generator: torch.Generator | None = None
         self.micro_batch_tokens = micro_batch_tokens
-        raw_chunks = build_model_chunks(model_cfg, parallel_cfg, ctx)
+        raw_chunks = build_model_chunks(model_cfg, parallel_cfg)
         for chunk in raw_chunks:
             if model_cfg.params_dtype == "bfloat16":
                 chunk.bfloat16()
@@ -261,20 +262,6 @@ class Policy:
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
-
-
-def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, ctx: ParallelContext) -> list:
-    """This rank's GPTModel chunks: one per virtual pipeline stage (interleaved schedule when vpp > 1)."""
-    from megatron_lpreg.models.qwen import build_gpt_model
-
-    chunks = []
-    for vp in range(ctx.vpp_size):
-        kwargs = {"vp_stage": vp} if ctx.vpp_size > 1 else {}
-        chunks.append(build_gpt_model(
-            model_cfg, parallel_cfg,
-            pre_process=ctx.is_first_pp_stage and vp == 0,
-            post_process=ctx.is_last_pp_stage and vp == ctx.vpp_size - 1, **kwargs))
-    return chunks
 
 
 def _real_sequences(batch: TrainBatch) -> int:
