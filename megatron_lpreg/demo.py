@@ -1,6 +1,7 @@
 """``megatron-lpreg demo``: the CPU demo behind ``make demo``.
 
-1. make the tiny Qwen2 of configs/tiny_cpu.yaml offline;
+1. make the tiny Qwen2 of configs/tiny_cpu.yaml offline, convert it to a Megatron dist checkpoint at TP2 x PP2
+   and check logits parity against transformers (prints the ``parity:`` line);
 2. warm-start it with a short supervised phase on the synthetic addition task (a random model never gets a reward,
    so RL from it would learn nothing; a real base model already solves some problems) — in Hugging Face
    transformers on one process, stopping as soon as greedy accuracy on a dev split reaches a threshold;
@@ -88,6 +89,19 @@ def greedy_accuracy(model, tokenizer, prompts, eos: int, max_new_tokens: int = 1
     return sum(last_boxed(t) == p.ground_truth for t, p in zip(texts, prompts)) / len(prompts)
 
 
+def _conversion_parity(hf_dir: Path, mcore_dir: Path) -> None:
+    """Convert HF -> megatron TP2 x PP2 and compare logits with transformers (the foundation's smoke test)."""
+    from megatron_lpreg.models.checkpoint import convert_hf_to_mcore
+    from megatron_lpreg.models.parity import check_parity
+
+    convert_hf_to_mcore(hf_dir, mcore_dir, tp=2, pp=2, overwrite=True)
+    result = check_parity(hf_dir, mcore_dir=mcore_dir, tp=2, pp=2)
+    print(f"demo: converted {hf_dir.name} to megatron TP2xPP2 ({'OK' if result.ok else 'FAIL'})")
+    print(result.line())
+    if not result.ok:
+        raise SystemExit(f"parity check failed (tolerance {result.tolerance:g})")
+
+
 def _eval_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
 
@@ -107,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = RunConfig.load(args.config)
     base = materialize_tiny(cfg.model)
+    _conversion_parity(base, out / "mcore_tp2pp2")
     warm_dir = out / "warm_start"
     if not (warm_dir / "config.json").exists():
         _, summary = warm_start(base, warm_dir, cfg, target_acc=args.sft_target)
