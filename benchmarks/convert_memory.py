@@ -174,12 +174,12 @@ def main() -> int:
               f"{time.monotonic() - start:.0f} s; this process' RSS after imports {baseline / GIB:.2f} GiB")
         print(f"{'step':<24}{'s':>6}{'peak_rank_rss':>15}{'growth':>9}{'peak_job_pss':>14}"
               f"{'growth/largest':>16}{'growth/model':>14}")
-        for layout in args.layouts.split(","):
+        for layout in args.layouts.split(","):  # the export streams from the checkpoint: its layout does not matter
             tp, pp = (int(x) for x in layout.split("x"))
             mcore, back = work / f"mcore-{layout}", work / f"back-{layout}"
             for step, run in [
                 (f"hf->mcore tp{tp} pp{pp}", lambda: convert_hf_to_mcore(work / "hf", mcore, tp=tp, pp=pp)),
-                (f"mcore->hf tp{tp} pp{pp}", lambda: convert_mcore_to_hf(
+                (f"mcore->hf (from {layout})", lambda: convert_mcore_to_hf(
                     mcore, back, max_shard_bytes=args.max_shard_mb * 2**20)),
             ]:
                 t0 = time.monotonic()

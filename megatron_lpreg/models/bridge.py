@@ -17,6 +17,7 @@ This is the only code that walks a mapping table.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -286,6 +287,57 @@ def export_hf_weights(model_chunks: Sequence[torch.nn.Module], model_cfg: Any, c
             del tensor
 
 
+def export_hf_weights_from_checkpoint(dist_dir: str | os.PathLike, meta_chunks: Sequence[torch.nn.Module],
+                                      model_cfg: Any, ctx: Any, *,
+                                      dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream HF tensors straight out of a megatron dist checkpoint, one tensor in memory at a time.
+
+    No model is materialised: ``meta_chunks`` is the model built on the meta device at TP1/PP1, used only for
+    its parameter names and its sharded-state-dict layout; each request asks megatron's loader for one full
+    (un-sharded) tensor, whatever layout the checkpoint was written at. The job's ranks split the tensors
+    round-robin and each yields its share.
+
+    Args:
+        dist_dir: the ``dist/`` directory of a checkpoint (torch_dist).
+        meta_chunks: ``[GPTModel]`` on the meta device, built for TP1/PP1 with every stage's modules.
+        model_cfg: ``ModelConfig`` of the checkpoint.
+        ctx: ``ParallelContext`` of a TP1/PP1 job with at least 2 ranks (megatron's torch_dist loader places
+            "other ranks'" shard metadata on rank (r+1) % world, which collides with rank r in a 1-rank job).
+        dtype: cast each yielded tensor.
+
+    Raises:
+        ValueError: a layout other than TP1/PP1, a 1-rank job, or unmapped parameters.
+    """
+    from megatron.core import dist_checkpointing
+
+    world = dist.get_world_size()
+    if ctx.tp_size != 1 or ctx.pp_size != 1 or world < 2:
+        raise ValueError(f"streaming export needs a TP1/PP1 job of >= 2 ranks (got tp={ctx.tp_size} "
+                         f"pp={ctx.pp_size} world={world})")
+    plan = [p for p in _plan(meta_chunks, _table(model_cfg, meta_chunks)) if not p.row.tied]
+    sharded = unwrap(meta_chunks[0]).sharded_state_dict()
+    mine = plan[dist.get_rank()::world]
+    heads = _heads(model_cfg)
+    for i in range(-(-len(plan) // world)):  # every load is collective: the shorter share sends empty requests
+        request = {}
+        if i < len(mine):
+            entry = sharded[mine[i].global_name]
+            request[mine[i].global_name] = dataclasses.replace(
+                entry, data=torch.empty(entry.data.shape, dtype=entry.data.dtype))
+        # Partial requests (one layer of a layer-stacked tensor) do not cover whole tensors by design.
+        loaded = dist_checkpointing.load(request, str(dist_dir), validate_access_integrity=False)
+        if not request:
+            continue
+        item = mine[i]
+        merged = merge_shards(item.row, item.layer, [loaded.pop(item.global_name)], heads,
+                              vocab_size=model_cfg.vocab_size)
+        del loaded, request
+        while merged:
+            name, tensor = merged.pop(0)
+            yield name, tensor if dtype is None else tensor.to(dtype)
+            del tensor
+
+
 class HFShards(NamedTuple):
     """What :func:`write_hf_safetensors` wrote."""
 
@@ -329,6 +381,9 @@ def write_hf_safetensors(stream: Iterable[tuple[str, torch.Tensor]], out_dir: st
         pending[name] = tensor.contiguous()
         pending_bytes += size
         total_bytes += size
+        del tensor
+        if pending_bytes >= max_shard_bytes:  # write a full (or single oversized) shard before pulling more
+            flush()
     flush()
     return HFShards(weight_map, total_bytes)
 

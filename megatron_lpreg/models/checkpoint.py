@@ -398,8 +398,9 @@ def run_job(fn: Any, world_size: int, *args: Any, timeout_s: float = 3600.0) -> 
     return run_ranks(fn, world_size, *args, timeout_s=timeout_s, threads_per_rank=1)
 
 
-def _build_chunks(model_cfg: Any, parallel_cfg: Any, ctx: Any) -> list[torch.nn.Module]:
-    """This rank's model chunk for a conversion job, built *without* weight initialisation.
+def _build_chunks(model_cfg: Any, parallel_cfg: Any, ctx: Any, *, device: str = "cpu") -> list[torch.nn.Module]:
+    """This rank's model chunk for a conversion job, built *without* weight initialisation (on ``device``;
+    ``"meta"`` gives names and shapes only).
 
     Every value is overwritten by the load. megatron's CPU initialisation would first materialise each layer's
     full fp32 master weight on every rank (a 151936 x 5120 embedding is 3.1 GB), which dominated the
@@ -413,7 +414,7 @@ def _build_chunks(model_cfg: Any, parallel_cfg: Any, ctx: Any) -> list[torch.nn.
 
     config = qwen.transformer_config(model_cfg, parallel_cfg)
     config.perform_initialization = False
-    with cpu.cpu_mode():
+    with cpu.cpu_mode(), torch.device(device):
         model = GPTModel(
             config=config, transformer_layer_spec=qwen.layer_spec(model_cfg),
             vocab_size=model_cfg.padded_vocab_size(parallel_cfg.tp),
@@ -485,70 +486,67 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     return out_dir
 
 
-def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, assets: str | None, tp: int, pp: int,
-                      overwrite: bool, max_shard_bytes: int) -> None:
+def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, assets: str | None, overwrite: bool,
+                      max_shard_bytes: int) -> None:
     from megatron_lpreg.config.base import from_dict
     from megatron_lpreg.config.model import ModelConfig, ParallelConfig
-    from megatron_lpreg.models.bridge import export_hf_weights, write_hf_safetensors
-    from megatron_lpreg.telemetry import progress
+    from megatron_lpreg.models.bridge import export_hf_weights_from_checkpoint, write_hf_safetensors
     from megatron_lpreg.parallel.bootstrap import destroy_parallel, init_parallel
+    from megatron_lpreg.telemetry import progress
 
-    parallel_cfg = ParallelConfig(tp=tp, pp=pp)
+    parallel_cfg = ParallelConfig(tp=1, pp=1)
     ctx = init_parallel(parallel_cfg, seed=0)
     try:
         model_cfg = dataclasses.replace(from_dict(ModelConfig, read_manifest(mcore_dir)["model"]),
                                         transformer_impl="local")
-        chunks = _build_chunks(model_cfg, parallel_cfg, ctx)
-        load_checkpoint(mcore_dir, chunks, model_cfg, ctx, verify_checksums=False)  # the parent verified them
+        meta_chunks = _build_chunks(model_cfg, parallel_cfg, ctx, device="meta")
         config = json.loads((Path(assets) / "config.json").read_text()) if assets else hf_config_dict(model_cfg)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            stream = progress(export_hf_weights(chunks, model_cfg, ctx, dtype=hf_dtype(config), all_tp_ranks=False),
-                              desc="export hf", rank=rank)
-            if ctx.tp_rank == 0 and ctx.dp_rank == 0:  # one writer per pipeline stage, in parallel
-                shards = write_hf_safetensors(stream, tmp, prefix=f"stage{ctx.pp_rank:03d}",
-                                              max_shard_bytes=max_shard_bytes)
-            else:
-                shards = None
-                for _ in stream:  # TP peers take part in the gathers
-                    pass
+            stream = export_hf_weights_from_checkpoint(Path(mcore_dir) / DIST_DIR, meta_chunks, model_cfg, ctx,
+                                                       dtype=hf_dtype(config))
+            shards = write_hf_safetensors(progress(stream, desc="export hf", rank=rank), tmp,
+                                          prefix=f"part{rank:03d}", max_shard_bytes=max_shard_bytes)
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, shards)
             if rank == 0:
-                finish_hf_dir(tmp, [s for s in gathered if s is not None], Path(assets) if assets else None,
-                               model_cfg)
+                finish_hf_dir(tmp, gathered, Path(assets) if assets else None, model_cfg)
     finally:
         destroy_parallel(destroy_process_group=False)
 
 
 def convert_mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                        hf_config_dir: str | os.PathLike | None = None, tp: int | None = None,
-                        pp: int | None = None, overwrite: bool = False, max_shard_bytes: int = 2**30) -> Path:
-    """Export a dist checkpoint as an HF safetensors directory readable by transformers (atomic).
+                        hf_config_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                        max_shard_bytes: int = 2**30, readers: int = 2) -> Path:
+    """Export a dist checkpoint (any layout) as an HF safetensors directory readable by transformers (atomic).
+
+    Streams: no model is built; ``readers`` ranks each read one full tensor at a time from the checkpoint and
+    write their share of safetensors files, so memory per rank stays near one tensor plus ``max_shard_bytes``.
+    Under torchrun/srun every launched rank is a reader.
 
     Args:
         hf_config_dir: take config.json and tokenizer files from here (default: the checkpoint's ``hf_assets/``,
             else a config.json generated from the manifest's model config).
-        tp, pp: layout to load at (default: the one it was written at); the result does not depend on it.
-        max_shard_bytes: safetensors file size (each pipeline stage's writer buffers at most this much).
+        max_shard_bytes: safetensors file size (each reader buffers at most this much).
+        readers: ranks to fork when not launched distributed (>= 2, see ``export_hf_weights_from_checkpoint``).
 
     Raises:
         CheckpointError: missing/corrupt checkpoint, or ``out_dir`` exists without ``overwrite``.
     """
-    from megatron_lpreg.config.base import from_dict
-    from megatron_lpreg.config.model import ModelConfig
+    from megatron_lpreg.parallel.bootstrap import launch_env
 
     manifest = read_manifest(mcore_dir)
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"--out {out_dir} already exists; remove it or pass overwrite")
-    tp = tp or manifest["parallel"]["tp"]
-    pp = pp or manifest["parallel"]["pp"]
-    check_conversion_layout(from_dict(ModelConfig, manifest["model"]), tp, pp)
     _verify_files(Path(mcore_dir), manifest, checksums=True)
     assets = Path(hf_config_dir) if hf_config_dir else Path(mcore_dir) / HF_ASSETS_DIR
     assets_arg = str(assets.absolute()) if (assets / "config.json").is_file() else None
     if hf_config_dir and assets_arg is None:
         raise CheckpointError(f"--hf-config {hf_config_dir} has no config.json")
-    run_job(_mcore_to_hf_rank, tp * pp, str(Path(mcore_dir).absolute()), str(out_dir), assets_arg, tp, pp,
-            overwrite, max_shard_bytes)
+    env = launch_env()
+    world = env.world_size if env.source != "single" else readers
+    if world < 2:
+        raise ValueError(f"convert_mcore_to_hf needs >= 2 ranks (got {world}); launch 2 or more")
+    run_job(_mcore_to_hf_rank, world, str(Path(mcore_dir).absolute()), str(out_dir), assets_arg, overwrite,
+            max_shard_bytes)
     return out_dir

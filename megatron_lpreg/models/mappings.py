@@ -330,7 +330,8 @@ def merge_shards(
 ) -> list[tuple[str, torch.Tensor]]:
     """Inverse of :func:`read_shard` over all TP ranks: ``shards[r]`` is rank r's shard; returns full HF tensors.
 
-    Replicated rows take ``shards[0]``. Vocab rows are trimmed to ``vocab_size`` rows.
+    Replicated rows take ``shards[0]``. Vocab rows are trimmed to ``vocab_size`` rows. The results may be views
+    of ``shards`` (always for a single shard): copy before handing them to code that outlives the shards.
     """
     names = row.hf_names(layer)
     if row.tp_dim is None:
@@ -339,7 +340,8 @@ def merge_shards(
     per_rank = [split_shard(row, s, heads, tp_size) for s in shards]
     out = []
     for i, name in enumerate(names):
-        full = torch.cat([parts[i] for parts in per_rank], dim=row.tp_dim)
+        pieces = [parts[i] for parts in per_rank]
+        full = pieces[0] if tp_size == 1 else torch.cat(pieces, dim=row.tp_dim)  # TP1: no copy of a big tensor
         if row.vocab:
             if vocab_size is None:
                 raise ValueError(f"{row.mcore}: a vocab row needs vocab_size to trim the padding")
