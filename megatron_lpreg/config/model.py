@@ -112,6 +112,9 @@ class ParallelConfig:
     """Megatron sequence parallelism (Transformer Engine spec only)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer states over DP ranks (megatron distributed optimizer)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: selective (attention core) or full (every layer's inputs only are kept; needed by
+    the first pipeline stage of Qwen2.5-32B at 30,720-token micro-batches, see docs/slurm.md)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = nccl with CUDA, gloo otherwise."""
 

@@ -180,7 +180,17 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> 
         use_cpu_initialization=not cpu.cuda_available(),
         bias_activation_fusion=te, masked_softmax_fusion=te, persist_layer_norm=te, bias_dropout_fusion=te,
         apply_rope_fusion=te, gradient_accumulation_fusion=False, cross_entropy_loss_fusion=False,
+        **_recompute_kwargs(parallel_cfg),
     )
+
+
+def _recompute_kwargs(parallel_cfg: ParallelConfig) -> dict[str, Any]:
+    """megatron's recompute settings for ``parallel.recompute``."""
+    if parallel_cfg.recompute == "none":
+        return {}
+    if parallel_cfg.recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
 
 
 def layer_spec(model_cfg: ModelConfig) -> Any:

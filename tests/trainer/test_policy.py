@@ -122,3 +122,18 @@ def test_non_finite_loss_skips_the_update_on_every_rank():
     for skipped, unchanged, good_skipped, good_finite in run_ranks(_nan_step, 2, cfg, timeout_s=240):
         assert skipped and unchanged
         assert not good_skipped and good_finite
+
+
+def _grad_norm_with(rank, world, cfg):
+    policy, _ = _policy(cfg)
+    return policy.train_step(_batch(seed=5)).grad_norm
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_activation_recompute_gives_the_same_update(recompute):
+    hf = tiny_model_dir("qwen2")
+    base = _cfg(hf, tp=2, world=2)
+    plain = run_ranks(_grad_norm_with, 2, base, timeout_s=240)[0]
+    parallel = type(base.parallel)(**{**base.parallel.__dict__, "recompute": recompute})
+    again = run_ranks(_grad_norm_with, 2, base.replace(parallel=parallel), timeout_s=240)[0]
+    assert math.isclose(plain, again, rel_tol=1e-6), (plain, again)
