@@ -171,7 +171,7 @@ class LocalEngine:
                 self.model.load_checkpoint(update.path)
         self._verify(update)
         self.weight_version = update.version
-        logger.info("local engine at weight version %d", update.version)
+        logger.debug("local engine at weight version %d", update.version)
 
     def _verify(self, update: WeightUpdate) -> None:
         if update.checksums:
