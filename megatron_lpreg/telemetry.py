@@ -23,6 +23,7 @@ class _RankFilter(logging.Filter):
     def __init__(self, rank: int, world_size: int, all_ranks: bool) -> None:
         super().__init__()
         self.prefix = f"[rank {rank}/{world_size}]"
+        self.all_ranks = all_ranks
         self.quiet = rank != 0 and not all_ranks
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -68,6 +69,15 @@ def setup(rank: int = 0, world_size: int = 1, *, level: str = "INFO", all_ranks:
     root.setLevel(level)
     for noisy in ("megatron", "torch.distributed", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def set_rank(rank: int, world_size: int) -> None:
+    """In a forked rank: re-label our handlers with this rank (rank > 0 then logs WARNING+ unless all_ranks)."""
+    for handler in logging.getLogger().handlers:
+        for flt in handler.filters:
+            if isinstance(flt, _RankFilter):
+                handler.removeFilter(flt)
+                handler.addFilter(_RankFilter(rank, world_size, flt.all_ranks))
 
 
 def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True,

@@ -64,6 +64,9 @@ def _rank_main(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
             LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
         )
+        from megatron_lpreg import telemetry
+
+        telemetry.set_rank(rank, world_size)
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
