@@ -57,6 +57,9 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 @dataclass(frozen=True)
 class _Param:
     global_name: str
+    local_name: str
+    """Name inside its chunk (``decoder.layers.<chunk-local index>...``): the key of its sharded state dict."""
+    local_layer: int | None
     param: torch.nn.Parameter
     row: Mapping
     layer: int | None
@@ -77,16 +80,17 @@ def _plan(model_chunks: Sequence[torch.nn.Module], table: MappingTable) -> list[
     for chunk in model_chunks:
         model = unwrap(chunk)
         for local_name, param in model.named_parameters():
-            global_name = local_name
+            global_name, local_layer = local_name, None
             match = _LOCAL_LAYER.match(local_name)
-            if match:  # layer_number is megatron's 1-based global index (PP and virtual-PP offsets applied)
+            if match:
+                local_layer = int(match.group(1))  # layer_number is megatron's 1-based global index (PP and virtual-PP offsets applied)
                 layer_number = model.decoder.layers[int(match.group(1))].layer_number
                 global_name = f"decoder.layers.{layer_number - 1}." + local_name[match.end():]
             resolved = table.resolve(global_name)
             if resolved is None:
                 unmapped.append(global_name)
                 continue
-            plan.append(_Param(global_name, param, resolved.row, resolved.layer))
+            plan.append(_Param(global_name, local_name, local_layer, param, resolved.row, resolved.layer))
     if unmapped:
         raise ValueError(f"{len(unmapped)} megatron parameters have no row in mapping table '{table.name}': "
                          f"{_listing(unmapped)}. Add rows to models/mappings.py or fix the layer spec.")
@@ -194,6 +198,37 @@ def check_hf_checkpoint(hf_dir: str | os.PathLike, model_cfg: Any, *, fused_norm
         _check_hf_names(hf, table, model_cfg.num_layers)
 
 
+def _hf_shards(plan: list[_Param], hf: HFSafetensors, model_cfg: Any, ctx: Any,
+               consumed: Counter[str]) -> Iterator[tuple[_Param, torch.Tensor]]:
+    """``(item, this rank's shard)`` for each plan item, read lazily; counts HF names into ``consumed``."""
+    heads, tp_rank, tp_size = _heads(model_cfg), ctx.tp_rank, ctx.tp_size
+    for item in progress(plan, total=len(plan), desc="load hf", rank=dist.get_rank()):
+        names = item.row.hf_names(item.layer)
+        lens = [hf.shape(n)[item.row.tp_dim or 0] for n in names]
+        padded = item.param.shape[0] * tp_size if item.row.vocab else None
+        shard = read_shard(item.row, item.layer, hf.read, lens, heads, tp_rank, tp_size, padded)
+        if shard.shape != item.param.shape:
+            raise ValueError(f"{item.global_name}: HF tensors {', '.join(names)} give a shard of shape "
+                             f"{tuple(shard.shape)} but the model has {tuple(item.param.shape)} (tp_rank "
+                             f"{tp_rank}/{tp_size}); does model config match {hf.hf_dir}/config.json?")
+        if not item.row.tied:
+            consumed.update(names)
+        yield item, shard.to(item.param.dtype)
+
+
+def _check_coverage(consumed: Counter[str], expected: set[str]) -> None:
+    """Collective: every expected HF name was loaded by some rank, and by no rank twice."""
+    twice = [n for n, c in consumed.items() if c > 1]
+    if twice:
+        raise ValueError(f"HF tensors consumed more than once on rank {dist.get_rank()}: {_listing(twice)}")
+    everywhere: list[set[str]] = [set()] * dist.get_world_size()
+    dist.all_gather_object(everywhere, set(consumed))
+    unconsumed = expected - set().union(*everywhere)
+    if unconsumed:
+        raise ValueError(f"HF tensors no rank loaded (model lacks the parameters the table expects): "
+                         f"{_listing(unconsumed)}")
+
+
 def load_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_dir: str | os.PathLike, model_cfg: Any,
                     ctx: Any) -> None:
     """Copy HF safetensors weights into this rank's megatron model chunks (its TP shard, its PP stage).
@@ -210,33 +245,48 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_dir: str | os.Pa
     """
     table = _table(model_cfg, model_chunks)
     plan = _plan(model_chunks, table)
-    heads, tp_rank, tp_size = _heads(model_cfg), ctx.tp_rank, ctx.tp_size
     consumed: Counter[str] = Counter()
     with HFSafetensors(hf_dir) as hf:
         expected = _check_hf_names(hf, table, model_cfg.num_layers)
-        for item in progress(plan, total=len(plan), desc="load hf", rank=dist.get_rank()):
-            names = item.row.hf_names(item.layer)
-            lens = [hf.shape(n)[item.row.tp_dim or 0] for n in names]
-            padded = item.param.shape[0] * tp_size if item.row.vocab else None
-            shard = read_shard(item.row, item.layer, hf.read, lens, heads, tp_rank, tp_size, padded)
-            if shard.shape != item.param.shape:
-                raise ValueError(f"{item.global_name}: HF tensors {', '.join(names)} give a shard of shape "
-                                 f"{tuple(shard.shape)} but the model has {tuple(item.param.shape)} (tp_rank "
-                                 f"{tp_rank}/{tp_size}); does model config match {hf_dir}/config.json?")
+        for item, shard in _hf_shards(plan, hf, model_cfg, ctx, consumed):
             with torch.no_grad():
                 item.param.copy_(shard)
-            if not item.row.tied:
-                consumed.update(names)
-    twice = [n for n, c in consumed.items() if c > 1]
-    if twice:
-        raise ValueError(f"HF tensors consumed more than once on rank {dist.get_rank()}: {_listing(twice)}")
-    everywhere: list[set[str]] = [set()] * dist.get_world_size()
-    dist.all_gather_object(everywhere, set(consumed))
-    unconsumed = expected - set().union(*everywhere)
-    if unconsumed:
-        raise ValueError(f"HF tensors no rank loaded (model lacks the parameters the table expects): "
-                         f"{_listing(unconsumed)}")
+    _check_coverage(consumed, expected)
     logger.info("loaded %d HF tensors into %d parameters from %s", len(consumed), len(plan), hf_dir)
+
+
+def read_hf_shards_by_layer(meta_chunks: Sequence[torch.nn.Module], hf_dir: str | os.PathLike, model_cfg: Any,
+                            ctx: Any, *, read: bool = True) -> Iterator[tuple[int | None, dict[str, torch.Tensor]]]:
+    """This rank's HF shards grouped by stage-local layer, for writing a checkpoint without building a model.
+
+    Args:
+        meta_chunks: ``[GPTModel]`` on the meta device for this rank's stage (names and shapes only; no VPP).
+        read: False yields uninitialised placeholders of the right shapes instead (a data-parallel replica,
+            whose copy a checkpoint save does not write, need not read or hold anything).
+
+    Yields:
+        ``(local_layer, {local parameter name: shard})``: first ``None`` (embedding, final norm, output layer;
+        empty on middle stages), then every stage-local layer index in order. Every rank yields the same
+        sequence of parts (pipeline stages hold equally many layers), so the caller's collective per part lines
+        up; the cross-rank coverage check runs (collectively) when the generator is resumed after the last part.
+
+    Raises:
+        ValueError: as :func:`load_hf_weights`.
+    """
+    if len(meta_chunks) != 1:
+        raise ValueError("read_hf_shards_by_layer: virtual pipeline chunks are not supported here")
+    table = _table(model_cfg, meta_chunks)
+    plan = _plan(meta_chunks, table)
+    consumed: Counter[str] = Counter()
+    with HFSafetensors(hf_dir) as hf:
+        expected = _check_hf_names(hf, table, model_cfg.num_layers)
+        for part in [None, *range(len(unwrap(meta_chunks[0]).decoder.layers))]:
+            items = [item for item in plan if item.local_layer == part]
+            if not read:
+                yield part, {i.local_name: torch.empty(i.param.shape, dtype=i.param.dtype) for i in items}
+                continue
+            yield part, {item.local_name: shard for item, shard in _hf_shards(items, hf, model_cfg, ctx, consumed)}
+    _check_coverage(consumed, expected)
 
 
 def export_hf_weights(model_chunks: Sequence[torch.nn.Module], model_cfg: Any, ctx: Any, *,

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import shutil
@@ -267,6 +268,23 @@ def _unshare_step_tensors(optimizer: Any) -> None:
                 state["step"] = state["step"].clone()
 
 
+def _write_manifest(tmp: Path, model_cfg: Any, ctx: Any, *, vpp: int, has_optimizer: bool,
+                    hf_assets_dir: str | os.PathLike | None) -> None:
+    """Rank 0, last step of a save: copy the HF assets, then checksum every file into the manifest."""
+    if hf_assets_dir is not None:
+        assets = tmp / HF_ASSETS_DIR
+        assets.mkdir()
+        for name in HF_ASSET_FILES:
+            if (Path(hf_assets_dir) / name).is_file():
+                shutil.copy2(Path(hf_assets_dir) / name, assets / name)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "created_unix": time.time(),
+        "model": dataclasses.asdict(model_cfg), "parallel": {"tp": ctx.tp_size, "pp": ctx.pp_size, "vpp": vpp},
+        "has_optimizer": has_optimizer, "files": _file_table(tmp),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
 def save_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], model_cfg: Any, ctx: Any, *,
                     optimizer: Any = None, extra: dict[str, Any] | None = None,
                     hf_assets_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
@@ -301,21 +319,112 @@ def save_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
             dist_checkpointing.save(state, str(tmp / DIST_DIR), sharded_strategy=("torch_dist", 1))
         _barrier()
         if _rank() == 0:
-            if hf_assets_dir is not None:
-                assets = tmp / HF_ASSETS_DIR
-                assets.mkdir()
-                for name in HF_ASSET_FILES:
-                    if (Path(hf_assets_dir) / name).is_file():
-                        shutil.copy2(Path(hf_assets_dir) / name, assets / name)
-            manifest = {
-                "format": FORMAT, "format_version": FORMAT_VERSION, "created_unix": time.time(),
-                "model": dataclasses.asdict(model_cfg),
-                "parallel": {"tp": ctx.tp_size, "pp": ctx.pp_size, "vpp": len(model_chunks)},
-                "has_optimizer": optimizer is not None, "files": _file_table(tmp),
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            _write_manifest(tmp, model_cfg, ctx, vpp=len(model_chunks), has_optimizer=optimizer is not None,
+                            hf_assets_dir=hf_assets_dir)
     logger.info("saved checkpoint %s in %.1f s", path, time.monotonic() - start)
     return path
+
+
+@contextlib.contextmanager
+def _allow_partial_fill() -> Iterator[None]:
+    """During part saves, drop DCP's "chunks fill the tensor" check and keep its other plan checks.
+
+    A part holds one layer of megatron's layer-stacked tensors by design, so torch's save planner would reject
+    its global plan; :func:`_merge_parts` checks the fill of the merged metadata instead.
+    """
+    from torch.distributed.checkpoint import default_planner
+
+    original = default_planner._validate_global_plan
+
+    def without_fill_check(global_plan: Any, metadata: Any) -> list[str]:
+        return [error for error in original(global_plan, metadata) if "invalid fill" not in error]
+
+    default_planner._validate_global_plan = without_fill_check
+    try:
+        yield
+    finally:
+        default_planner._validate_global_plan = original
+
+
+def save_checkpoint_from_parts(path: str | os.PathLike, meta_chunks: Sequence[torch.nn.Module],
+                               parts: Iterator[tuple[int | None, dict[str, torch.Tensor]]], model_cfg: Any, ctx: Any,
+                               *, hf_assets_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Write a model checkpoint one stage-local layer at a time, without the model ever being in memory.
+
+    Each part (see ``bridge.read_hf_shards_by_layer``) is saved as its own torch_dist checkpoint in a
+    ``dist/part<i>/`` directory (collectively, all ranks together); rank 0 then merges their DCP metadata into
+    ``dist/.metadata`` (chunks of the same global tensor are concatenated, file paths point into the part
+    directories). The result is an ordinary dist checkpoint: :func:`load_checkpoint` loads it at any layout.
+
+    Args:
+        meta_chunks: ``[GPTModel]`` on the meta device (its sharded state dict gives keys, shapes and offsets).
+        parts: this rank's ``(local_layer, {local parameter name: tensor})``, the same part sequence on all ranks.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    path = Path(path)
+    start = time.monotonic()
+    layout = unwrap(meta_chunks[0]).sharded_state_dict()
+    with atomic_output_dir(path, overwrite=overwrite) as tmp:
+        part_dirs = []
+        for index, (local_layer, tensors) in enumerate(parts):
+            state: dict[str, Any] = {name: dataclasses.replace(layout[name], data=t) for name, t in tensors.items()}
+            prefix = None if local_layer is None else f"decoder.layers.{local_layer}."
+            state.update({k: v for k, v in layout.items() if isinstance(v, ShardedObject)
+                          and (k.startswith(prefix) if prefix else not k.startswith("decoder.layers."))})
+            if local_layer is None:
+                state["extra"] = {}
+            part_dir = tmp / DIST_DIR / f"part{index:04d}"
+            if _rank() == 0:
+                part_dir.mkdir(parents=True)
+            _barrier()
+            with _in_process_write_queue(), _allow_partial_fill():
+                dist_checkpointing.save(state, str(part_dir), sharded_strategy=("torch_dist", 1),
+                                        validate_access_integrity=False)
+            part_dirs.append(part_dir)
+            del state, tensors
+        _barrier()
+        if _rank() == 0:
+            _merge_parts(tmp / DIST_DIR, part_dirs)
+            _write_manifest(tmp, model_cfg, ctx, vpp=1, has_optimizer=False, hf_assets_dir=hf_assets_dir)
+    logger.info("saved checkpoint %s (%d parts) in %.1f s", path, len(part_dirs), time.monotonic() - start)
+    return path
+
+
+def _merge_parts(dist_dir: Path, part_dirs: list[Path]) -> None:
+    """One DCP ``.metadata`` for several torch_dist saves of disjoint pieces of the same state dict."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    tensors: dict[str, Any] = {}
+    storage: dict[Any, Any] = {}
+    storage_meta = None
+    for part_dir in part_dirs:
+        metadata = FileSystemReader(str(part_dir)).read_metadata()
+        storage_meta = storage_meta or metadata.storage_meta
+        for key, meta in metadata.state_dict_metadata.items():
+            if key not in tensors:
+                tensors[key] = meta
+            elif isinstance(meta, TensorStorageMetadata) and meta.size == tensors[key].size:
+                tensors[key].chunks.extend(meta.chunks)
+            else:
+                raise CheckpointError(f"parts of {dist_dir} disagree on {key}: {meta} vs {tensors[key]}")
+        for index, info in metadata.storage_data.items():
+            storage[index] = dataclasses.replace(info, relative_path=f"{part_dir.name}/{info.relative_path}")
+    unfilled = [key for key, meta in tensors.items() if isinstance(meta, TensorStorageMetadata)
+                and sum(math.prod(c.sizes) for c in meta.chunks) != math.prod(meta.size)]
+    if unfilled:
+        raise CheckpointError(f"merged parts of {dist_dir} do not cover these tensors exactly: {unfilled[:10]}")
+    with open(dist_dir / ".metadata", "wb") as handle:
+        pickle.dump(Metadata(state_dict_metadata=tensors, storage_data=storage, storage_meta=storage_meta), handle)
+    for name in ("metadata.json", "common.pt"):  # identical in every part; the first (non-layer) part has extra
+        shutil.copy2(part_dirs[0] / name, dist_dir / name)
+    for part_dir in part_dirs:
+        for name in (".metadata", "metadata.json", "common.pt"):
+            (part_dir / name).unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], model_cfg: Any, ctx: Any, *,
@@ -389,8 +498,7 @@ def run_job(fn: Any, world_size: int, *args: Any, timeout_s: float = 3600.0) -> 
     env = launch_env()
     if env.source != "single":
         if env.world_size != world_size:
-            raise ValueError(f"launched with world size {env.world_size} but the conversion needs tp*pp="
-                             f"{world_size} ranks; launch exactly {world_size}")
+            raise ValueError(f"launched with world size {env.world_size} but this job needs {world_size} ranks")
         return [fn(env.rank, env.world_size, *args)]
     # One intra-op thread per forked rank: a child whose parent already ran an OpenMP region can deadlock in
     # its own first parallel region (seen in tests that build a tiny model in the parent), and conversion is
@@ -450,16 +558,17 @@ def _conversion_model_config(hf_dir: str) -> Any:
 
 def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, out_dir: str, tp: int, pp: int, overwrite: bool) -> None:
     from megatron_lpreg.config.model import ParallelConfig
-    from megatron_lpreg.models.bridge import load_hf_weights
+    from megatron_lpreg.models.bridge import read_hf_shards_by_layer
     from megatron_lpreg.parallel.bootstrap import destroy_parallel, init_parallel
 
     parallel_cfg = ParallelConfig(tp=tp, pp=pp)
     ctx = init_parallel(parallel_cfg, seed=0)
     try:
         model_cfg = _conversion_model_config(hf_dir)
-        chunks = _build_chunks(model_cfg, parallel_cfg, ctx)
-        load_hf_weights(chunks, hf_dir, model_cfg, ctx)
-        save_checkpoint(out_dir, chunks, model_cfg, ctx, hf_assets_dir=hf_dir, overwrite=overwrite)
+        meta_chunks = _build_chunks(model_cfg, parallel_cfg, ctx, device="meta")
+        parts = read_hf_shards_by_layer(meta_chunks, hf_dir, model_cfg, ctx, read=ctx.dp_rank == 0)
+        save_checkpoint_from_parts(out_dir, meta_chunks, parts, model_cfg, ctx, hf_assets_dir=hf_dir,
+                                   overwrite=overwrite)
     finally:
         destroy_parallel(destroy_process_group=False)
 
@@ -482,7 +591,17 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     model_cfg = _conversion_model_config(str(hf_dir))
     check_conversion_layout(model_cfg, tp, pp)
     check_hf_checkpoint(hf_dir, model_cfg)
-    run_job(_hf_to_mcore_rank, tp * pp, str(Path(hf_dir).absolute()), str(out_dir), tp, pp, overwrite)
+    # >= 2 ranks: megatron's torch_dist writer cannot describe a partial (one-layer) save from a 1-rank job (it
+    # marks "other ranks'" shards as rank (r+1) % world); TP1 PP1 runs as two data-parallel replicas, of which
+    # only the first reads and writes.
+    from megatron_lpreg.parallel.bootstrap import launch_env
+
+    env = launch_env()
+    world = env.world_size if env.source != "single" else max(2, tp * pp)
+    if world % (tp * pp) or world < 2:
+        raise ValueError(f"launched with {world} ranks; the conversion needs a multiple of tp*pp={tp * pp}, "
+                         f"at least 2")
+    run_job(_hf_to_mcore_rank, world, str(Path(hf_dir).absolute()), str(out_dir), tp, pp, overwrite)
     return out_dir
 
 

@@ -121,7 +121,7 @@ def test_mcore_to_hf_bad_inputs(tmp_path, capsys):
     assert hf_to_mcore(["--hf", str(tiny_model_dir("qwen2")), "--out", str(mcore)]) == 0
     assert hf_to_mcore(["--hf", str(tiny_model_dir("qwen2")), "--out", str(mcore)]) == 2
     assert "already exists" in capsys.readouterr().err
-    shard = sorted((mcore / "dist").glob("*.distcp"))[0]
+    shard = sorted((mcore / "dist").rglob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:-1])
     assert mcore_to_hf(["--mcore", str(mcore), "--out", str(tmp_path / "out")]) == 2
     assert "truncated?" in capsys.readouterr().err
