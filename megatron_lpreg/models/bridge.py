@@ -397,6 +397,36 @@ class HFShards(NamedTuple):
     """Sum of tensor bytes (the index's ``total_size``)."""
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Write one safetensors file straight from the tensors' memory.
+
+    Format (safetensors spec): u64 little-endian header size, a JSON header naming each tensor's dtype, shape
+    and ``[begin, end)`` byte range in the data section (contiguous, in order), padded with spaces to 8 bytes,
+    then the raw little-endian bytes. ``safetensors.torch.save_file`` first serialises every tensor to a
+    ``bytes`` copy, which doubles the peak for the largest tensor.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(file, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def write_hf_safetensors(stream: Iterable[tuple[str, torch.Tensor]], out_dir: str | os.PathLike, *,
                          prefix: str = "model", max_shard_bytes: int = 2**30) -> HFShards:
     """Write a tensor stream as safetensors shards of at most ``max_shard_bytes`` (a bigger tensor gets its own).
@@ -407,8 +437,6 @@ def write_hf_safetensors(stream: Iterable[tuple[str, torch.Tensor]], out_dir: st
     Raises:
         ValueError: a name appears twice in the stream.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     weight_map: dict[str, str] = {}
     pending: dict[str, torch.Tensor] = {}
@@ -418,7 +446,7 @@ def write_hf_safetensors(stream: Iterable[tuple[str, torch.Tensor]], out_dir: st
         nonlocal pending, pending_bytes
         if pending:
             file_name = f"{prefix}-{len(set(weight_map.values())) + 1:05d}.safetensors"
-            save_file(pending, str(out_dir / file_name), metadata={"format": "pt"})
+            _save_safetensors(pending, out_dir / file_name)
             weight_map.update(dict.fromkeys(pending, file_name))
             pending, pending_bytes = {}, 0
 

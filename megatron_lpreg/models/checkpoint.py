@@ -339,11 +339,15 @@ def _allow_partial_fill() -> Iterator[None]:
     def without_fill_check(global_plan: Any, metadata: Any) -> list[str]:
         return [error for error in original(global_plan, metadata) if "invalid fill" not in error]
 
+    planner_logger = logging.getLogger(default_planner.__name__)
+    level = planner_logger.level
     default_planner._validate_global_plan = without_fill_check
+    planner_logger.setLevel(logging.ERROR)  # it also warns once per unfilled tensor before returning the list
     try:
         yield
     finally:
         default_planner._validate_global_plan = original
+        planner_logger.setLevel(level)
 
 
 def save_checkpoint_from_parts(path: str | os.PathLike, meta_chunks: Sequence[torch.nn.Module],
@@ -577,8 +581,11 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
                         overwrite: bool = False) -> Path:
     """Convert an HF Qwen2/Qwen3 directory into a dist checkpoint written at TP=``tp``, PP=``pp`` (atomic).
 
-    Every rank reads only its own slices of the HF tensors. Peak memory per rank is its model shard plus one
-    HF slice; across ranks, one copy of the model (see docs/conversion.md).
+    Streams: no model is built (a meta-device GPTModel gives names, shapes and sharding), each rank reads only
+    its slices of the HF tensors, and the checkpoint is written one stage-local layer at a time
+    (:func:`save_checkpoint_from_parts`), so memory per rank stays near one layer's shard (or the embedding's).
+    Runs ``tp*pp`` ranks (two for TP1 PP1, the second an idle data-parallel replica); under torchrun/srun, the
+    launched ranks (a multiple of ``tp*pp``).
 
     Raises:
         ValueError: bad layout, unsupported architecture, or HF tensors that do not match the table.

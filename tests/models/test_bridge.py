@@ -139,3 +139,18 @@ def test_load_refuses_shape_mismatch(tmp_path):
                                           r"has \(256, 64\)"):
         run_ranks(_load_bad_rank, 1, str(narrow), str(tiny_model_dir("qwen2")), timeout_s=60,
                   threads_per_rank=1)
+
+
+def test_safetensors_writer_matches_reference_reader(tmp_path):
+    from megatron_lpreg.models.bridge import write_hf_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(3, 5, generator=gen).to(torch.bfloat16), "b": torch.randn(7, generator=gen),
+               "c.idx": torch.arange(4, dtype=torch.int64), "d.empty": torch.zeros(0, 3),
+               "e.view": torch.randn(6, 4, generator=gen)[1:5]}
+    shards = write_hf_safetensors(iter(tensors.items()), tmp_path, max_shard_bytes=64)
+    back = hf_tensors(tmp_path)
+    assert set(back) == set(tensors) and len(set(shards.weight_map.values())) > 1
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    assert shards.total_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
