@@ -5,7 +5,8 @@ Layout of a checkpoint directory::
     manifest.json   format + version, model config, tp/pp/vpp it was written at, has_optimizer, and
                     {relative path: {bytes, sha256}} for every file below
     dist/           megatron ``dist_checkpointing`` (torch_dist): model chunks ("model" / "model0".. for virtual
-                    pipeline), optionally "optimizer", and "extra" (plain picklable data, rank 0's copy)
+                    pipeline), optionally "optimizer", and "extra" (plain picklable data, rank 0's copy);
+                    written by the converter, its data files sit in ``part<i>/`` subdirectories (one per layer)
     hf_assets/      optional: the HF config.json, generation config and tokenizer files, for export back to HF
 
 Writes go to a hidden temp dir next to the target, then one rename, so a reader never sees a partial
@@ -13,6 +14,9 @@ checkpoint. Loading checks the manifest (format version, architecture fields, fi
 ranks) before touching a parameter, and refuses with a diff or a list of bad files. Megatron's sharded state dict
 makes the checkpoint layout-free: it loads at any TP/PP/VPP (padded vocab rows included, via megatron's
 ``allow_shape_mismatch`` on embedding/output). Distributed-optimizer state is saved "fully_reshardable".
+
+The HF <-> megatron conversion jobs (``convert_hf_to_mcore``, ``convert_mcore_to_hf``) live here too; both
+stream, never building the model (see docs/conversion.md).
 """
 from __future__ import annotations
 
