@@ -2,9 +2,10 @@
 
     python tools/convert_hf_to_mcore.py --hf /tmp/tiny-qwen3 --out /tmp/tiny-qwen3-mcore --tp 2 --pp 2
 
-Spawns tp*pp gloo ranks itself on CPU, or runs as one rank of an existing torchrun/srun launch of tp*pp ranks.
-Each rank reads only its slices of the HF tensors; the output appears atomically (temp dir + rename) with a
-manifest of checksums, and loads at any TP/PP. Exit code 2 on bad input (nothing is written).
+Spawns tp*pp gloo ranks itself on CPU (two for TP1 PP1), or runs as one rank of an existing torchrun/srun
+launch (a multiple of tp*pp ranks, at least 2). Streams: no model is built, each rank reads only its slices of
+the HF tensors and the checkpoint is written one layer at a time. The output appears atomically (temp dir +
+rename) with a manifest of checksums, and loads at any TP/PP. Exit code 2 on bad input (nothing is written).
 """
 from __future__ import annotations
 
