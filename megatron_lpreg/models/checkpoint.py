@@ -514,14 +514,12 @@ def run_job(fn: Any, world_size: int, *args: Any, timeout_s: float = 3600.0) -> 
     return run_ranks(fn, world_size, *args, timeout_s=timeout_s, threads_per_rank=1)
 
 
-def _build_chunks(model_cfg: Any, parallel_cfg: Any, ctx: Any, *, device: str = "cpu") -> list[torch.nn.Module]:
-    """This rank's model chunk for a conversion job, built *without* weight initialisation (on ``device``;
-    ``"meta"`` gives names and shapes only).
+def _build_meta_chunks(model_cfg: Any, parallel_cfg: Any, ctx: Any) -> list[torch.nn.Module]:
+    """This rank's model chunk on the meta device: parameter names, shapes and the sharded-state-dict layout for
+    a conversion job, no memory.
 
-    Every value is overwritten by the load. megatron's CPU initialisation would first materialise each layer's
-    full fp32 master weight on every rank (a 151936 x 5120 embedding is 3.1 GB), which dominated the
-    conversion's peak memory. Same modules and names as ``qwen.build_gpt_model`` (no virtual pipeline here);
-    TODO(#3): an ``initialize`` flag on build_gpt_model would let this reuse it.
+    The same modules as ``qwen.build_gpt_model(initialize=False)`` (no virtual pipeline here), but never moved:
+    that function moves the model to CUDA when a GPU is present, which a meta model cannot do.
     """
     from megatron.core.models.gpt import GPTModel
 
@@ -530,7 +528,7 @@ def _build_chunks(model_cfg: Any, parallel_cfg: Any, ctx: Any, *, device: str = 
 
     config = qwen.transformer_config(model_cfg, parallel_cfg)
     config.perform_initialization = False
-    with cpu.cpu_mode(), torch.device(device):
+    with cpu.cpu_mode(), torch.device("meta"):
         model = GPTModel(
             config=config, transformer_layer_spec=qwen.layer_spec(model_cfg),
             vocab_size=model_cfg.padded_vocab_size(parallel_cfg.tp),
@@ -573,7 +571,7 @@ def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, out_dir: str, tp: int,
     ctx = init_parallel(parallel_cfg, seed=0)
     try:
         model_cfg = _conversion_model_config(hf_dir)
-        meta_chunks = _build_chunks(model_cfg, parallel_cfg, ctx, device="meta")
+        meta_chunks = _build_meta_chunks(model_cfg, parallel_cfg, ctx)
         parts = read_hf_shards_by_layer(meta_chunks, hf_dir, model_cfg, ctx, read=ctx.dp_rank == 0)
         save_checkpoint_from_parts(out_dir, meta_chunks, parts, model_cfg, ctx, hf_assets_dir=hf_dir,
                                    overwrite=overwrite)
@@ -629,7 +627,7 @@ def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, asset
     try:
         model_cfg = dataclasses.replace(from_dict(ModelConfig, read_manifest(mcore_dir)["model"]),
                                         transformer_impl="local")
-        meta_chunks = _build_chunks(model_cfg, parallel_cfg, ctx, device="meta")
+        meta_chunks = _build_meta_chunks(model_cfg, parallel_cfg, ctx)
         config = json.loads((Path(assets) / "config.json").read_text()) if assets else hf_config_dict(model_cfg)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
             stream = export_hf_weights_from_checkpoint(Path(mcore_dir) / DIST_DIR, meta_chunks, model_cfg, ctx,
