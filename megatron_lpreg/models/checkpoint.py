@@ -567,7 +567,7 @@ def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, out_dir: str, tp: int,
     from megatron_lpreg.models.bridge import read_hf_shards_by_layer
     from megatron_lpreg.parallel.bootstrap import destroy_parallel, init_parallel
 
-    parallel_cfg = ParallelConfig(tp=tp, pp=pp)
+    parallel_cfg = ParallelConfig(tp=tp, pp=pp, backend="gloo")  # CPU tensors, also on a GPU host
     ctx = init_parallel(parallel_cfg, seed=0)
     try:
         model_cfg = _conversion_model_config(hf_dir)
@@ -622,7 +622,7 @@ def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, asset
     from megatron_lpreg.parallel.bootstrap import destroy_parallel, init_parallel
     from megatron_lpreg.telemetry import progress
 
-    parallel_cfg = ParallelConfig(tp=1, pp=1)
+    parallel_cfg = ParallelConfig(tp=1, pp=1, backend="gloo")  # CPU tensors, also on a GPU host
     ctx = init_parallel(parallel_cfg, seed=0)
     try:
         model_cfg = dataclasses.replace(from_dict(ModelConfig, read_manifest(mcore_dir)["model"]),
