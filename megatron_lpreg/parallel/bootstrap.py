@@ -65,7 +65,8 @@ def launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
         rank, world, source = _int_env(env, "RANK"), _int_env(env, "WORLD_SIZE"), "torchrun"
         local_rank = _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
         default_port = DEFAULT_PORT
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and env["SLURM_NTASKS"].strip() != "1":
+        # (a one-task step is a single process: tools then fork their own ranks, as outside Slurm)
         rank, world, source = _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS"), "slurm"
         local_rank = _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
         job = _int_env(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0

@@ -102,7 +102,8 @@ class CheckpointManager:
         extra = {"run_state": asdict(state), "scheduler": comp.policy.scheduler.state_dict(),
                  "config_yaml": comp.cfg.to_yaml()}
         save_checkpoint(str(path), comp.policy.raw_chunks, comp.cfg.model, comp.ctx,
-                        optimizer=comp.policy.optimizer if self.save_optimizer else None, extra=extra)
+                        optimizer=comp.policy.optimizer if self.save_optimizer else None, extra=extra,
+                        hf_assets_dir=comp.cfg.model.hf_path or None)
         if dist.is_initialized():
             dist.barrier()
         # Per-rank RNG files go in after the (atomic) model/optimizer save and before the `latest` pointer

@@ -115,3 +115,8 @@ def test_nccl_without_cuda_is_refused() -> None:
         pytest.skip("CUDA present")
     with pytest.raises(ConfigError, match="backend=nccl but CUDA is not available"):
         init_parallel(ParallelConfig(backend="nccl"))
+
+
+def test_a_one_task_slurm_step_is_a_single_process():
+    env = launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "7"})
+    assert (env.source, env.world_size, env.rank) == ("single", 1, 0)
