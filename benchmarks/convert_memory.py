@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from megatron_lpreg.config.model import ModelConfig
 from megatron_lpreg.models.bridge import HFSafetensors, hf_config_dict
-from megatron_lpreg.models.checkpoint import convert_hf_to_mcore, convert_mcore_to_hf
+from megatron_lpreg.models.convert import convert_hf_to_mcore, convert_mcore_to_hf
 
 GIB = 2**30
 

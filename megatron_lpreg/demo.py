@@ -91,7 +91,7 @@ def greedy_accuracy(model, tokenizer, prompts, eos: int, max_new_tokens: int = 1
 
 def _conversion_parity(hf_dir: Path, mcore_dir: Path) -> None:
     """Convert HF -> megatron TP2 x PP2 and compare logits with transformers (the foundation's smoke test)."""
-    from megatron_lpreg.models.checkpoint import convert_hf_to_mcore
+    from megatron_lpreg.models.convert import convert_hf_to_mcore
     from megatron_lpreg.models.parity import check_parity
 
     convert_hf_to_mcore(hf_dir, mcore_dir, tp=2, pp=2, overwrite=True)

@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from megatron_lpreg.models.checkpoint import convert_hf_to_mcore
+from megatron_lpreg.models.convert import convert_hf_to_mcore
 
 
 def main(argv: list[str] | None = None) -> int:

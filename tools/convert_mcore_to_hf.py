@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from megatron_lpreg.models.checkpoint import convert_mcore_to_hf
+from megatron_lpreg.models.convert import convert_mcore_to_hf
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, hf_config_dir: str) -> Pa
     """An HF directory for ``checkpoint``: itself if it already is one, else an export under ``out_dir``."""
     if (checkpoint / "config.json").is_file():
         return checkpoint
-    from megatron_lpreg.models.checkpoint import convert_mcore_to_hf
+    from megatron_lpreg.models.convert import convert_mcore_to_hf
 
     hf_dir = out_dir / "hf_model"
     assets = hf_config_dir if hf_config_dir and (Path(hf_config_dir) / "config.json").is_file() else None

@@ -141,7 +141,7 @@ def megatron_logits(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, tokens
         ConfigError: a layout the model cannot be split into (checked before any rank starts).
         ValueError: neither directory given.
     """
-    from megatron_lpreg.models.checkpoint import run_job
+    from megatron_lpreg.models.convert import run_job
 
     if not hf_dir and not mcore_dir:
         raise ValueError("pass hf_dir (HF safetensors) or mcore_dir (megatron dist checkpoint) for the weights")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_lpreg.models.checkpoint import convert_mcore_to_hf
+from megatron_lpreg.models.convert import convert_mcore_to_hf
 from tests.support.tiny import tiny_model_dir
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"

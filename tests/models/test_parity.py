@@ -51,7 +51,7 @@ def test_parity_detects_wrong_weights() -> None:
 
 def test_parity_from_converted_checkpoint(tmp_path: Path) -> None:
     """A TP2 megatron checkpoint, loaded resharded at TP1 x PP2, still matches HF."""
-    from megatron_lpreg.models.checkpoint import convert_hf_to_mcore
+    from megatron_lpreg.models.convert import convert_hf_to_mcore
 
     hf_dir = tiny_model_dir("qwen2")
     convert_hf_to_mcore(hf_dir, tmp_path / "mcore", tp=2, pp=1)

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from megatron_lpreg.cli import main as cli_main
-from megatron_lpreg.models.checkpoint import convert_mcore_to_hf
+from megatron_lpreg.models.convert import convert_mcore_to_hf
 
 pytestmark = pytest.mark.slow
 
