@@ -64,3 +64,15 @@ def test_resuming_with_a_different_model_is_refused(tmp_path, capsys):
                      *SMALL, "model.hidden_size=64", "model.ffn_hidden_size=128", "model.head_dim=16"])
     assert code == 2
     assert "different model" in capsys.readouterr().err
+
+
+def test_resume_at_another_tensor_parallel_size(tmp_path):
+    """A TP2 checkpoint (model + optimizer) reshards on load into a TP1 run, which carries on from step 2."""
+    run = tmp_path / "run"
+    _train(run, 2)
+    code = cli_main(["train", "configs/tiny_cpu.yaml", "trainer.max_steps=3", f"trainer.output_dir={run}",
+                     *SMALL, "parallel.tp=1", "trainer.world_size=1"])
+    assert code == 0
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[2]["actor/skipped"] == 0.0 and rows[2]["actor/grad_norm"] > 0
