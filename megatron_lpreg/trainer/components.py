@@ -30,14 +30,19 @@ class Components:
     checkpoints: CheckpointManager
     sinks: telemetry.MetricSinks | None
     eval_history: list[dict[str, Any]] = field(default_factory=list)
-    dataset_state_loaded: bool = True
+    _step_s: float | None = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.sinks is not None:
             self.sinks.log(metrics, step)
             keys = ("reward/mean", "loss/policy", "entropy/mean", "lpreg/num_regularized", "perf/step_s")
             shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
-            logger.info("step %d %s", step, shown)
+            # ETA from a moving average of the step time (the log is the progress bar of non-TTY runs).
+            self._step_s = metrics["perf/step_s"] if self._step_s is None else (
+                0.9 * self._step_s + 0.1 * metrics["perf/step_s"])
+            left = max(0, self.cfg.trainer.max_steps - step - 1) * self._step_s
+            logger.info("step %d/%d %s eta %dm%02ds", step + 1, self.cfg.trainer.max_steps, shown,
+                        left // 60, left % 60)
 
     def metrics_truncate(self, step: int) -> None:
         if self.sinks is not None:

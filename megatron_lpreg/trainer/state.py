@@ -77,7 +77,6 @@ class CheckpointManager:
         if path is None:
             if self.resume == "must":
                 raise FileNotFoundError(f"trainer.resume=must but no checkpoint under {self.root}")
-            comp.dataset_state_loaded = False
             return RunState()
         logger.info("resuming from %s", path)
         extra = load_checkpoint(str(path), comp.policy.raw_chunks, comp.cfg.model, comp.ctx,
