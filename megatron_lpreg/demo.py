@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from megatron_lpreg import telemetry
+from megatron_lpreg.telemetry import read_jsonl
 from megatron_lpreg.config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -102,10 +102,6 @@ def _conversion_parity(hf_dir: Path, mcore_dir: Path) -> None:
         raise SystemExit(f"parity check failed (tolerance {result.tolerance:g})")
 
 
-def _eval_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
-
-
 def run(args: argparse.Namespace) -> int:
     from megatron_lpreg.plotting import plot_runs
     from megatron_lpreg.trainer.cli import materialize_tiny, resolve_config
@@ -143,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         if code != 0:
             print(f"demo: training '{name}' exited with code {code}")
             return code
-        rows = _eval_rows(run_dir)
+        rows = read_jsonl(run_dir / "eval.jsonl")
         results[name] = (rows[0], rows[-1])
     plot = plot_runs([out / name for name, _ in runs], out / "demo_metrics.png", smooth=5)
     for name, (before, after) in results.items():

@@ -1,25 +1,17 @@
 """Metric curves from run directories (``metrics.jsonl`` / ``eval.jsonl``) as PNG files (matplotlib Agg)."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 from typing import Sequence
 
-from megatron_lpreg.telemetry import read_metrics
+from megatron_lpreg.telemetry import read_jsonl, read_metrics
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_KEYS = ("reward/mean", "loss/policy", "entropy/mean", "response/length_mean", "lpreg/num_regularized",
                 "actor/grad_norm", "heldout/greedy_acc", "heldout/sampled_acc")
-
-
-def _eval_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "eval.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out_path: str | Path, keys: Sequence[str] = DEFAULT_KEYS,
@@ -44,7 +36,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out_path: str | Path, keys: Sequen
     for run_dir in map(Path, run_dirs):
         if not (run_dir / "metrics.jsonl").exists():
             raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (is it a run directory?)")
-        runs[run_dir.name or str(run_dir)] = read_metrics(run_dir) + _eval_rows(run_dir)
+        runs[run_dir.name or str(run_dir)] = read_metrics(run_dir) + read_jsonl(run_dir / "eval.jsonl")
     present = [k for k in keys if any(k in row for rows in runs.values() for row in rows)]
     if not present:
         raise ValueError(f"none of the metrics {list(keys)} appear in {list(map(str, run_dirs))}")

@@ -155,13 +155,22 @@ class MetricSinks:
             self._wandb.finish()
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of ``run_dir/metrics.jsonl`` (a torn trailing line is ignored)."""
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; a torn trailing line (a run killed mid-write) is skipped; missing file -> []."""
+    path = Path(path)
+    if not path.is_file():
+        return []
     rows = []
-    path = Path(run_dir) / "metrics.jsonl"
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of ``run_dir/metrics.jsonl`` (one per step)."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")

@@ -17,7 +17,8 @@ from typing import Any, Iterable
 
 from megatron_lpreg.config.base import parse_override
 from megatron_lpreg.launch.manifest import ArrayManifest, read_status
-from megatron_lpreg.launch.runs import LATEST_SUFFIX, checkpoint_step, read_jsonl
+from megatron_lpreg.launch.runs import LATEST_SUFFIX, checkpoint_step
+from megatron_lpreg.telemetry import read_jsonl
 
 METRIC_KEYS: dict[str, tuple[str, ...]] = {
     "loss": ("loss", "loss/policy"),

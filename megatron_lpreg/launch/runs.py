@@ -5,11 +5,9 @@ holding the name of the newest complete checkpoint; ``<run>/metrics.jsonl`` hold
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 CHECKPOINTS = "checkpoints"
 LATEST_POINTER = "latest"
@@ -67,19 +65,3 @@ def resolve_checkpoint(spec: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     return path
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; a torn trailing line (a run killed mid-write) is skipped; missing file -> []."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows

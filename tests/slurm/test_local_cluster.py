@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lpreg.launch.runs import latest_checkpoint, read_jsonl
+from megatron_lpreg.launch.runs import latest_checkpoint
+from megatron_lpreg.telemetry import read_jsonl
 from megatron_lpreg.launch.slurm import SbatchRequest, array_task_states, queued_tasks, submit
 
 pytestmark = pytest.mark.slurm
