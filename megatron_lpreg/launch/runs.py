@@ -1,6 +1,6 @@
 """Reading run directories written by ``megatron-lpreg train``: checkpoints and metrics.
 
-Layout (megatron_lpreg/trainer/state.py): ``<run>/checkpoints/step_XXXXXXX/`` plus a ``latest`` pointer file
+Layout (megatron_lpreg/trainer/state.py): ``<run>/checkpoints/step_<7-digit step>/`` plus a ``latest`` pointer file
 holding the name of the newest complete checkpoint; ``<run>/metrics.jsonl`` holds one JSON object per step.
 """
 from __future__ import annotations

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Iterator
-
 import torch
 
 
@@ -119,8 +117,3 @@ def split_mini_batches(batch: TrainBatch, num_updates: int) -> list[TrainBatch]:
         )
     size = math.ceil(batch.num_sequences / num_updates)
     return [batch.select(slice(i, i + size)) for i in range(0, batch.num_sequences, size)]
-
-
-def iterate(items: list) -> Iterator:
-    """A plain iterator over micro-batches, as megatron's schedules expect."""
-    return iter(items)

@@ -8,6 +8,7 @@ pass first, then several updates use the stored values.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -153,7 +154,7 @@ class Policy:
         old, proxy = self._gather_from_last_stage(outputs, batch)
         for chunk in self.chunks:
             chunk.train()
-        return TrainBatch(**{**batch.__dict__, "old_logprobs": old, "proxy_logprobs": proxy})
+        return dataclasses.replace(batch, old_logprobs=old, proxy_logprobs=proxy)
 
     def _gather_from_last_stage(self, outputs: list[dict], batch: TrainBatch):
         """Concatenate per-micro-batch tensors on the last stage and broadcast them over the PP group."""

@@ -51,7 +51,7 @@ def derive_seed(root: int, *parts: int) -> int:
 
 
 class CheckpointManager:
-    """Save/restore checkpoints under ``run_dir/checkpoints/step_XXXXXXX`` with a ``latest`` pointer file."""
+    """Save/restore checkpoints under ``run_dir/checkpoints/step_<7-digit step>`` with a ``latest`` pointer file."""
 
     def __init__(self, run_dir: Path, *, interval: int, keep_last: int, save_optimizer: bool, resume: str) -> None:
         self.root = Path(run_dir) / "checkpoints"
