@@ -48,6 +48,22 @@ def quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time, so that a handler set up under a replaced stderr (a
+    test's capture, a notebook cell) does not keep writing to that stream after it is closed."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup(rank: int = 0, world_size: int = 1, *, level: str = "INFO", all_ranks: bool = False,
           log_file: str | os.PathLike | None = None) -> None:
     """Configure the root logger for this process (idempotent: replaces our previous handlers)."""
@@ -57,7 +73,7 @@ def setup(rank: int = 0, world_size: int = 1, *, level: str = "INFO", all_ranks:
         if getattr(handler, "_mlpreg", False):
             root.removeHandler(handler)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(rank_prefix)s %(name)s: %(message)s", "%H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [_StderrHandler()]
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))

@@ -27,6 +27,7 @@ mlpreg_init() {
   command -v "$MLPREG_PYTHON" >/dev/null || { mlpreg_log "MLPREG_PYTHON=$MLPREG_PYTHON not found"; exit 2; }
   read -r -a MLPREG_SRUN_EXTRA <<<"${MLPREG_SRUN_ARGS:-}"
   MLPREG_REQUEUE_CODE=$("$MLPREG_PYTHON" -m megatron_lpreg.launch.job requeue-code)
+  MLPREG_PREEMPT_FILE=$("$MLPREG_PYTHON" -m megatron_lpreg.launch.job preempt-file)
   export PYTHONUNBUFFERED=1
   mlpreg_log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) array ${SLURM_ARRAY_JOB_ID:-none}_${SLURM_ARRAY_TASK_ID:-none}" \
     "nodes ${SLURM_JOB_NODELIST:-?} restart ${SLURM_RESTART_COUNT:-0} on $(hostname)"
@@ -46,8 +47,10 @@ _mlpreg_forward() {   # signal name: pass it on to the running child
 }
 
 _mlpreg_preempt() {   # USR1 with MLPREG_PREEMPT_DIR: ask the trainer through its run directory
+  # Written here, not by `python -m megatron_lpreg.launch.job preempt`: a Python start-up in the trap takes
+  # seconds on a loaded node, long enough for a short run to finish before the request lands.
   mlpreg_log "got SIGUSR1; asking the trainer in $MLPREG_PREEMPT_DIR to checkpoint and exit for requeue"
-  "$MLPREG_PYTHON" -m megatron_lpreg.launch.job preempt "$MLPREG_PREEMPT_DIR" || true
+  mkdir -p "$MLPREG_PREEMPT_DIR" && : >"$MLPREG_PREEMPT_DIR/$MLPREG_PREEMPT_FILE" || true
 }
 
 # Run a command (not a shell function) in the background and wait for it, handling USR1 (Slurm's
@@ -59,7 +62,7 @@ _mlpreg_preempt() {   # USR1 with MLPREG_PREEMPT_DIR: ask the trainer through it
 mlpreg_run() {
   MLPREG_TERMINATING=0
   if [[ -n ${MLPREG_PREEMPT_DIR:-} ]]; then
-    "$MLPREG_PYTHON" -m megatron_lpreg.launch.job preempt --clear "$MLPREG_PREEMPT_DIR"   # stale request
+    rm -f "$MLPREG_PREEMPT_DIR/$MLPREG_PREEMPT_FILE"   # a stale request from an earlier attempt
   fi
   "$@" &
   MLPREG_CHILD=$!

@@ -10,6 +10,8 @@
 - ``ray-env``: ``export`` lines with the Ray head node, IP, port and per-node GPUs/CPUs of this allocation.
 - ``wait-ray --address A --nodes N``: block until N Ray nodes are alive (or fail after a timeout).
 - ``requeue-code``: print REQUEUE_EXIT_CODE (the one definition the shell scripts use).
+- ``preempt-file``: print the name of the preemption flag file (the batch shell's USR1 trap writes it itself:
+  a Python start-up in the trap costs seconds under load, and a short run may end before the request lands).
 """
 from __future__ import annotations
 
@@ -196,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--nodes", type=int, required=True)
     wait.add_argument("--timeout", type=float, default=300.0)
     sub.add_parser("requeue-code", help="print the trainer's requeue exit code")
+    sub.add_parser("preempt-file", help="print the name of the run directory's preemption flag file")
     return parser
 
 
@@ -218,6 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.step == "wait-ray":
             alive = wait_for_ray(args.address, args.nodes, args.timeout)
             logger.info("Ray cluster at %s has %d node(s)", args.address, alive)
+            return 0
+        if args.step == "preempt-file":
+            from megatron_lpreg.trainer.signals import PREEMPT_FILE
+
+            sys.stdout.write(f"{PREEMPT_FILE}\n")
             return 0
         sys.stdout.write(f"{REQUEUE_EXIT_CODE}\n")
         return 0

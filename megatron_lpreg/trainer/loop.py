@@ -66,8 +66,8 @@ def run_rank(cfg: RunConfig, run_dir: str) -> int:
             comp.checkpoints.save(comp, state)
         if stop:
             watcher.clear()
-            logger.warning("preempted after step %d: checkpoint written, exiting with %d for requeue",
-                           step, REQUEUE_EXIT_CODE)
+            logger.warning("preempted after step %d/%d: checkpoint written, exiting with %d for requeue",
+                           step + 1, cfg.trainer.max_steps, REQUEUE_EXIT_CODE)
             comp.close()
             return REQUEUE_EXIT_CODE
     comp.close()

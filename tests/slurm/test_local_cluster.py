@@ -154,7 +154,9 @@ def test_eval_array_waits_for_the_training_job(slurm_env, tmp_path):
 
 
 def test_usr1_checkpoints_requeues_and_resumes_bit_exact(slurm_env, tmp_path):
-    steps = ["trainer.max_steps=4", "checkpoint.interval=100", "reward.name=tests.slurm.rewards:digit_share",
+    # Six paced steps: the request must land (it is sent after step 1) before the last step ends; CI once
+    # finished a 4-step run of 0.2 s steps first, when the trap still started Python to write the flag.
+    steps = ["trainer.max_steps=6", "checkpoint.interval=100", "reward.name=tests.slurm.rewards:digit_share_paced",
              *(o for o in FAST if "max_steps" not in o)]
     reference = tmp_path / "reference"
     proc = _cli(slurm_env, "train", TINY, *steps, f"trainer.output_dir={reference}")
@@ -175,7 +177,7 @@ def test_usr1_checkpoints_requeues_and_resumes_bit_exact(slurm_env, tmp_path):
     assert _scontrol_field(job_id, slurm_env, "Restarts") == "1", log
     assert f"scontrol requeue {job_id}" in log and "restart 1" in log
     ref_rows, run_rows = read_jsonl(reference / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in run_rows] == [r["step"] for r in ref_rows] and len(ref_rows) == 4
+    assert [r["step"] for r in run_rows] == [r["step"] for r in ref_rows] and len(ref_rows) == 6
     assert [r["loss"] for r in run_rows] == [r["loss"] for r in ref_rows]
     assert any(r["loss"] != 0 for r in ref_rows)  # the parameters really moved, so the comparison can fail
     ref, got = latest_checkpoint(reference), latest_checkpoint(run_dir)
