@@ -87,14 +87,13 @@ def run(args: argparse.Namespace) -> int:
     from megatron_lpreg.trainer.launch import launch
     from megatron_lpreg.trainer.signals import forward_signals_to_run_dir
 
-    # Ranks live in other processes (forked or Ray actors): a SIGUSR1/SIGTERM sent to this launcher becomes
-    # the run dir's preemption flag, which the ranks poll every step.
-    forward_signals_to_run_dir(run_dir)
-
     from megatron_lpreg.parallel.spawn import RankFailure
 
     try:
-        code = launch(cfg, str(run_dir))
+        # Ranks live in other processes (forked or Ray actors): a SIGUSR1/SIGTERM sent to this launcher becomes
+        # the run dir's preemption flag, which the ranks poll every step.
+        with forward_signals_to_run_dir(run_dir):
+            code = launch(cfg, str(run_dir))
     except RankFailure as exc:
         logger.error("training failed:\n%s", exc)
         print(f"error: training failed: {_first_error_line(str(exc))} (full traceback in {run_dir}/logs and above)",

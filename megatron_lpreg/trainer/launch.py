@@ -16,17 +16,26 @@ logger = logging.getLogger(__name__)
 
 def launch(cfg: RunConfig, run_dir: str) -> int:
     """Run training with the configured launcher; return the exit code (0, or REQUEUE_EXIT_CODE)."""
+    import psutil
+
+    from megatron_lpreg.trainer.signals import clear_stale_request
+
+    # A request older than this launch was meant for an earlier attempt (slurm/common.sh writes its requests after
+    # starting us); one that arrives during start-up is kept. Under torchrun the launch is the agent (our parent).
+    me = psutil.Process()
+    inside = _inside_distributed_env()
+    if not inside or os.environ.get("RANK") == "0":
+        clear_stale_request(run_dir, (me.parent() or me).create_time() if inside else me.create_time())
     world = cfg.trainer.world_size
     if cfg.trainer.launcher == "ray":
         return _launch_ray(cfg, run_dir, world)
-    if _inside_distributed_env():
+    if inside:
         from megatron_lpreg.trainer.loop import run_rank
 
         return run_rank(cfg, run_dir)  # torchrun / srun started us: this process is one rank
     from megatron_lpreg.parallel.spawn import run_ranks
 
     # Even one rank runs in a forked child: the parent stays free of process groups and megatron globals.
-
     return max(run_ranks(_rank_entry, world, cfg, run_dir, timeout_s=7 * 24 * 3600))
 
 

@@ -29,7 +29,13 @@ def run_rank(cfg: RunConfig, run_dir: str) -> int:
     run_path = Path(run_dir)
     comp: Components = build_components(cfg, run_path)
     state: RunState = comp.checkpoints.restore_or_init(comp)
-    watcher = PreemptionWatcher(run_path)
+    # Handlers live only while this rank trains: the SIGTERM with which Ray or srun ends a finished rank must not
+    # leave a request that stops the next run in this directory after one step.
+    with PreemptionWatcher(run_path) as watcher:
+        return _train(cfg, comp, state, watcher)
+
+
+def _train(cfg: RunConfig, comp: Components, state: RunState, watcher: PreemptionWatcher) -> int:
     comp.evaluate_if_due(state.step, force=state.step == 0)
     steps = telemetry.progress(range(state.step, cfg.trainer.max_steps), total=cfg.trainer.max_steps - state.step,
                                desc="rl", enabled=cfg.logging.progress, rank=comp.ctx.rank)

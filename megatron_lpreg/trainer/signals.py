@@ -1,15 +1,18 @@
 """Preemption: SIGUSR1/SIGTERM -> checkpoint at the next step boundary -> exit with REQUEUE_EXIT_CODE.
 
-Slurm delivers ``--signal=B:USR1@<sec>`` to the batch shell, which forwards it to the trainer process; with Ray
-or forked ranks the signal reaches only that process, so the request is also made visible through a file in the
-run directory (``PREEMPT_FILE``) that rank 0 polls. All ranks then agree through one all-reduce, save together
-and exit; slurm/train.sbatch turns the exit code into ``scontrol requeue``.
+Slurm delivers ``--signal=B:USR1@<sec>`` to the batch shell, whose trap (slurm/common.sh) writes the run
+directory's flag file ``PREEMPT_FILE``; a signal sent to a launcher or rank process is turned into the same file.
+Rank 0 polls it at every step boundary, all ranks agree through one all-reduce, save together and exit;
+slurm/train.sbatch turns the exit code into ``scontrol requeue``. Handlers are installed only while a run trains,
+and a request older than the launch is dropped as stale (:func:`clear_stale_request`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -27,12 +30,25 @@ class PreemptionWatcher:
     def __init__(self, run_dir: str | Path, *, install_handlers: bool = True) -> None:
         self.flag_path = Path(run_dir) / PREEMPT_FILE
         self._signalled = False
+        self._previous: dict[int, object] = {}
         if install_handlers:
             for sig in (signal.SIGUSR1, signal.SIGTERM):
                 try:
-                    signal.signal(sig, self._on_signal)
+                    self._previous[sig] = signal.signal(sig, self._on_signal)
                 except ValueError:  # not the main thread (e.g. inside a Ray actor thread): file path only
                     pass
+
+    def close(self) -> None:
+        """Give the signals back to the handlers they had before (idempotent)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def __enter__(self) -> "PreemptionWatcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         logger.warning("received %s: will checkpoint and exit at the end of this step",
@@ -60,13 +76,34 @@ def request_preemption(run_dir: str | Path) -> None:
     path.touch()
 
 
-def forward_signals_to_run_dir(run_dir: str | Path) -> None:
-    """In a launcher process: turn SIGUSR1/SIGTERM into the run dir's preemption flag (ranks poll it)."""
+def clear_stale_request(run_dir: str | Path, started_at: float) -> bool:
+    """Remove a preemption request older than ``started_at`` (epoch seconds): it was meant for an earlier attempt
+    (one that crashed, or finished just as it was asked) and would stop this one after its first step. A request
+    made after ``started_at`` (Slurm's warning during start-up) is kept. Returns whether one was removed."""
+    path = Path(run_dir) / PREEMPT_FILE
+    try:
+        if path.stat().st_mtime >= started_at:
+            return False
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    logger.warning("removed a stale preemption request from an earlier run in %s", path.parent)
+    return True
+
+
+@contextlib.contextmanager
+def forward_signals_to_run_dir(run_dir: str | Path) -> Iterator[None]:
+    """In a launcher process, while the block runs: SIGUSR1/SIGTERM become the run dir's preemption flag (the
+    ranks poll it). The previous handlers are back afterwards, so a signal after the run leaves no flag behind."""
 
     def handler(signum: int, frame: object) -> None:
         logger.warning("launcher received %s: asking the ranks to checkpoint and exit",
                        signal.Signals(signum).name)
         request_preemption(run_dir)
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lpreg.trainer.signals import REQUEUE_EXIT_CODE
+from megatron_lpreg.trainer.signals import PREEMPT_FILE, REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -49,8 +49,13 @@ def test_usr1_checkpoints_exits_for_requeue_and_resumes(tmp_path):
     saved_step = int(latest.split("_")[1])
     assert 1 <= saved_step < 200
     assert _steps_logged(out) == saved_step
-    finish = saved_step + 1
+    assert not (out / PREEMPT_FILE).exists()  # the request was consumed
+    # A request left over from an earlier attempt (older than the rerun) must not stop the rerun after one step.
+    (out / PREEMPT_FILE).touch()
+    os.utime(out / PREEMPT_FILE, (time.time() - 600, time.time() - 600))
+    finish = saved_step + 2
     done = subprocess.run(_cmd(out, finish), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(finish))
+    assert "stale preemption request" in done.stderr and not (out / PREEMPT_FILE).exists()

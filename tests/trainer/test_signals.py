@@ -1,0 +1,67 @@
+"""The preemption plumbing in-process: handlers only while a run trains, the flag file, stale requests."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from megatron_lpreg.trainer.signals import (PREEMPT_FILE, PreemptionWatcher, clear_stale_request,
+                                            forward_signals_to_run_dir)
+
+
+@pytest.fixture
+def recorder():
+    """A handler that records the signals it gets, installed for SIGUSR1/SIGTERM during the test."""
+    seen: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: seen.append(signum))
+                for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    yield seen
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _raise(sig: int) -> None:
+    os.kill(os.getpid(), sig)
+    time.sleep(0.05)  # Python runs the handler at the next bytecode boundary of the main thread
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_watcher_turns_a_signal_into_the_flag_and_gives_the_handler_back(tmp_path, recorder, sig):
+    with PreemptionWatcher(tmp_path) as watcher:
+        assert not watcher.should_stop()
+        _raise(sig)
+        assert watcher.should_stop() and (tmp_path / PREEMPT_FILE).exists()
+        watcher.clear()
+        assert not (tmp_path / PREEMPT_FILE).exists()
+        assert recorder == []
+    _raise(sig)  # after the run: the previous handler again, and no request left behind for the next run
+    assert recorder == [sig]
+    assert not (tmp_path / PREEMPT_FILE).exists()
+
+
+def test_the_flag_file_alone_stops_the_run(tmp_path):
+    watcher = PreemptionWatcher(tmp_path, install_handlers=False)
+    assert not watcher.should_stop()
+    (tmp_path / PREEMPT_FILE).touch()
+    assert watcher.should_stop()
+
+
+def test_launcher_forwarding_is_scoped_to_the_block(tmp_path, recorder):
+    with forward_signals_to_run_dir(tmp_path):
+        _raise(signal.SIGTERM)
+        assert (tmp_path / PREEMPT_FILE).exists() and recorder == []
+    (tmp_path / PREEMPT_FILE).unlink()
+    _raise(signal.SIGUSR1)
+    assert recorder == [signal.SIGUSR1] and not (tmp_path / PREEMPT_FILE).exists()
+
+
+def test_only_requests_older_than_the_launch_are_stale(tmp_path):
+    flag = tmp_path / PREEMPT_FILE
+    assert clear_stale_request(tmp_path, time.time()) is False  # none there
+    flag.touch()
+    launched = time.time() - 5  # a request written after the launch (Slurm's warning during start-up) stays
+    assert clear_stale_request(tmp_path, launched) is False and flag.exists()
+    os.utime(flag, (launched - 60, launched - 60))  # one from an earlier attempt goes
+    assert clear_stale_request(tmp_path, launched) is True and not flag.exists()
