@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -102,12 +103,21 @@ def _conversion_parity(hf_dir: Path, mcore_dir: Path) -> None:
         raise SystemExit(f"parity check failed (tolerance {result.tolerance:g})")
 
 
+def _replace_previous_demo_run(run_dir: Path) -> None:
+    """Each demo run starts from step 0: remove what an earlier demo run left in ``run_dir``. Anything there that is
+    not a run directory (no config.yaml) is left alone and refused."""
+    if not run_dir.exists():
+        return
+    if any(run_dir.iterdir()) and not (run_dir / "config.yaml").is_file():
+        raise FileExistsError(f"{run_dir} exists and is not a demo run directory; choose another --out")
+    logger.info("replacing the previous demo run in %s", run_dir)
+    shutil.rmtree(run_dir)
+
+
 def run(args: argparse.Namespace) -> int:
     from megatron_lpreg.plotting import plot_runs
-    from megatron_lpreg.trainer.cli import materialize_tiny, resolve_config
+    from megatron_lpreg.trainer.cli import _prepare_fork_helper, materialize_tiny, resolve_config
     from megatron_lpreg.trainer.launch import launch
-
-    from megatron_lpreg.trainer.cli import _prepare_fork_helper
 
     telemetry.setup(0, 1)
     _prepare_fork_helper()
@@ -131,9 +141,8 @@ def run(args: argparse.Namespace) -> int:
         overrides = [f"model.hf_path={warm_dir}", f"trainer.output_dir={run_dir}", "trainer.launcher=ray",
                      "trainer.resume=never", *args.overrides]
         run_cfg = resolve_config(config, overrides)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.jsonl", "eval.jsonl"):
-            (run_dir / stale).unlink(missing_ok=True)
+        _replace_previous_demo_run(run_dir)
+        run_dir.mkdir(parents=True)
         run_cfg.save(run_dir / "config.yaml")
         code = launch(run_cfg, str(run_dir))
         if code != 0:

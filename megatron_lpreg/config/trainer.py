@@ -37,7 +37,8 @@ class TrainerConfig:
     output_dir: str = "runs/default"
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, logs/."""
     resume: Literal["auto", "never", "must"] = "auto"
-    """auto: resume from output_dir's latest checkpoint if any; must: fail without one."""
+    """auto: resume from output_dir's latest checkpoint if any; must: fail without one; never: start from step 0
+    (refused when output_dir already holds checkpoints, which the new run would overwrite)."""
     launcher: Literal["local", "ray"] = "local"
     """local: ranks forked in-process on this machine; ray: trainer ranks as Ray actors."""
     world_size: int = 1

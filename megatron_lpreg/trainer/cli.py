@@ -122,7 +122,14 @@ def _prepare_fork_helper() -> None:
 
 
 def _check_compatible_run_dir(run_dir: Path, cfg: RunConfig) -> None:
-    """Refuse to resume a run directory made with a different model architecture."""
+    """Refuse a fresh start over existing checkpoints, and resuming a run directory of a different model."""
+    from megatron_lpreg.trainer.state import CheckpointManager
+
+    try:
+        CheckpointManager(run_dir, interval=0, keep_last=0, save_optimizer=False,
+                          resume=cfg.trainer.resume).refuse_fresh_start_over_checkpoints()
+    except FileExistsError as exc:
+        raise ConfigError(str(exc)) from None
     old = run_dir / "config.yaml"
     if not old.exists() or cfg.trainer.resume == "never":
         return
@@ -133,4 +140,4 @@ def _check_compatible_run_dir(run_dir: Path, cfg: RunConfig) -> None:
             if getattr(previous.model, k) != getattr(cfg.model, k)]
     if diff and (run_dir / "checkpoints").exists():
         raise ConfigError(f"{run_dir} holds checkpoints of a different model; refusing to resume "
-                          f"({'; '.join(diff)}). Use a new trainer.output_dir or trainer.resume=never.")
+                          f"({'; '.join(diff)}). Use a new trainer.output_dir.")
