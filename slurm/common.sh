@@ -64,7 +64,9 @@ mlpreg_run() {
   if [[ -n ${MLPREG_PREEMPT_DIR:-} ]]; then
     rm -f "$MLPREG_PREEMPT_DIR/$MLPREG_PREEMPT_FILE"   # a stale request from an earlier attempt
   fi
-  "$@" &
+  # The trainer drops requests older than this (stale ones from an earlier attempt) and keeps those the trap
+  # below writes while srun and the trainer are still starting.
+  MLPREG_LAUNCH_TIME=$(date +%s.%N) "$@" &
   MLPREG_CHILD=$!
   if [[ -n ${MLPREG_PREEMPT_DIR:-} ]]; then trap _mlpreg_preempt USR1; else trap '_mlpreg_forward USR1' USR1; fi
   trap 'MLPREG_TERMINATING=1; _mlpreg_forward TERM' TERM

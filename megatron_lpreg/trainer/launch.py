@@ -6,8 +6,9 @@ rendezvous (MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE), then returns the highest e
 from __future__ import annotations
 
 import logging
+import math
 import os
-from typing import Any
+from typing import Any, Mapping
 
 from megatron_lpreg.config import RunConfig
 
@@ -16,16 +17,11 @@ logger = logging.getLogger(__name__)
 
 def launch(cfg: RunConfig, run_dir: str) -> int:
     """Run training with the configured launcher; return the exit code (0, or REQUEUE_EXIT_CODE)."""
-    import psutil
-
     from megatron_lpreg.trainer.signals import clear_stale_request
 
-    # A request older than this launch was meant for an earlier attempt (slurm/common.sh writes its requests after
-    # starting us); one that arrives during start-up is kept. Under torchrun the launch is the agent (our parent).
-    me = psutil.Process()
     inside = _inside_distributed_env()
     if not inside or os.environ.get("RANK") == "0":
-        clear_stale_request(run_dir, (me.parent() or me).create_time() if inside else me.create_time())
+        clear_stale_request(run_dir, launch_started_at(os.environ, inside))
     world = cfg.trainer.world_size
     if cfg.trainer.launcher == "ray":
         return _launch_ray(cfg, run_dir, world)
@@ -37,6 +33,26 @@ def launch(cfg: RunConfig, run_dir: str) -> int:
 
     # Even one rank runs in a forked child: the parent stays free of process groups and megatron globals.
     return max(run_ranks(_rank_entry, world, cfg, run_dir, timeout_s=7 * 24 * 3600))
+
+
+def launch_started_at(environ: Mapping[str, str], inside_distributed: bool) -> float:
+    """When this launch began (epoch seconds): a preemption request older than that was meant for an earlier
+    attempt; one made later (Slurm's warning during start-up) is for this one.
+
+    slurm/common.sh exports ``MLPREG_LAUNCH_TIME`` just before it starts the trainer and arms its USR1 trap, which
+    also covers the srun start-up before this process exists; a value more than an hour before this process is a
+    leftover in some shell's environment and is ignored. Otherwise: this process's start, or under torchrun its
+    agent's (our parent).
+    """
+    import psutil
+
+    me = psutil.Process()
+    started = (me.parent() or me).create_time() if inside_distributed else me.create_time()
+    try:
+        hint = float(environ.get("MLPREG_LAUNCH_TIME", "nan"))
+    except ValueError:
+        hint = math.nan
+    return hint if math.isfinite(hint) and started - 3600 <= hint <= started + 1 else started
 
 
 def _inside_distributed_env() -> bool:

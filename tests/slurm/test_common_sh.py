@@ -94,9 +94,9 @@ def test_scripts_parse_and_need_their_variables(tmp_path):
 
 # A trainer stand-in that, like megatron_lpreg/trainer/loop.py, polls its run directory's preemption flag; it dies
 # on a signal (default action), so the test fails if the request arrives as a signal instead.
-POLLING_TRAINER = ("import pathlib, sys, time\n"
+POLLING_TRAINER = ("import os, pathlib, sys, time\n"
                    "flag = pathlib.Path(sys.argv[1]) / '.preempt_requested'\n"
-                   "open(sys.argv[2], 'w').close()\n"
+                   "open(sys.argv[2], 'w').write(os.environ['MLPREG_LAUNCH_TIME'])\n"
                    "for _ in range(600):\n"
                    "    if flag.exists(): flag.unlink(); sys.exit(42)\n"
                    "    time.sleep(0.05)\n"
@@ -116,6 +116,7 @@ def test_usr1_with_a_run_dir_goes_through_the_trainers_flag_file(tmp_path):
     _wait_ready(ready)
     time.sleep(0.3)
     assert proc.poll() is None  # the stale flag was cleared before the trainer started
+    assert time.time() - 30 < float(ready.read_text()) <= time.time()  # MLPREG_LAUNCH_TIME: when it was started
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out

@@ -65,3 +65,16 @@ def test_only_requests_older_than_the_launch_are_stale(tmp_path):
     assert clear_stale_request(tmp_path, launched) is False and flag.exists()
     os.utime(flag, (launched - 60, launched - 60))  # one from an earlier attempt goes
     assert clear_stale_request(tmp_path, launched) is True and not flag.exists()
+
+
+def test_the_launch_time_slurm_exports_covers_the_start_up_before_this_process():
+    import psutil
+
+    from megatron_lpreg.trainer.launch import launch_started_at
+
+    me = psutil.Process().create_time()
+    assert launch_started_at({}, False) == me
+    assert launch_started_at({"MLPREG_LAUNCH_TIME": f"{me - 30:.6f}"}, False) == pytest.approx(me - 30)
+    assert launch_started_at({"MLPREG_LAUNCH_TIME": f"{me - 7200}"}, False) == me  # a leftover in some shell
+    assert launch_started_at({"MLPREG_LAUNCH_TIME": "yesterday"}, False) == me
+    assert launch_started_at({}, True) == psutil.Process().parent().create_time()  # torchrun: the agent
