@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-logger = logging.getLogger(__name__)
+from megatron_lpreg.trainer.signals import REQUEUE_EXIT_CODE  # noqa: F401  (the one definition; re-exported)
 
-REQUEUE_EXIT_CODE = 42
-"""Exit code of a trainer that checkpointed on SIGUSR1 and wants its Slurm job requeued (not an error)."""
+logger = logging.getLogger(__name__)
 
 SQUEUE_RETRIES = 5
 """wait_for_job gives up after this many squeue failures in a row."""

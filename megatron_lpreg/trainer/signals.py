@@ -14,11 +14,9 @@ import signal
 from pathlib import Path
 from typing import Iterator
 
-import torch
-import torch.distributed as dist
-
 logger = logging.getLogger(__name__)
 
+# No torch at import: the Slurm scripts read these two constants (python -m megatron_lpreg.launch.job ...) at start.
 REQUEUE_EXIT_CODE = 42
 """Exit status meaning "checkpointed on a preemption signal; requeue me" (see slurm/train.sbatch)."""
 PREEMPT_FILE = ".preempt_requested"
@@ -58,6 +56,9 @@ class PreemptionWatcher:
 
     def should_stop(self) -> bool:
         """True on every rank if any rank saw a signal or the flag file exists (collective when distributed)."""
+        import torch
+        import torch.distributed as dist
+
         local = self._signalled or self.flag_path.exists()
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return local
