@@ -123,11 +123,10 @@ def _prepare_fork_helper() -> None:
 
 def _check_compatible_run_dir(run_dir: Path, cfg: RunConfig) -> None:
     """Refuse a fresh start over existing checkpoints, and resuming a run directory of a different model."""
-    from megatron_lpreg.trainer.state import CheckpointManager
+    from megatron_lpreg.trainer.state import refuse_fresh_start_over_checkpoints
 
     try:
-        CheckpointManager(run_dir, interval=0, keep_last=0, save_optimizer=False,
-                          resume=cfg.trainer.resume).refuse_fresh_start_over_checkpoints()
+        refuse_fresh_start_over_checkpoints(run_dir, cfg.trainer.resume)
     except FileExistsError as exc:
         raise ConfigError(str(exc)) from None
     old = run_dir / "config.yaml"

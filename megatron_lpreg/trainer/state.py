@@ -50,6 +50,22 @@ def derive_seed(root: int, *parts: int) -> int:
     return value & 0x7FFFFFFF
 
 
+def refuse_fresh_start_over_checkpoints(run_dir: Path, resume: str) -> None:
+    """``trainer.resume=never`` would write over (and, with keep_last, delete) ``run_dir``'s checkpoints.
+
+    Raises:
+        FileExistsError: there are checkpoints; the message names them and the ways out.
+    """
+    from megatron_lpreg.launch.runs import list_checkpoints
+
+    found = list_checkpoints(run_dir) if resume == "never" else []
+    if found:
+        raise FileExistsError(
+            f"trainer.resume=never, but {found[0].parent} already holds {len(found)} checkpoint(s) "
+            f"({found[0].name} .. {found[-1].name}); a fresh run there would overwrite them. Use a new "
+            f"trainer.output_dir, move the checkpoints away, or trainer.resume=auto to continue that run.")
+
+
 class CheckpointManager:
     """Save/restore checkpoints under ``run_dir/checkpoints/step_<7-digit step>`` with a ``latest`` pointer file."""
 
@@ -70,27 +86,10 @@ class CheckpointManager:
                                     f"point it at an existing checkpoint in {self.root}")
         return path
 
-    def existing(self) -> list[Path]:
-        """The step directories already under ``checkpoints/`` (oldest first)."""
-        return sorted(p for p in self.root.glob("step_*") if p.is_dir()) if self.root.is_dir() else []
-
-    def refuse_fresh_start_over_checkpoints(self) -> None:
-        """``trainer.resume=never`` would write over (and, with keep_last, delete) a directory's checkpoints.
-
-        Raises:
-            FileExistsError: there are checkpoints; the message names them and the ways out.
-        """
-        found = self.existing()
-        if self.resume == "never" and found:
-            raise FileExistsError(
-                f"trainer.resume=never, but {self.root} already holds {len(found)} checkpoint(s) "
-                f"({found[0].name} .. {found[-1].name}); a fresh run there would overwrite them. Use a new "
-                f"trainer.output_dir, move the checkpoints away, or trainer.resume=auto to continue that run.")
-
     def restore_or_init(self, comp: "Components") -> RunState:
         from megatron_lpreg.models.checkpoint import load_checkpoint
 
-        self.refuse_fresh_start_over_checkpoints()
+        refuse_fresh_start_over_checkpoints(self.root.parent, self.resume)
         path = self.latest() if self.resume != "never" else None
         if path is None:
             if self.resume == "must":
