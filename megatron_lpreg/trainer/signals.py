@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +28,12 @@ class PreemptionWatcher:
     def __init__(self, run_dir: str | Path, *, install_handlers: bool = True) -> None:
         self.flag_path = Path(run_dir) / PREEMPT_FILE
         self._signalled = False
-        self._previous: dict[int, object] = {}
-        if install_handlers:
-            for sig in (signal.SIGUSR1, signal.SIGTERM):
-                try:
-                    self._previous[sig] = signal.signal(sig, self._on_signal)
-                except ValueError:  # not the main thread (e.g. inside a Ray actor thread): file path only
-                    pass
+        self._previous = _install_handler(self._on_signal) if install_handlers else {}
 
     def close(self) -> None:
         """Give the signals back to the handlers they had before (idempotent)."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous.clear()
+        _restore_handlers(self._previous)
+        self._previous = {}
 
     def __enter__(self) -> "PreemptionWatcher":
         return self
@@ -102,9 +95,25 @@ def forward_signals_to_run_dir(run_dir: str | Path) -> Iterator[None]:
                        signal.Signals(signum).name)
         request_preemption(run_dir)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    previous = _install_handler(handler)
     try:
         yield
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        _restore_handlers(previous)
+
+
+def _install_handler(handler: Callable[[int, object], None]) -> dict[int, Any]:
+    """Handle SIGUSR1 and SIGTERM with ``handler``; return the handlers they had (for :func:`_restore_handlers`).
+    Off the main thread (e.g. a Ray actor thread) nothing is installed: the flag file still works."""
+    previous = {}
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:
+            pass
+    return previous
+
+
+def _restore_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
