@@ -108,6 +108,20 @@ class RolloutEngine(Protocol):
         """Install new weights; raise on a verification mismatch."""
         ...
 
+    def release_memory(self) -> None:
+        """Give the engine's device memory (weights, KV cache) back before a colocated policy update.
+
+        Called by the trainer on every engine before each update, in order release -> update -> resume ->
+        weight sync. A no-op for engines that hold no device memory of their own (the local engine, engines on
+        GPUs of their own). SGLang: ``/release_memory_occupation``; vLLM: ``sleep``.
+        """
+        ...
+
+    def resume_memory(self) -> None:
+        """Re-allocate what :meth:`release_memory` freed, after the trainer freed its cache and before the weight
+        sync (SGLang: ``/resume_memory_occupation``; vLLM: ``wake_up``). A no-op where release is."""
+        ...
+
     def health(self) -> EngineHealth: ...
 
     def shutdown(self) -> None: ...

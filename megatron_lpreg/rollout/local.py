@@ -189,6 +189,12 @@ class LocalEngine:
         """Teacher-forced log-probs (temperature 1) of ``token_ids[prompt_len:]`` under the engine's weights."""
         return teacher_forced_logprobs(self.model, token_ids, prompt_len)
 
+    def release_memory(self) -> None:
+        """No-op: the local engine generates from the trainer's own parameters and holds no memory of its own."""
+
+    def resume_memory(self) -> None:
+        """No-op (see :meth:`release_memory`)."""
+
     def health(self) -> EngineHealth:
         detail = "closed" if self._closed else ""
         return EngineHealth(ok=not self._closed, detail=detail, weight_version=self.weight_version)
