@@ -36,8 +36,10 @@ class DataConfig:
     source: str = "synthetic:addition"
     """'synthetic:addition' (built-in verifiable task) or a path to .parquet/.jsonl/.json (verl layout or
     problem/answer columns; see docs/eval.md)."""
-    template: Literal["qwen_chat", "zero", "plain"] = "plain"
-    """Prompt template: Qwen2.5 chat, the 'zero' <think> template, or the raw problem text."""
+    template: Literal["qwen_chat", "lpreg_zero", "zero", "plain"] = "plain"
+    """Prompt template: Qwen2.5 chat; 'lpreg_zero', the Lp-Reg authors' plain-text <think> prompt verbatim (the
+    paper configs); 'zero', this project's older <think> prompt (other wording, asks for \\boxed{}); or the raw
+    problem text. See megatron_lpreg/data/templates.py and ``megatron-lpreg prompt``."""
     instruction: str = ""
     """qwen_chat only: appended to plain {problem, answer} problems (e.g. 'Please reason step by step, and put
     your final answer within \\boxed{}.'); verl-layout prompts are used as they are."""
@@ -85,7 +87,7 @@ class EvalConfig:
     """Nucleus threshold for sampled benchmarks."""
     max_new_tokens: int = 64
     """Longest response during evaluation."""
-    template: Literal["data", "qwen_chat", "zero", "plain"] = "data"
+    template: Literal["data", "qwen_chat", "lpreg_zero", "zero", "plain"] = "data"
     """Prompt template for benchmark problems; 'data' = the training template (data.template)."""
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
     """qwen_chat only: appended to each benchmark problem ('' = none)."""

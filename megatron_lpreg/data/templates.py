@@ -2,15 +2,30 @@
 
 - ``qwen_chat``: the tokenizer's own chat template (``apply_chat_template``, generation prompt added) when it has
   one, otherwise the Qwen2.5 ChatML layout written out here (no default system message is injected).
-- ``zero``: a plain-text "<think>" prompt for RL from a base model (R1-Zero style): the model reasons inside
-  ``<think> </think>`` and puts the final answer in ``\\boxed{}``; the prompt ends with an open ``<think>``.
+- ``lpreg_zero``: the Lp-Reg authors' plain-text "zero" prompt, verbatim (their ``RLHFDataset.zero_temp``, on by
+  default in their code, used for training and validation): the problem is the *last* chat message's content (verl
+  rows) or the problem text, followed by a period, and the prompt ends with
+  ``Assistant: Let me solve this step by step.\n<think>``. It asks for ``<answer> </answer>`` tags, not
+  ``\\boxed{}``; the authors' grader and ours both read the last ``\\boxed{}`` all the same.
+- ``zero``: this project's own R1-Zero style prompt (kept for existing runs; not the authors' text): different
+  wording, no period after the problem, asks for the final answer in ``\\boxed{}`` and ends with
+  ``Assistant: <think>``.
 - ``plain``: the problem text as is.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-TEMPLATES = ("qwen_chat", "zero", "plain")
+TEMPLATES = ("qwen_chat", "lpreg_zero", "zero", "plain")
+
+LPREG_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+    "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
+    "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+    "User: {prompt}.\nAssistant: Let me solve this step by step.\n<think>"
+)
+"""The authors' ``zero_temp`` (CarlanLark/Lp-Reg-dev, verl/utils/dataset/rl_dataset.py), character for character."""
 
 ZERO_TEMPLATE = (
     "A conversation between a User and an Assistant. The User poses a math problem. The Assistant first thinks "
@@ -50,8 +65,10 @@ def render(template: str, problem: str, messages: Sequence[tuple[str, str]] = ()
 
     Args:
         template: one of :data:`TEMPLATES`.
-        problem: the problem text (used by ``zero`` and ``plain``, and by ``qwen_chat`` when ``messages`` is empty).
-        messages: a full chat (verl layout) as (role, content) pairs; used as is by ``qwen_chat``.
+        problem: the problem text (used by ``zero`` and ``plain``, and by ``qwen_chat`` / ``lpreg_zero`` when
+            ``messages`` is empty).
+        messages: a full chat (verl layout) as (role, content) pairs; used as is by ``qwen_chat``; ``lpreg_zero``
+            takes the last message's content, as the authors do.
         tokenizer: its ``apply_chat_template`` is used for ``qwen_chat`` when it has a chat template.
         instruction: appended to a plain problem (after a blank line) for ``qwen_chat``; '' = none.
 
@@ -62,6 +79,8 @@ def render(template: str, problem: str, messages: Sequence[tuple[str, str]] = ()
         return problem
     if template == "zero":
         return ZERO_TEMPLATE.format(problem=problem)
+    if template == "lpreg_zero":
+        return LPREG_ZERO_TEMPLATE.format(prompt=messages[-1][1] if messages else problem)
     if template != "qwen_chat":
         raise ValueError(f"data.template={template!r} is not known; choose one of {list(TEMPLATES)}")
     if not messages:
