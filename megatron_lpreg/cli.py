@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-array": ("megatron_lpreg.launch.cli_eval_array", "submit a Slurm array over (checkpoint x benchmark)"),
     "demo": ("megatron_lpreg.demo", "CPU demo: tiny model, warm start, Lp-Reg RL at TP2 via Ray, eval"),
     "collect": ("megatron_lpreg.launch.cli_collect", "collect a sweep/eval array into one table + plots"),
+    "plan": ("megatron_lpreg.launch.cli_plan", "print where trainer ranks and rollout engines run on N x G GPUs"),
     "prompt": ("megatron_lpreg.data.cli_prompt", "print the exact prompt text the trainer feeds for --problem TEXT"),
 }
 

@@ -7,6 +7,10 @@ from typing import Literal
 from megatron_lpreg.config.base import ConfigError
 
 
+TRAINER_GROUP_TIMEOUT_S = 1800.0
+"""Collective timeout of the trainer's process groups (parallel.bootstrap.init_parallel's default)."""
+
+
 @dataclass(kw_only=True)
 class RolloutConfig:
     """How responses are generated."""
@@ -43,8 +47,22 @@ class RolloutConfig:
     colocated with the trainer (the engine's memory is released during the update when it supports it)."""
     engine_num_gpus: float = 1.0
     """GPUs per engine actor when the Ray cluster has GPUs (ignored on CPU)."""
+    mode: Literal["colocated", "separate"] = "colocated"
+    """Launched SGLang engines on a GPU Ray cluster (rollout/placement.py): colocated = every node runs
+    gpus_per_node / engine_tp engines on the GPUs of its trainer ranks (memory released around each update);
+    separate = engines on ``num_gpus`` GPUs of their own, after the trainer ranks' GPUs."""
+    num_gpus: int = 0
+    """mode=separate: GPUs for all engines together (= num_engines x engine_tp); unused when colocated."""
+    mem_fraction_static: float = 0.5
+    """SGLang ``--mem-fraction-static`` of launched servers: share of a GPU for weights + KV cache (colocated
+    engines share the GPU with a trainer rank, whose memory they get only while released)."""
+    max_engine_restarts: int = 2
+    """Restarts of a launched engine that died or hung, per run; one more failure fails the step with an error
+    naming the engine, its node and its log file."""
     request_timeout_s: float = 600.0
-    """HTTP timeout for one generate call."""
+    """HTTP timeout for one generate call. A read timeout is not retried on the same server (a hung server does
+    not recover by being asked again): the chunk moves to another engine once, so a hung server fails a step
+    within 2 x request_timeout_s, below the trainer's 30-minute process-group timeout (validate() checks)."""
     max_batch_size: int = 256
     """Rows (prompt x sample) per forward in the local engine, per HTTP request for sglang. Bigger is faster on CPU
     with TP>1 (fewer all-gathers per token): 512 rows x 14 tokens of the tiny demo model at TP2 took 1.5 s in one
@@ -89,6 +107,18 @@ class RolloutConfig:
         if self.max_retries < 0 or self.verify_tensors < 0:
             raise ConfigError(
                 f"rollout.max_retries={self.max_retries} and rollout.verify_tensors={self.verify_tensors} must be >= 0"
+            )
+        if self.max_engine_restarts < 0 or self.num_gpus < 0:
+            raise ConfigError(f"rollout.max_engine_restarts={self.max_engine_restarts} and rollout.num_gpus="
+                              f"{self.num_gpus} must be >= 0")
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise ConfigError(f"rollout.mem_fraction_static={self.mem_fraction_static} must be in (0, 1)")
+        if 2 * self.request_timeout_s >= TRAINER_GROUP_TIMEOUT_S:
+            raise ConfigError(
+                f"rollout.request_timeout_s={self.request_timeout_s}: a hung server is detected only after up to 2 x "
+                f"request_timeout_s, which must stay below the trainer's process-group timeout "
+                f"({TRAINER_GROUP_TIMEOUT_S:.0f} s) so the rollout error, not a collective timeout, ends the step; "
+                f"use <= {TRAINER_GROUP_TIMEOUT_S / 2 - 60:.0f}"
             )
         if self.weight_bucket_mb <= 0:
             raise ConfigError(f"rollout.weight_bucket_mb={self.weight_bucket_mb} must be > 0")
