@@ -86,7 +86,11 @@ class RolloutConfig:
     verify_tensors: int = 4
     """Tensors spot-checked on every engine after each sync (first row compared exactly); 0 = off."""
     vllm_gpu_memory_utilization: float = 0.5
-    """Fraction of GPU memory the offline vLLM engine may take (colocated with the trainer)."""
+    """Fraction of GPU memory the offline vLLM engine may take (colocated with the trainer). Not used on CPU, where
+    the vLLM engine reserves a fixed KV cache instead (1 GiB, or ``VLLM_CPU_KVCACHE_SPACE`` GiB when set)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight/compute dtype of the vLLM engine; auto = the model's own (``torch_dtype``/``dtype`` in config.json),
+    so an fp32 checkpoint is not silently run in bf16."""
 
     def validate(self) -> None:
         if self.n < 1:
