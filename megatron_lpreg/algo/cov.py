@@ -11,7 +11,13 @@ import logging
 
 import torch
 
-from megatron_lpreg.algo.aggregation import LossAgg, aggregate_loss, masked_mean, metrics_to_floats
+from megatron_lpreg.algo.aggregation import (
+    LossAgg,
+    aggregate_loss,
+    importance_ratio,
+    masked_mean,
+    metrics_to_floats,
+)
 from megatron_lpreg.algo.ppo import clipped_surrogate, surrogate_metrics
 
 logger = logging.getLogger(__name__)
@@ -36,6 +42,7 @@ def clip_cov_loss(
     clip_high: float,
     loss_agg: LossAgg = "token_mean",
     global_valid_tokens: float | None = None,
+    loss_norm_len: int = 0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clip-Cov: PPO clipped loss with the gradient removed from a few random high-covariance tokens.
@@ -62,7 +69,7 @@ def clip_cov_loss(
         pick = torch.randperm(eligible_idx.numel(), generator=generator)[:n_detach].to(eligible_idx.device)
         detached.view(-1)[eligible_idx[pick]] = True
     token_loss = torch.where(detached, torch.zeros_like(surrogate.loss), surrogate.loss)
-    loss = aggregate_loss(token_loss, response_mask, loss_agg, global_valid_tokens)
+    loss = aggregate_loss(token_loss, response_mask, loss_agg, global_valid_tokens, loss_norm_len)
     metrics = surrogate_metrics(surrogate, logprobs, old_logprobs, response_mask)
     metrics.update({"loss/policy": loss, "actor/cov_detached_frac": masked_mean(detached.float(), response_mask)})
     return loss, metrics_to_floats(metrics)
@@ -78,9 +85,11 @@ def kl_cov_loss(
     kl_cov_coef: float,
     loss_agg: LossAgg = "token_mean",
     global_valid_tokens: float | None = None,
+    loss_norm_len: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """KL-Cov: unclipped policy gradient ``-A r``; the top ``int(kl_cov_ratio * n_valid)`` valid tokens by covariance
-    get ``+ kl_cov_coef * |logp - old_logp|`` added.
+    """KL-Cov: unclipped policy gradient ``-A r``; the top ``max(1, int(kl_cov_ratio * n_valid))`` valid tokens by
+    covariance get ``+ kl_cov_coef * |logp - old_logp|`` added (none without valid tokens or with ratio 0). The floor of one
+    token is verl's and the KL-Cov authors' (``max(1, int(n * k / 100))`` with k in percent).
 
     Args:
         kl_cov_ratio, kl_cov_coef: fraction of penalized tokens and penalty weight (paper: 2e-3, 1).
@@ -90,20 +99,21 @@ def kl_cov_loss(
         ``(loss, metrics)`` with ``loss/policy``, ``actor/kl_cov_frac`` and ``actor/approx_kl``.
     """
     valid = response_mask > 0
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = importance_ratio(logprobs - old_logprobs)
     token_loss = -advantages * ratio
     cov = token_covariance(logprobs, advantages, response_mask)
-    k = int(kl_cov_ratio * int(valid.sum()))
+    n_valid = int(valid.sum())
+    k = max(1, int(kl_cov_ratio * n_valid)) if n_valid and kl_cov_ratio > 0 else 0
     penalized = torch.zeros_like(valid)
     if k:
         pool = torch.where(valid, cov, torch.full_like(cov, -torch.inf)).reshape(-1)
         penalized.view(-1)[torch.topk(pool, k).indices] = True
     token_loss = torch.where(penalized, token_loss + kl_cov_coef * (logprobs - old_logprobs).abs(), token_loss)
-    loss = aggregate_loss(token_loss, response_mask, loss_agg, global_valid_tokens)
+    loss = aggregate_loss(token_loss, response_mask, loss_agg, global_valid_tokens, loss_norm_len)
     log_ratio = (logprobs - old_logprobs).detach()
     metrics = {
         "loss/policy": loss,
         "actor/kl_cov_frac": masked_mean(penalized.float(), response_mask),
-        "actor/approx_kl": masked_mean(log_ratio.exp() - 1.0 - log_ratio, response_mask),
+        "actor/approx_kl": masked_mean(ratio.detach() - 1.0 - log_ratio, response_mask),
     }
     return loss, metrics_to_floats(metrics)

@@ -29,6 +29,7 @@ def entropy_bonus_loss(
     clip_ratio_c: float = 0.0,
     loss_agg: LossAgg = "token_mean",
     global_valid_tokens: float | None = None,
+    loss_norm_len: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped loss minus ``entropy_coef`` times the (same-way aggregated) entropy.
 
@@ -43,8 +44,8 @@ def entropy_bonus_loss(
     surrogate = clipped_surrogate(
         logprobs, old_logprobs, advantages, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c
     )
-    pg_loss = aggregate_loss(surrogate.loss, response_mask, loss_agg, global_valid_tokens)
-    entropy_term = aggregate_loss(entropy, response_mask, loss_agg, global_valid_tokens)
+    pg_loss = aggregate_loss(surrogate.loss, response_mask, loss_agg, global_valid_tokens, loss_norm_len)
+    entropy_term = aggregate_loss(entropy, response_mask, loss_agg, global_valid_tokens, loss_norm_len)
     loss = pg_loss - entropy_coef * entropy_term
     metrics = surrogate_metrics(surrogate, logprobs, old_logprobs, response_mask)
     metrics.update({"loss/policy": loss, "loss/pg": pg_loss, "loss/entropy_bonus": entropy_coef * entropy_term,
@@ -77,11 +78,15 @@ def forking_80_20_loss(
     clip_ratio_c: float = 0.0,
     loss_agg: LossAgg = "token_mean",
     global_valid_tokens: float | None = None,
+    loss_norm_len: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped loss kept only on the top ``top_entropy_frac`` highest-entropy valid tokens of the micro-batch.
 
-    The other tokens contribute zero but still count in the denominator (so ``global_valid_tokens`` from the
-    response mask stays valid); relative to normalizing by the kept tokens only this scales the loss by ~frac.
+    Normalised as the authors (their ``compute_policy_loss_8020_split`` zeroes the response mask outside the
+    top tokens before aggregating): the aggregation runs over the selected tokens only, so with ``token_mean`` the
+    loss is the mean over the selected tokens (not over all valid tokens, which would shrink the step by ~frac).
+    ``global_token_mean`` divides by ``top_entropy_frac * global_valid_tokens`` (the batch's selected-token count
+    up to per-micro-batch rounding); ``seq_mean_token_mean`` averages each row's selected tokens.
 
     Args:
         entropy: ``[B, T]`` per-token entropy (only its ranking is used; detached).
@@ -95,8 +100,8 @@ def forking_80_20_loss(
         logprobs, old_logprobs, advantages, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c
     )
     top = top_entropy_mask(entropy, response_mask, top_entropy_frac)
-    token_loss = torch.where(top, surrogate.loss, torch.zeros_like(surrogate.loss))
-    loss = aggregate_loss(token_loss, response_mask, loss_agg, global_valid_tokens)
+    selected_tokens = None if global_valid_tokens is None else top_entropy_frac * float(global_valid_tokens)
+    loss = aggregate_loss(surrogate.loss, top.to(response_mask.dtype), loss_agg, selected_tokens, loss_norm_len)
     metrics = surrogate_metrics(surrogate, logprobs, old_logprobs, response_mask)
     threshold = entropy.detach()[top].min() if bool(top.any()) else torch.zeros(())
     metrics.update({"loss/policy": loss, "entropy/top_threshold": threshold,

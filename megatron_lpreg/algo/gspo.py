@@ -10,12 +10,21 @@ import logging
 
 import torch
 
-from megatron_lpreg.algo.aggregation import LossAgg, aggregate_loss, masked_mean, metrics_to_floats
+from megatron_lpreg.algo.aggregation import (
+    LossAgg,
+    aggregate_loss,
+    importance_ratio,
+    masked_mean,
+    metrics_to_floats,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_LOG_SEQ_RATIO = 10.0
-"""Upper clamp of the log sequence ratio, so exp() stays finite for far-off-policy sequences."""
+"""Upper clamp of the log token ratio (verl's GSPO); the lower clamp is the common -LOG_RATIO_CLAMP = -20."""
+
+GSPO_LOSS_AGG = "seq_mean_token_mean"
+"""GSPO's objective is sequence-level: the mean over sequences of each sequence's token mean (verl hard-codes it)."""
 
 
 def gspo_policy_loss(
@@ -26,7 +35,7 @@ def gspo_policy_loss(
     *,
     clip_low: float,
     clip_high: float,
-    loss_agg: LossAgg = "seq_mean_token_mean",
+    loss_agg: LossAgg = GSPO_LOSS_AGG,
     global_valid_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GSPO loss ``max(-A s, -A clamp(s, 1 - clip_low, 1 + clip_high))`` with the sequence-level ratio s.
@@ -34,27 +43,29 @@ def gspo_policy_loss(
     Args:
         logprobs, old_logprobs, advantages, response_mask: ``[B, T]``.
         clip_low, clip_high: sequence-ratio clip (the paper: 3e-4 / 4e-4).
-        loss_agg: the paper's objective is ``seq_mean_token_mean``; the config may choose another.
-        global_valid_tokens: for ``global_token_mean``.
+        loss_agg: must be ``seq_mean_token_mean`` (GSPO is sequence-level; the config refuses another).
+        global_valid_tokens: unused (kept for the common loss signature).
 
     Returns:
         ``(loss, metrics)`` with ``loss/policy``, ``actor/clipfrac`` (token share in clipped sequences),
         ``actor/seq_ratio_mean`` and ``actor/approx_kl`` (k3 on tokens).
     """
+    if loss_agg != GSPO_LOSS_AGG:
+        raise ValueError(f"GSPO is sequence-level: loss_agg must be {GSPO_LOSS_AGG!r}, got {loss_agg!r}")
     valid = response_mask > 0
     log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros_like(logprobs))
     seq_log_ratio = log_ratio.sum(-1) / valid.sum(-1).clamp(min=1)
     token_log_ratio = logprobs - logprobs.detach() + seq_log_ratio.detach().unsqueeze(-1)
-    ratio = torch.exp(torch.clamp(token_log_ratio, max=MAX_LOG_SEQ_RATIO))
+    ratio = importance_ratio(token_log_ratio, max_log=MAX_LOG_SEQ_RATIO)
     unclipped = -advantages * ratio
     clipped_loss = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     token_loss = torch.maximum(unclipped, clipped_loss)
-    loss = aggregate_loss(token_loss, response_mask, loss_agg, global_valid_tokens)
+    loss = aggregate_loss(token_loss, response_mask, GSPO_LOSS_AGG)
     plain = (logprobs - old_logprobs).detach()
     metrics = {
         "loss/policy": loss,
         "actor/clipfrac": masked_mean((clipped_loss > unclipped).float(), response_mask),
         "actor/seq_ratio_mean": masked_mean(ratio.detach(), response_mask),
-        "actor/approx_kl": masked_mean(plain.exp() - 1.0 - plain, response_mask),
+        "actor/approx_kl": masked_mean(importance_ratio(plain) - 1.0 - plain, response_mask),
     }
     return loss, metrics_to_floats(metrics)

@@ -146,6 +146,7 @@ def lpreg_policy_loss(
     proxy_kl: torch.Tensor | None = None,
     loss_agg: LossAgg = "token_mean",
     global_valid_tokens: float | None = None,
+    loss_norm_len: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Lp-Reg policy loss of one micro-batch.
 
@@ -171,7 +172,8 @@ def lpreg_policy_loss(
         selection: ``"reference"`` or ``"global"``.
         lowprob_threshold: required in global mode.
         proxy_kl: optional ``[B, T]`` exact proxy-KL per token (global mode only).
-        loss_agg, global_valid_tokens: see :func:`megatron_lpreg.algo.aggregation.aggregate_loss`.
+        loss_agg, global_valid_tokens, loss_norm_len: see :func:`megatron_lpreg.algo.aggregation.aggregate_loss`
+            (``loss_norm_len`` is its ``norm_len``).
 
     Returns:
         ``(loss, metrics)`` with ``loss/policy``, ``actor/*`` and ``lpreg/*`` (num_candidates, k, num_selected,
@@ -203,7 +205,7 @@ def lpreg_policy_loss(
     else:
         reg_term = proxy_kl
     token_loss = torch.where(regularized, -advantages * surrogate.ratio + beta * reg_term, surrogate.loss)
-    loss = aggregate_loss(token_loss, response_mask, loss_agg, global_valid_tokens)
+    loss = aggregate_loss(token_loss, response_mask, loss_agg, global_valid_tokens, loss_norm_len)
 
     metrics: dict = surrogate_metrics(surrogate, logprobs, old_logprobs, response_mask)
     n_regularized = regularized.sum()

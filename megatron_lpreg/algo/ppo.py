@@ -10,7 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_lpreg.algo.aggregation import LossAgg, aggregate_loss, masked_mean, metrics_to_floats
+from megatron_lpreg.algo.aggregation import (
+    LossAgg,
+    aggregate_loss,
+    importance_ratio,
+    masked_mean,
+    metrics_to_floats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +27,7 @@ class Surrogate:
 
     Attributes:
         loss: ``max(-A r, -A clamp(r, 1-clip_low, 1+clip_high))`` (dual-clipped for A < 0 when enabled).
-        ratio: ``r = exp(logp - old_logp)`` (with grad).
+        ratio: ``r = exp(clamp(logp - old_logp, -20, 20))`` (with grad; see ``aggregation.LOG_RATIO_CLAMP``).
         clipped: bool, the clamped branch is strictly larger (the token's gradient is cut).
         dual_clipped: bool, the dual-clip bound is active (A < 0 and the clipped loss exceeds ``-A c``).
     """
@@ -53,7 +59,7 @@ def clipped_surrogate(
     Returns:
         :class:`Surrogate`.
     """
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = importance_ratio(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped_loss = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     loss = torch.maximum(unclipped, clipped_loss)
@@ -95,13 +101,15 @@ def ppo_policy_loss(
     clip_ratio_c: float = 0.0,
     loss_agg: LossAgg = "token_mean",
     global_valid_tokens: float | None = None,
+    loss_norm_len: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO/GRPO clipped policy loss; DAPO's clip-higher is ``clip_high > clip_low``.
 
     Args:
         logprobs, old_logprobs, advantages, response_mask: ``[B, T]``.
         clip_low, clip_high, clip_ratio_c: see :func:`clipped_surrogate`.
-        loss_agg, global_valid_tokens: see :func:`megatron_lpreg.algo.aggregation.aggregate_loss`.
+        loss_agg, global_valid_tokens, loss_norm_len: see :func:`megatron_lpreg.algo.aggregation.aggregate_loss`
+            (``loss_norm_len`` is its ``norm_len``).
 
     Returns:
         ``(loss, metrics)``: 0-dim loss and ``loss/policy`` + ``actor/*`` metrics.
@@ -109,7 +117,7 @@ def ppo_policy_loss(
     surrogate = clipped_surrogate(
         logprobs, old_logprobs, advantages, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c
     )
-    loss = aggregate_loss(surrogate.loss, response_mask, loss_agg, global_valid_tokens)
+    loss = aggregate_loss(surrogate.loss, response_mask, loss_agg, global_valid_tokens, loss_norm_len)
     metrics = surrogate_metrics(surrogate, logprobs, old_logprobs, response_mask)
     metrics["loss/policy"] = loss
     return loss, metrics_to_floats(metrics)

@@ -98,7 +98,7 @@ def _require(value, field: str, cfg: AlgoConfig):
 
 
 def _common(cfg: AlgoConfig, x: PolicyLossInputs) -> dict:
-    return {"loss_agg": cfg.loss_agg, "global_valid_tokens": x.global_valid_tokens}
+    return {"loss_agg": cfg.loss_agg, "global_valid_tokens": x.global_valid_tokens, "loss_norm_len": cfg.loss_norm_len}
 
 
 def _lpreg(cfg: AlgoConfig, x: PolicyLossInputs):
@@ -141,7 +141,7 @@ def _kl_cov(cfg: AlgoConfig, x: PolicyLossInputs):
 
 def _gspo(cfg: AlgoConfig, x: PolicyLossInputs):
     return gspo_policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.response_mask, clip_low=cfg.gspo_clip_low,
-                            clip_high=cfg.gspo_clip_high, **_common(cfg, x))
+                            clip_high=cfg.gspo_clip_high, loss_agg=cfg.loss_agg)  # validate() requires seq-level
 
 
 PolicyLossFn = Callable[[AlgoConfig, PolicyLossInputs], "tuple[torch.Tensor, dict[str, float]]"]

@@ -33,9 +33,14 @@ class AlgoConfig:
     """PPO ratio clip above 1 (ratio <= 1 + clip_high); DAPO clip-higher uses 0.28."""
     clip_ratio_c: float = 0.0
     """Dual-clip constant (> 1 enables it for negative advantages); 0 disables."""
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "global_token_mean"] = "token_mean"
-    """Loss aggregation: per-micro-batch token mean (reference), sequence mean of token means, or token mean over
-    the whole gradient-accumulation batch (length-unbiased)."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "global_token_mean", "seq_mean_token_sum_norm"] = (
+        "token_mean")
+    """Loss aggregation: per-micro-batch token mean (reference), sequence mean of token means (required by gspo),
+    token mean over the whole gradient-accumulation batch (length-unbiased), or Dr.GRPO's sequence mean of token
+    sums over the constant ``loss_norm_len``."""
+    loss_norm_len: int = 0
+    """seq_mean_token_sum_norm (Dr.GRPO) only: the constant length in tokens each response's token sum is divided
+    by (Dr.GRPO: the response budget, e.g. rollout.max_new_tokens); must be > 0 with that aggregation."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (algo 'entropy')."""
     clip_cov_ratio: float = 0.0002
@@ -71,6 +76,14 @@ class AlgoConfig:
             raise ConfigError(f"algo.logprob_chunk_size={self.logprob_chunk_size} must be >= 0 (0 = one chunk)")
         if not 0.0 < self.top_entropy_frac <= 1.0:
             raise ConfigError(f"algo.top_entropy_frac={self.top_entropy_frac} must be in (0, 1]")
+        if self.name == "gspo" and self.loss_agg != "seq_mean_token_mean":
+            raise ConfigError(f"algo.name=gspo is sequence-level (mean over sequences of each sequence's token mean): "
+                              f"set algo.loss_agg=seq_mean_token_mean (got {self.loss_agg})")
+        if self.loss_agg == "seq_mean_token_sum_norm" and self.loss_norm_len < 1:
+            raise ConfigError(f"algo.loss_agg=seq_mean_token_sum_norm needs algo.loss_norm_len >= 1 (got "
+                              f"{self.loss_norm_len}); Dr.GRPO uses the response budget, e.g. rollout.max_new_tokens")
+        if self.loss_norm_len < 0:
+            raise ConfigError(f"algo.loss_norm_len={self.loss_norm_len} must be >= 0")
         if self.proxy_kl != "k3" and self.selection != "global":
             raise ConfigError(
                 f"algo.proxy_kl={self.proxy_kl} needs algo.selection=global (reference mode is the authors' k3 term)"

@@ -36,9 +36,14 @@ def _inputs(**overrides) -> PolicyLossInputs:
 
 
 @pytest.mark.parametrize("name", typing.get_args(AlgoName))
-@pytest.mark.parametrize("loss_agg", ["token_mean", "global_token_mean"])
+@pytest.mark.parametrize("loss_agg", ["token_mean", "global_token_mean", "seq_mean_token_sum_norm"])
 def test_every_configured_name_runs(name, loss_agg):
-    cfg = AlgoConfig(name=name, loss_agg=loss_agg, entropy_coef=0.01, clip_cov_ratio=0.05, kl_cov_ratio=0.05)
+    if name == "gspo":  # sequence-level only: any other aggregation is a config error
+        with pytest.raises(ConfigError, match="algo.name=gspo is sequence-level"):
+            AlgoConfig(name=name, loss_agg=loss_agg, loss_norm_len=64).validate()
+        loss_agg = "seq_mean_token_mean"
+    cfg = AlgoConfig(name=name, loss_agg=loss_agg, loss_norm_len=64, entropy_coef=0.01, clip_cov_ratio=0.05,
+                     kl_cov_ratio=0.05)
     cfg.validate()
     inputs = _inputs()
     loss, metrics = compute_policy_loss(cfg, inputs)
