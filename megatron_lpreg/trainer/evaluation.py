@@ -5,8 +5,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
+from megatron_lpreg.parallel import collectives as coll
 from megatron_lpreg.rollout.base import SamplingParams
 from megatron_lpreg.trainer.rollout_step import stop_ids
 from megatron_lpreg.trainer.state import derive_seed
@@ -39,9 +39,9 @@ def evaluate_heldout(comp: "Components", step: int) -> dict[str, Any]:
             texts = [c.text or comp.tokenizer.decode(c.response_ids, skip_special_tokens=True) for c in completions]
             scores = comp.reward.score_batch(texts, [mine[c.prompt_index].ground_truth for c in completions])
             correct = float(sum(float(s) for s in scores))
-        total = torch.tensor([correct], dtype=torch.float64)
+        total = coll.tensor([correct], comp.ctx, torch.float64)
         if dp > 1:
-            dist.all_reduce(total, group=comp.ctx.dp_group)
+            coll.all_reduce(total, group=comp.ctx.dp_group)
         result[f"heldout/{name}_acc"] = float(total.item()) / max(1, len(prompts))
     logger.info("eval at step %d: greedy %.3f sampled %.3f (%d problems)", step, result["heldout/greedy_acc"],
                 result["heldout/sampled_acc"], len(prompts))

@@ -36,7 +36,8 @@ def run_rank(cfg: RunConfig, run_dir: str) -> int:
 
 
 def _train(cfg: RunConfig, comp: Components, state: RunState, watcher: PreemptionWatcher) -> int:
-    comp.evaluate_if_due(state.step, force=state.step == 0)
+    if state.step == 0:  # a resumed run's eval at its checkpoint step was written before that checkpoint
+        comp.evaluate_if_due(0, force=True)
     steps = telemetry.progress(range(state.step, cfg.trainer.max_steps), total=cfg.trainer.max_steps - state.step,
                                desc="rl", enabled=cfg.logging.progress, rank=comp.ctx.rank)
     for step in steps:
@@ -67,7 +68,7 @@ def _train(cfg: RunConfig, comp: Components, state: RunState, watcher: Preemptio
                 f"{cfg.trainer.max_consecutive_nan}); last metrics: {result.metrics}"
             )
         comp.evaluate_if_due(step + 1, force=step + 1 == cfg.trainer.max_steps)
-        stop = watcher.should_stop()
+        stop = watcher.should_stop(comp.ctx)
         if stop or comp.checkpoints.due(step + 1, final=step + 1 == cfg.trainer.max_steps):
             comp.checkpoints.save(comp, state)
         if stop:

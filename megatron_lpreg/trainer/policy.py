@@ -16,12 +16,12 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megatron_lpreg.algo.registry import PolicyLossInputs, compute_policy_loss, loss_requirements
 from megatron_lpreg.config import AlgoConfig, ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_lpreg.models.qwen import build_model_chunks
 from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob_stats
+from megatron_lpreg.parallel import collectives as coll
 from megatron_lpreg.parallel.bootstrap import ParallelContext
 from megatron_lpreg.trainer.batch import TrainBatch, micro_batch_size_for, split_micro_batches
 
@@ -92,6 +92,7 @@ class Policy:
 
     # ---- forward/backward ---------------------------------------------------------------------------------
     def _micro_batches(self, batch: TrainBatch) -> tuple[list[TrainBatch], int]:
+        batch = _on_device(batch, self.ctx)  # the rollout builds batches on the host; the model reads them here
         mbs = micro_batch_size_for(batch.seq_len, self.micro_batch_tokens)
         mbs = min(mbs, batch.num_sequences)
         if self.ctx.pp_size > 1 and batch.num_sequences % mbs:
@@ -111,7 +112,7 @@ class Policy:
     def _forward_step(self, loss_fn, data_iterator, model):
         mb: TrainBatch = next(data_iterator)
         seq = mb.tokens.shape[1]
-        position_ids = torch.arange(seq, dtype=torch.long).unsqueeze(0).expand_as(mb.tokens)
+        position_ids = coll.arange(seq, self.ctx).unsqueeze(0).expand_as(mb.tokens)
         output = model(mb.tokens, position_ids, None)
         return output, partial(loss_fn, mb)
 
@@ -148,7 +149,7 @@ class Policy:
 
         def loss_fn(mb: TrainBatch, logits: torch.Tensor):
             stats = self._stats(mb, logits)
-            return torch.zeros(()), {"logprobs": stats.logprobs.float(), "proxy": stats.proxy_logprobs.float()}
+            return coll.zeros((), self.ctx), {"logprobs": stats.logprobs.float(), "proxy": stats.proxy_logprobs.float()}
 
         outputs = self._run(micro_batches, mbs, loss_fn, forward_only=True)
         old, proxy = self._gather_from_last_stage(outputs, batch)
@@ -164,11 +165,11 @@ class Policy:
             old = torch.cat([o["logprobs"] for o in outputs])[:n].contiguous()
             proxy = torch.cat([o["proxy"] for o in outputs])[:n].contiguous()
         else:
-            old, proxy = torch.empty(shape), torch.empty(shape)
+            old, proxy = coll.empty(shape, self.ctx), coll.empty(shape, self.ctx)
         if self.ctx.pp_size > 1:
-            src = dist.get_global_rank(self.ctx.pp_group, self.ctx.pp_size - 1)
-            dist.broadcast(old, src=src, group=self.ctx.pp_group)
-            dist.broadcast(proxy, src=src, group=self.ctx.pp_group)
+            src = coll.global_rank(self.ctx.pp_group, self.ctx.pp_size - 1)
+            coll.broadcast(old, src=src, group=self.ctx.pp_group)
+            coll.broadcast(proxy, src=src, group=self.ctx.pp_group)
         return old, proxy
 
     def set_step_seed(self, seed: int) -> None:
@@ -245,24 +246,27 @@ class Policy:
         return True
 
     def _all_ranks_true(self, flag: bool) -> bool:
-        if not dist.is_initialized():
+        if not coll.is_distributed():
             return flag
-        t = torch.tensor([0.0 if flag else 1.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item() == 0.0
+        return coll.all_reduce(coll.tensor([0.0 if flag else 1.0], self.ctx), op="max").item() == 0.0
 
     def reduce_metrics(self, local: dict[str, float]) -> dict[str, float]:
         """Average metric dicts of the last-stage TP-rank-0 ranks over data parallel; every rank gets the result."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
+        if coll.world_size() == 1:
             return dict(local)
         contributes = self.ctx.is_last_pp_stage and self.ctx.tp_rank == 0
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local if contributes else None)
-        rows = [g for g in gathered if g is not None]
+        rows = [g for g in coll.all_gather_object(local if contributes else None) if g is not None]
         return _mean_dicts(rows)
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+def _on_device(batch: TrainBatch, ctx: ParallelContext) -> TrainBatch:
+    """``batch`` with every tensor field on the rank's device."""
+    moved = {f.name: coll.on_device(getattr(batch, f.name), ctx) for f in dataclasses.fields(batch)
+             if isinstance(getattr(batch, f.name), torch.Tensor)}
+    return dataclasses.replace(batch, **moved)
 
 
 def _real_sequences(batch: TrainBatch) -> int:

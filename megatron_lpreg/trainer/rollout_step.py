@@ -6,9 +6,9 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 from megatron_lpreg.algo.registry import compute_advantages
+from megatron_lpreg.parallel import collectives as coll
 from megatron_lpreg.rollout.base import SamplingParams
 from megatron_lpreg.trainer.batch import TrainBatch, build_train_batch, split_mini_batches
 from megatron_lpreg.trainer.policy import StepResult
@@ -69,7 +69,7 @@ def rollout_batch(comp: "Components", step: int) -> tuple[TrainBatch, dict[str, 
     texts = [c.text or comp.tokenizer.decode(c.response_ids, skip_special_tokens=True) for c in completions]
     truths = [prompts[c.prompt_index].ground_truth for c in completions]
     rewards = [float(r) for r in comp.reward.score_batch(texts, truths)]
-    grouped = torch.tensor(rewards, dtype=torch.float64).view(len(prompts), cfg.rollout.n)
+    grouped = torch.tensor(rewards, dtype=torch.float64, device="cpu").view(len(prompts), cfg.rollout.n)
     advantages = compute_advantages(cfg.algo.advantage, grouped).reshape(-1).tolist()
     batch = build_train_batch(
         [c.prompt_ids for c in completions], [c.response_ids for c in completions],
@@ -112,16 +112,14 @@ def _dp_mean(comp: "Components", metrics: dict[str, float]) -> dict[str, float]:
     if comp.ctx.dp_size == 1:
         return metrics
     keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, group=comp.ctx.dp_group)
+    t = coll.all_reduce(coll.tensor([metrics[k] for k in keys], comp.ctx, torch.float64), group=comp.ctx.dp_group)
     return {k: float(v) / comp.ctx.dp_size for k, v in zip(keys, t)}
 
 
 def _dp_sum(comp: "Components", value: float) -> float:
     if comp.ctx.dp_size == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, group=comp.ctx.dp_group)
+    t = coll.all_reduce(coll.tensor([value], comp.ctx, torch.float64), group=comp.ctx.dp_group)
     return float(t.item())
 
 

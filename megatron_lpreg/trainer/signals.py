@@ -12,7 +12,10 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+if TYPE_CHECKING:
+    from megatron_lpreg.parallel.collectives import HasDevice
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +50,23 @@ class PreemptionWatcher:
         self._signalled = True
         request_preemption(self.flag_path.parent)
 
-    def should_stop(self) -> bool:
-        """True on every rank if any rank saw a signal or the flag file exists (collective when distributed)."""
-        import torch
-        import torch.distributed as dist
+    def should_stop(self, ctx: HasDevice | None = None) -> bool:
+        """True on every rank if any rank saw a signal or the flag file exists (collective when distributed).
+
+        Args:
+            ctx: names the rank's device, where the flag is reduced (required when distributed).
+
+        Raises:
+            ValueError: distributed but no ``ctx``.
+        """
+        from megatron_lpreg.parallel import collectives as coll
 
         local = self._signalled or self.flag_path.exists()
-        if not dist.is_initialized() or dist.get_world_size() == 1:
+        if coll.world_size() == 1:
             return local
-        flag = torch.tensor([1.0 if local else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        if ctx is None:
+            raise ValueError("PreemptionWatcher.should_stop: pass the ParallelContext (ctx) when distributed")
+        return bool(coll.all_reduce(coll.tensor([1.0 if local else 0.0], ctx), op="max").item() > 0)
 
     def clear(self) -> None:
         self.flag_path.unlink(missing_ok=True)
