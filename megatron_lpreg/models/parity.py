@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from megatron_lpreg.config.model import ModelConfig, ParallelConfig
+from megatron_lpreg.parallel import collectives
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +79,10 @@ def _forward_logits(chunks: list[Any], tokens: torch.Tensor, model_cfg: ModelCon
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     batch, seq_len = tokens.shape
-    position_ids = torch.arange(seq_len).unsqueeze(0)
+    position_ids = torch.arange(seq_len, device=ctx.device).unsqueeze(0)
 
     def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
-        sample = next(data_iterator)
+        sample = next(data_iterator).to(ctx.device)  # the model lives on the rank's device (CUDA on a GPU node)
         output = model(sample, position_ids, None)
 
         def collect(logits_shard: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
@@ -121,9 +122,8 @@ def _rank_logits(rank: int, world: int, model_cfg: ModelConfig, parallel_cfg: Pa
             logits = _forward_logits(chunks, tokens, model_cfg, ctx)
         # world = tp * pp (dp 1): the last stage's TP rank 0 is global rank (pp - 1) * tp. Every rank returns the
         # logits, so the caller gets them on any rank of a torchrun/srun launch too.
-        box = [logits if ctx.is_last_pp_stage and ctx.tp_rank == 0 else None]
-        torch.distributed.broadcast_object_list(box, src=(ctx.pp_size - 1) * ctx.tp_size)
-        return box[0]
+        mine = logits if ctx.is_last_pp_stage and ctx.tp_rank == 0 else None
+        return collectives.broadcast_object(mine, src=(ctx.pp_size - 1) * ctx.tp_size)
     finally:
         destroy_parallel(destroy_process_group=False)
 
