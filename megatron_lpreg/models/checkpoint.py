@@ -8,6 +8,7 @@ Layout of a checkpoint directory::
                     pipeline), optionally "optimizer", and "extra" (plain picklable data, rank 0's copy);
                     written by the converter, its data files sit in ``part<i>/`` subdirectories (one per layer)
     hf_assets/      optional: the HF config.json, generation config and tokenizer files, for export back to HF
+    <rank files>    optional: per-rank files the caller passes (the trainer's ``rng_rank<r>.pt``)
 
 Writes go to a hidden temp dir next to the target, then one rename, so a reader never sees a partial
 checkpoint. Loading checks the manifest (format version, architecture fields, file sizes and checksums, split over
@@ -15,15 +16,13 @@ ranks) before touching a parameter, and refuses with a diff or a list of bad fil
 makes the checkpoint layout-free: it loads at any TP/PP/VPP (padded vocab rows included, via megatron's
 ``allow_shape_mismatch`` on embedding/output). Distributed-optimizer state is saved "fully_reshardable".
 
-The HF <-> megatron conversion jobs (``convert_hf_to_mcore``, ``convert_mcore_to_hf``) live here too; both
-stream, never building the model (see docs/conversion.md).
+The manifest and the integrity checks built on it live in :mod:`megatron_lpreg.models.manifest`; the HF <->
+megatron conversion jobs in :mod:`megatron_lpreg.models.convert`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
@@ -32,51 +31,46 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 
-from megatron_lpreg.models.bridge import HF_ASSET_FILES, unwrap
+from megatron_lpreg.models.bridge import unwrap
+from megatron_lpreg.models.manifest import (  # noqa: F401 (the checkpoint API, re-exported)
+    ARCH_FIELDS,
+    DIST_DIR,
+    FORMAT,
+    FORMAT_VERSION,
+    HF_ASSETS_DIR,
+    MANIFEST,
+    CheckpointError,
+    checkpoint_problems,
+    config_diff,
+    file_problem,
+    load_rank_file,
+    read_manifest,
+    write_failure,
+    write_manifest,
+)
+from megatron_lpreg.parallel import collectives
 
 logger = logging.getLogger(__name__)
-
-FORMAT = "megatron_lpreg.dist_ckpt"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-DIST_DIR = "dist"
-HF_ASSETS_DIR = "hf_assets"
-
-ARCH_FIELDS = ("arch", "vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
-               "num_query_groups", "head_dim", "tie_word_embeddings", "rope_theta", "rms_norm_eps")
-"""ModelConfig fields that must match between a checkpoint and the model it is loaded into (shapes and math).
-Padding (make_vocab_size_divisible_by), dtype, paths and the layer implementation may differ."""
-_HASH_CHUNK = 16 * 2**20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, corrupt, or does not fit the model it is loaded into."""
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Atomic output directories (used for dist checkpoints and HF exports).
 
 
 def _broadcast_str(value: str) -> str:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return collectives.broadcast_object(value, src=0) if collectives.world_size() > 1 else value
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    if collectives.world_size() > 1:
+        collectives.barrier()
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return collectives.rank()
 
 
 @contextlib.contextmanager
@@ -92,7 +86,8 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     """
     path = Path(path).absolute()
     if path.exists() and not overwrite:
-        raise CheckpointError(f"output {path} already exists; remove it or pass overwrite=True")
+        raise CheckpointError(f"output {path} already exists; remove it or write elsewhere (in Python: "
+                              f"overwrite=True replaces it atomically)")
     tmp = Path(_broadcast_str(str(path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")))
     if _rank() == 0:
         tmp.mkdir(parents=True)
@@ -116,68 +111,16 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Manifest.
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        while block := handle.read(_HASH_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _file_table(root: Path) -> dict[str, dict[str, Any]]:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
-    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-
-
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of checkpoint ``path``.
-
-    Raises:
-        CheckpointError: no checkpoint there, not one of ours, or a newer/older format version.
-    """
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        raise CheckpointError(f"{path} is not a megatron_lpreg checkpoint: {MANIFEST} is missing (an interrupted "
-                              f"write leaves only a hidden .tmp dir; convert or save again)")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{file}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}"
-                              f" is not {FORMAT!r} version {FORMAT_VERSION}")
-    return manifest
-
-
-def config_diff(saved: dict[str, Any], model_cfg: Any) -> list[str]:
-    """``field: checkpoint=<x> model=<y>`` for every architecture field that differs (empty when compatible)."""
-    current = dataclasses.asdict(model_cfg)
-    return [f"model.{key}: checkpoint={saved.get(key)!r} model={current[key]!r}"
-            for key in ARCH_FIELDS if saved.get(key) != current[key]]
+# Verification (collective).
 
 
 def _verify_files(path: Path, manifest: dict[str, Any], *, checksums: bool) -> None:
     """Check every manifest file (size, optionally sha256); the work is split over ranks, errors gathered."""
-    rank = _rank()
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    errors = []
-    for i, (rel, meta) in enumerate(sorted(manifest["files"].items())):
-        if i % world != rank:
-            continue
-        file = path / rel
-        if not file.is_file():
-            errors.append(f"{rel}: missing")
-        elif file.stat().st_size != meta["bytes"]:
-            errors.append(f"{rel}: {file.stat().st_size} bytes, manifest says {meta['bytes']} (truncated?)")
-        elif checksums and _sha256(file) != meta["sha256"]:
-            errors.append(f"{rel}: sha256 mismatch (corrupt)")
+    rank, world = _rank(), collectives.world_size()
+    errors = [problem for i, (rel, meta) in enumerate(sorted(manifest["files"].items())) if i % world == rank
+              and (problem := file_problem(path, rel, meta, checksum=checksums)) is not None]
     if world > 1:
-        gathered: list[list[str]] = [[] for _ in range(world)]
-        dist.all_gather_object(gathered, errors)
-        errors = [e for rank_errors in gathered for e in rank_errors]
+        errors = [e for rank_errors in collectives.all_gather_object(errors) for e in rank_errors]
     if errors:
         raise CheckpointError(f"checkpoint {path} is damaged ({len(errors)} file(s)): " + "; ".join(sorted(errors)))
 
@@ -272,29 +215,15 @@ def _unshare_step_tensors(optimizer: Any) -> None:
                 state["step"] = state["step"].clone()
 
 
-def _write_manifest(tmp: Path, model_cfg: Any, ctx: Any, *, vpp: int, has_optimizer: bool,
-                    hf_assets_dir: str | os.PathLike | None) -> None:
-    """Rank 0, last step of a save: copy the HF assets, then checksum every file into the manifest."""
-    if hf_assets_dir is not None:
-        assets = tmp / HF_ASSETS_DIR
-        assets.mkdir()
-        for name in HF_ASSET_FILES:
-            if (Path(hf_assets_dir) / name).is_file():
-                shutil.copy2(Path(hf_assets_dir) / name, assets / name)
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "created_unix": time.time(),
-        "model": dataclasses.asdict(model_cfg), "parallel": {"tp": ctx.tp_size, "pp": ctx.pp_size, "vpp": vpp},
-        "has_optimizer": has_optimizer, "files": _file_table(tmp),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-
-
 def save_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], model_cfg: Any, ctx: Any, *,
                     optimizer: Any = None, extra: dict[str, Any] | None = None,
-                    hf_assets_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+                    rank_files: Mapping[str, Any] | None = None, hf_assets_dir: str | os.PathLike | None = None,
+                    overwrite: bool = False, on_progress: Callable[[str], None] | None = None) -> Path:
     """Save model chunks (and optionally optimizer state and ``extra``) as an atomic dist checkpoint.
 
-    Collective: every rank of the job calls it with its own chunks.
+    Collective: every rank of the job calls it with its own chunks. Order: shards into a hidden temp dir, every
+    rank's ``rank_files``, then rank 0's manifest (sizes and checksums of all of them), then one rename; so
+    ``path`` appears complete or not at all.
 
     Args:
         path: checkpoint directory to create.
@@ -303,28 +232,54 @@ def save_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
         ctx: ``ParallelContext``; its tp/pp/vpp are recorded (informational: the checkpoint reshards on load).
         optimizer: a megatron ``MegatronOptimizer`` whose state to include.
         extra: plain picklable data (run state, scheduler); rank 0's copy is stored.
+        rank_files: this rank's own files, ``{file name: tensors / plain containers}`` (``torch.save``d; read
+            back with :func:`load_rank_file`); names must differ between ranks.
         hf_assets_dir: an HF model dir whose config/tokenizer files to keep in ``hf_assets/``.
         overwrite: replace an existing ``path`` (atomically).
+        on_progress: called with ``temp_written``, ``rng_written`` (rank files written), ``manifest_written``
+            (rank 0) and ``renamed`` as the save passes them (the fault-injection tests kill the process there).
 
     Returns:
         ``path`` as a Path.
+
+    Raises:
+        CheckpointError: ``path`` exists without ``overwrite``, or a write failed (the message names the OS
+            cause, e.g. ``No space left on device [ENOSPC]``, and the path); the temp dir is removed.
     """
     from megatron.core import dist_checkpointing
 
     path = Path(path)
+    progress = on_progress or (lambda point: None)
     start = time.monotonic()
-    with atomic_output_dir(path, overwrite=overwrite) as tmp:
-        state = _sharded_state(model_chunks, optimizer, is_loading=False)
-        state["extra"] = extra or {}
-        if _rank() == 0:
-            (tmp / DIST_DIR).mkdir()
-        _barrier()
-        with _in_process_write_queue():
-            dist_checkpointing.save(state, str(tmp / DIST_DIR), sharded_strategy=("torch_dist", 1))
-        _barrier()
-        if _rank() == 0:
-            _write_manifest(tmp, model_cfg, ctx, vpp=len(model_chunks), has_optimizer=optimizer is not None,
-                            hf_assets_dir=hf_assets_dir)
+    tmp_seen: list[Path] = []
+    try:
+        with atomic_output_dir(path, overwrite=overwrite) as tmp:
+            tmp_seen.append(tmp)
+            state = _sharded_state(model_chunks, optimizer, is_loading=False)
+            state["extra"] = extra or {}
+            if _rank() == 0:
+                (tmp / DIST_DIR).mkdir()
+            _barrier()
+            with _in_process_write_queue():
+                dist_checkpointing.save(state, str(tmp / DIST_DIR), sharded_strategy=("torch_dist", 1))
+            _barrier()
+            progress("temp_written")
+            for name, value in (rank_files or {}).items():
+                torch.save(value, tmp / name)
+            _barrier()
+            progress("rng_written")
+            if _rank() == 0:
+                write_manifest(tmp, model_cfg, ctx, vpp=len(model_chunks), has_optimizer=optimizer is not None,
+                                hf_assets_dir=hf_assets_dir)
+                progress("manifest_written")
+    except CheckpointError:
+        raise
+    except BaseException as exc:  # torch's CheckpointException derives from BaseException
+        failure = write_failure(exc, path, where=tmp_seen[0] if tmp_seen else path.parent)
+        if failure is None:
+            raise
+        raise failure from exc
+    progress("renamed")
     logger.info("saved checkpoint %s in %.1f s", path, time.monotonic() - start)
     return path
 
@@ -395,7 +350,7 @@ def save_checkpoint_from_parts(path: str | os.PathLike, meta_chunks: Sequence[to
         _barrier()
         if _rank() == 0:
             _merge_parts(tmp / DIST_DIR, part_dirs)
-            _write_manifest(tmp, model_cfg, ctx, vpp=1, has_optimizer=False, hf_assets_dir=hf_assets_dir)
+            write_manifest(tmp, model_cfg, ctx, vpp=1, has_optimizer=False, hf_assets_dir=hf_assets_dir)
     logger.info("saved checkpoint %s (%d parts) in %.1f s", path, len(part_dirs), time.monotonic() - start)
     return path
 
@@ -489,6 +444,3 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
     return loaded.get("extra", {})
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Conversion jobs (the tools/convert_* scripts call these). Each runs one function on tp*pp ranks: in this
-# process when already launched distributed (torchrun/srun), else on gloo ranks forked from this process.

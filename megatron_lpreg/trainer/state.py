@@ -4,6 +4,12 @@ A checkpoint holds the model (megatron dist checkpoint, reshardable to another T
 schedule, and a :class:`RunState` (step, data cursor, NaN streak, engine weight version). Sampling seeds derive
 from (run seed, step, rank), so no generator state needs saving for rollouts; the torch/python RNG states of
 every rank are saved anyway for anything else that draws from them.
+
+A save survives a kill at any moment: everything (shards, per-rank RNG files, manifest) goes into a hidden temp
+dir that is renamed to ``step_N`` once complete, and only then does ``latest`` move. A restore resumes from the
+newest *complete* checkpoint (:func:`plan_resume`) and clears away what a killed run left after it: temp dirs,
+incomplete step dirs (set aside, not deleted), and metric/eval rows of the steps it will redo; each with a log
+line. The layout itself (names, pointer) belongs to :mod:`megatron_lpreg.launch.runs`.
 """
 from __future__ import annotations
 
@@ -11,19 +17,25 @@ import logging
 import os
 import random
 import shutil
+import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
+
+from megatron_lpreg.launch import runs
+from megatron_lpreg.parallel import collectives
+from megatron_lpreg.parallel.faults import arm_timer, fault_point
 
 if TYPE_CHECKING:
     from megatron_lpreg.trainer.components import Components
 
 logger = logging.getLogger(__name__)
 
-LATEST = "latest"
+RNG_FILE = "rng_rank{rank}.pt"
+"""Each rank's torch and Python RNG states, inside the checkpoint (listed in its manifest)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,9 +68,7 @@ def refuse_fresh_start_over_checkpoints(run_dir: Path, resume: str) -> None:
     Raises:
         FileExistsError: there are checkpoints; the message names them and the ways out.
     """
-    from megatron_lpreg.launch.runs import list_checkpoints
-
-    found = list_checkpoints(run_dir) if resume == "never" else []
+    found = runs.list_checkpoints(run_dir) if resume == "never" else []
     if found:
         raise FileExistsError(
             f"trainer.resume=never, but {found[0].parent} already holds {len(found)} checkpoint(s) "
@@ -66,86 +76,223 @@ def refuse_fresh_start_over_checkpoints(run_dir: Path, resume: str) -> None:
             f"trainer.output_dir, move the checkpoints away, or trainer.resume=auto to continue that run.")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ResumePlan:
+    """What a restore does to ``<run>/checkpoints`` (decided read-only by every rank, applied by rank 0)."""
+
+    checkpoint: Path | None
+    """The newest complete checkpoint, to resume from; None: start at step 0 (there is no checkpoint)."""
+    leftovers: tuple[Path, ...] = ()
+    """Temp dirs and files of saves or prunes that a kill interrupted; removed."""
+    set_aside: tuple[tuple[Path, str], ...] = ()
+    """Step dirs newer than ``checkpoint`` that are not complete, with the reason; moved to ``.set_aside/``."""
+    repoint: bool = False
+    """``latest`` does not name ``checkpoint`` (missing, empty, dangling or behind); rewritten."""
+    notes: tuple[str, ...] = ()
+    """Why the plan differs from "resume from what ``latest`` names" (logged as warnings)."""
+
+
+def plan_resume(run_dir: str | os.PathLike) -> ResumePlan:
+    """Choose the checkpoint to resume from: the newest complete one (manifest present, every file in it at its
+    recorded size; :func:`load_checkpoint` then verifies the checksums).
+
+    ``latest`` is moved only after a checkpoint is complete, so a complete step dir newer than the one it names is
+    the save of a run killed just before the pointer moved: it wins. A missing or empty pointer falls back to the
+    newest complete checkpoint, never to step 0 over existing checkpoints.
+
+    Raises:
+        CheckpointError: ``latest`` names a damaged checkpoint with nothing complete after it, or there are step
+            dirs but none is complete; the message names each file and the cause.
+    """
+    from megatron_lpreg.models.checkpoint import CheckpointError, checkpoint_problems
+
+    root = runs.checkpoints_root(run_dir)
+    if not root.is_dir():
+        return ResumePlan(checkpoint=None)
+    leftovers = tuple(sorted(p for p in root.iterdir() if p.name.startswith(".step_")
+                             or p.name == runs.LATEST_POINTER + ".tmp"))
+    dirs = runs.list_checkpoints(run_dir)
+    problems = {d: checkpoint_problems(d) for d in dirs}
+    complete = [d for d in dirs if not problems[d]]
+    chosen = complete[-1] if complete else None
+    pointer = root / runs.LATEST_POINTER
+    name = runs.read_latest_pointer(run_dir)
+    pointed = root / name if name else None
+    notes = []
+    if pointed is not None and not pointed.is_dir():
+        notes.append(f"{pointer} names {name}, which does not exist")
+        pointed = None
+    elif pointed is None and dirs:
+        notes.append(f"{pointer} is {'empty' if pointer.exists() else 'missing'}")
+    step = runs.checkpoint_step
+    if pointed is not None and problems.get(pointed) and (chosen is None or step(chosen) < step(pointed)):
+        raise CheckpointError(
+            f"{pointer} names {pointed}, which is damaged: {'; '.join(problems[pointed])}. It was complete when "
+            f"the pointer moved to it, so it was changed afterwards; restore it, or move it out of {root} to resume "
+            f"from {chosen.name if chosen else 'step 0'}.")
+    if chosen is None and dirs:
+        raise CheckpointError(
+            f"no complete checkpoint under {root}, refusing to start again at step 0 over "
+            + "; ".join(f"{d.name} ({'; '.join(problems[d])})" for d in dirs)
+            + f". Move them away or use a new trainer.output_dir.")
+    if chosen is not None and pointed is not None and pointed != chosen:
+        notes.append(f"{pointer} names {pointed.name}, but {chosen.name} is complete (a run stopped before the "
+                     f"pointer moved)")
+    aside = tuple((d, "; ".join(problems[d])) for d in dirs
+                  if problems[d] and (chosen is None or step(d) > step(chosen)))
+    if chosen is not None and notes:
+        notes.append(f"resuming from {chosen.name}, the newest complete checkpoint")
+    return ResumePlan(checkpoint=chosen, leftovers=leftovers, set_aside=aside, notes=tuple(notes),
+                      repoint=chosen is not None and pointed != chosen)
+
+
+def apply_resume_plan(run_dir: str | os.PathLike, plan: ResumePlan) -> None:
+    """Rank 0: remove the leftovers, set incomplete newer step dirs aside, point ``latest`` at the checkpoint."""
+    root = runs.checkpoints_root(run_dir)
+    for note in plan.notes:
+        logger.warning("%s", note)
+    for path in plan.leftovers:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if plan.leftovers:
+        logger.warning("removed %d leftover(s) of interrupted checkpoint saves in %s: %s", len(plan.leftovers),
+                       root, ", ".join(p.name for p in plan.leftovers))
+    for path, why in plan.set_aside:
+        target = root / runs.SET_ASIDE / f"{path.name}.{int(time.time())}"
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
+        logger.warning("set aside %s (newer than the checkpoint resumed from, and incomplete: %s) as %s",
+                       path.name, why, target)
+    if plan.repoint and plan.checkpoint is not None:
+        runs.write_latest_pointer(run_dir, plan.checkpoint.name)
+        logger.warning("%s now names %s", root / runs.LATEST_POINTER, plan.checkpoint.name)
+
+
+def drop_rows_after(run_dir: str | os.PathLike, step: int, metrics_truncate: Any) -> None:
+    """Rank 0: forget what a killed run logged after the checkpoint it resumes from (step ``step``): metric rows
+    of steps >= ``step`` (the resumed run redoes them) and eval rows after ``step`` (the eval at ``step`` was
+    written before that checkpoint; a fresh start, ``step`` 0, evaluates step 0 again)."""
+    from megatron_lpreg.telemetry import read_jsonl
+
+    run_dir = Path(run_dir)
+    stale = sum(1 for row in read_jsonl(run_dir / runs.METRICS_FILE) if row.get("step", -1) >= step)
+    metrics_truncate(step)
+    if stale:
+        logger.warning("%s: dropped %d row(s) of step >= %d, logged after the checkpoint", run_dir / runs.METRICS_FILE,
+                       stale, step)
+    keep_eval = (lambda row: row.get("step", step + 1) <= step) if step > 0 else (lambda row: False)
+    dropped = runs.rewrite_jsonl(run_dir / runs.EVAL_FILE, keep_eval)
+    if dropped:
+        logger.warning("%s: dropped %d row(s) after step %d, logged after the checkpoint", run_dir / runs.EVAL_FILE,
+                       dropped, step)
+
+
 class CheckpointManager:
     """Save/restore checkpoints under ``run_dir/checkpoints/step_<7-digit step>`` with a ``latest`` pointer file."""
 
     def __init__(self, run_dir: Path, *, interval: int, keep_last: int, save_optimizer: bool, resume: str) -> None:
-        self.root = Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
+        self.root = runs.checkpoints_root(run_dir)
         self.interval, self.keep_last, self.save_optimizer, self.resume = interval, keep_last, save_optimizer, resume
 
     def due(self, step: int, *, final: bool) -> bool:
         return final or (self.interval > 0 and step % self.interval == 0)
 
-    def latest(self) -> Path | None:
-        pointer = self.root / LATEST
-        if not pointer.exists():
-            return None
-        path = self.root / pointer.read_text().strip()
-        if not path.is_dir():
-            raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist; delete the pointer or "
-                                    f"point it at an existing checkpoint in {self.root}")
-        return path
-
     def restore_or_init(self, comp: "Components") -> RunState:
+        """Resume from the newest complete checkpoint (``trainer.resume`` auto/must), or start at step 0; either
+        way clear away what an interrupted run left after that point (see :func:`plan_resume`). Collective.
+
+        Raises:
+            FileExistsError: ``resume=never`` over existing checkpoints.
+            FileNotFoundError: ``resume=must`` and no checkpoint.
+            CheckpointError: damaged checkpoints (see :func:`plan_resume`) or a failed verification on load.
+        """
         from megatron_lpreg.models.checkpoint import load_checkpoint
 
-        refuse_fresh_start_over_checkpoints(self.root.parent, self.resume)
-        path = self.latest() if self.resume != "never" else None
-        if path is None:
-            if self.resume == "must":
-                raise FileNotFoundError(f"trainer.resume=must but no checkpoint under {self.root}")
-            return RunState()
-        logger.info("resuming from %s", path)
-        extra = load_checkpoint(str(path), comp.policy.raw_chunks, comp.cfg.model, comp.ctx,
-                                optimizer=comp.policy.optimizer if self.save_optimizer else None)
-        state = RunState(**extra["run_state"])
-        comp.policy.scheduler.load_state_dict(extra["scheduler"])
-        comp.dataset.load_state_dict(state.data_state)
-        rng = _load_rank_file(path, comp.ctx.rank)
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-        comp.engine_after_restore(state.weight_version)
-        comp.metrics_truncate(state.step)
+        arm_timer()  # fault-injection tests only (MLPREG_FAULT=after:<seconds>)
+        refuse_fresh_start_over_checkpoints(self.run_dir, self.resume)
+        plan = plan_resume(self.run_dir)
+        if self.resume == "must" and plan.checkpoint is None:
+            raise FileNotFoundError(f"trainer.resume=must but no checkpoint under {self.root}")
+        collectives.barrier()  # every rank has read the directory before rank 0 changes it
+        if comp.ctx.rank == 0:
+            apply_resume_plan(self.run_dir, plan)
+        state = RunState()
+        if plan.checkpoint is not None:
+            path = plan.checkpoint
+            logger.info("resuming from %s", path)
+            extra = load_checkpoint(str(path), comp.policy.raw_chunks, comp.cfg.model, comp.ctx,
+                                    optimizer=comp.policy.optimizer if self.save_optimizer else None)
+            state = RunState(**extra["run_state"])
+            comp.policy.scheduler.load_state_dict(extra["scheduler"])
+            comp.dataset.load_state_dict(state.data_state)
+            _set_rng_state(path, comp.ctx.rank)
+            comp.engine_after_restore(state.weight_version)
+        if comp.ctx.rank == 0:
+            drop_rows_after(self.run_dir, state.step, comp.metrics_truncate)
         return state
 
     def save(self, comp: "Components", state: RunState) -> Path:
-        from megatron_lpreg.models.checkpoint import save_checkpoint
+        """Write the checkpoint of ``state.step`` (collective), then move ``latest`` to it and prune.
+
+        Raises:
+            CheckpointError: the step dir exists (another run writes here), or a write failed; the message names
+                the path and the OS cause (``No space left on device [ENOSPC]``).
+        """
+        from megatron_lpreg.models.checkpoint import CheckpointError, save_checkpoint, write_failure
 
         state = replace(state, data_state=comp.dataset.state_dict())
-        name = f"step_{state.step:07d}"
+        name = runs.step_dir_name(state.step)
         path = self.root / name
+        if path.exists():  # restore set aside everything newer than the checkpoint it resumed from
+            raise CheckpointError(f"{path} already exists, although this run resumed from an older checkpoint: is "
+                                  f"another run writing to {self.run_dir}? Give each run its own trainer.output_dir")
         extra = {"run_state": asdict(state), "scheduler": comp.policy.scheduler.state_dict(),
                  "config_yaml": comp.cfg.to_yaml()}
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         save_checkpoint(str(path), comp.policy.raw_chunks, comp.cfg.model, comp.ctx,
                         optimizer=comp.policy.optimizer if self.save_optimizer else None, extra=extra,
-                        hf_assets_dir=comp.cfg.model.hf_path or None)
-        if dist.is_initialized():
-            dist.barrier()
-        # Per-rank RNG files go in after the (atomic) model/optimizer save and before the `latest` pointer
-        # moves, so a reader following `latest` never sees a half-written checkpoint.
-        rng_file = path / f"rng_rank{comp.ctx.rank}.pt"
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, str(rng_file) + ".tmp")
-        os.replace(str(rng_file) + ".tmp", rng_file)
-        if dist.is_initialized():
-            dist.barrier()
+                        rank_files={RNG_FILE.format(rank=comp.ctx.rank): rng},
+                        hf_assets_dir=comp.cfg.model.hf_path or None,
+                        on_progress=lambda point: fault_point(point, step=state.step))
         if comp.ctx.rank == 0:
-            tmp = self.root / (LATEST + ".tmp")
-            tmp.write_text(name)
-            os.replace(tmp, self.root / LATEST)
+            try:
+                runs.write_latest_pointer(self.run_dir, name)
+            except OSError as exc:
+                raise write_failure(exc, path, where=self.root / runs.LATEST_POINTER, consequence=(
+                    f"{name} is complete, {runs.LATEST_POINTER} still names the one before; a rerun resumes "
+                    f"from {name}")) from exc
+            fault_point("pointer_written", step=state.step)
             self._prune(keep=name)
+            fault_point("pruned", step=state.step)
             logger.info("checkpoint %s written", path)
-        if dist.is_initialized():
-            dist.barrier()
+        collectives.barrier()
         return path
 
     def _prune(self, keep: str) -> None:
-        ckpts = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        """Delete all but the newest ``keep_last`` checkpoints; each is renamed to a hidden name first, so a kill
+        mid-delete leaves a leftover for the next restore to remove, never a half-deleted ``step_N``."""
+        ckpts = runs.list_checkpoints(self.run_dir)
         for old in ckpts[: max(0, len(ckpts) - self.keep_last)]:
             if old.name != keep:
-                shutil.rmtree(old, ignore_errors=True)
+                trash = old.parent / f".{old.name}.deleting-{uuid.uuid4().hex[:8]}"
+                os.replace(old, trash)
+                shutil.rmtree(trash, ignore_errors=True)
 
 
-def _load_rank_file(path: Path, rank: int) -> dict | None:
-    f = path / f"rng_rank{rank}.pt"
-    return torch.load(f, weights_only=False) if f.exists() else None
+def _set_rng_state(path: Path, rank: int) -> None:
+    """Restore this rank's torch and Python RNG states (absent for a rank that did not exist at save time).
+
+    Raises:
+        CheckpointError: the file is unreadable (names it) or does not hold RNG states.
+    """
+    from megatron_lpreg.models.checkpoint import CheckpointError, load_rank_file
+
+    file = RNG_FILE.format(rank=rank)
+    rng = load_rank_file(path, file)
+    if rng is None:
+        return
+    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor) and "python" in rng):
+        found = sorted(rng) if isinstance(rng, dict) else type(rng).__name__
+        raise CheckpointError(f"{path / file} does not hold RNG states (found {found})")
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
