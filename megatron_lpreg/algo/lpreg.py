@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron_lpreg.algo.aggregation import LossAgg, aggregate_loss, masked_mean, metrics_to_floats
 from megatron_lpreg.algo.ppo import clipped_surrogate, surrogate_metrics
 from megatron_lpreg.ops.vocab_parallel import PROXY_FILL_LOGIT
+from megatron_lpreg.parallel import collectives as coll
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +100,10 @@ def global_lowprob_threshold(
         device = candidate_logprobs[0].device if candidate_logprobs else torch.device("cpu")
     flat = [c.detach().reshape(-1).to(device=device, dtype=torch.float32) for c in candidate_logprobs]
     local = torch.cat(flat) if flat else torch.zeros(0, device=device)
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    distributed = coll.world_size(group) > 1
     count = torch.tensor([local.numel()], dtype=torch.int64, device=device)
     if distributed:
-        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+        coll.all_reduce(count, op="sum", group=group)
     k = max(1, int(int(count.item()) * rho))
     if k <= 1:
         return -math.inf
@@ -111,9 +112,8 @@ def global_lowprob_threshold(
     if local_k:
         bottom[:local_k] = torch.topk(local, local_k, largest=False).values
     if distributed:
-        gathered = torch.empty(dist.get_world_size(group) * k, device=device)
-        dist.all_gather_into_tensor(gathered, bottom, group=group)
-        bottom = gathered
+        bottom = coll.all_gather_into_tensor(torch.empty(coll.world_size(group) * k, device=device), bottom,
+                                             group=group)
     return float(torch.kthvalue(bottom.cpu(), k).values)
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lpreg.models.mappings import HeadDims, Mapping, MappingTable, mapping_table, merge_shards, read_shard
+from megatron_lpreg.parallel import collectives
 from megatron_lpreg.telemetry import progress
 
 logger = logging.getLogger(__name__)
@@ -221,8 +222,7 @@ def _check_coverage(consumed: Counter[str], expected: set[str]) -> None:
     twice = [n for n, c in consumed.items() if c > 1]
     if twice:
         raise ValueError(f"HF tensors consumed more than once on rank {dist.get_rank()}: {_listing(twice)}")
-    everywhere: list[set[str]] = [set()] * dist.get_world_size()
-    dist.all_gather_object(everywhere, set(consumed))
+    everywhere: list[set[str]] = collectives.all_gather_object(set(consumed))
     unconsumed = expected - set().union(*everywhere)
     if unconsumed:
         raise ValueError(f"HF tensors no rank loaded (model lacks the parameters the table expects): "
@@ -318,11 +318,10 @@ def export_hf_weights(model_chunks: Sequence[torch.nn.Module], model_cfg: Any, c
             shards = [local]
         else:
             local = local.contiguous()
-            shards = [torch.empty_like(local) for _ in range(tp_size)] if receiver else None
             if all_tp_ranks:
-                dist.all_gather(shards, local, group=ctx.tp_group)
+                shards = collectives.all_gather(local, group=ctx.tp_group)
             else:
-                dist.gather(local, shards, dst=dist.get_global_rank(ctx.tp_group, 0), group=ctx.tp_group)
+                shards = collectives.gather(local, dst=collectives.global_rank(ctx.tp_group, 0), group=ctx.tp_group)
         if not receiver:
             continue
         merged = merge_shards(item.row, item.layer, shards, heads, vocab_size=model_cfg.vocab_size)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megatron_lpreg.models.bridge import finish_hf_dir, hf_config_dict, hf_dtype
 from megatron_lpreg.models.checkpoint import (
@@ -27,6 +26,7 @@ from megatron_lpreg.models.checkpoint import (
     read_manifest,
     save_checkpoint_from_parts,
 )
+from megatron_lpreg.parallel import collectives
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +171,7 @@ def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, asset
                                                        dtype=hf_dtype(config))
             shards = write_hf_safetensors(progress(stream, desc="export hf", rank=rank), tmp,
                                           prefix=f"part{rank:03d}", max_shard_bytes=max_shard_bytes)
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, shards)
+            gathered: list[Any] = collectives.all_gather_object(shards)
             if rank == 0:
                 finish_hf_dir(tmp, gathered, Path(assets) if assets else None, model_cfg)
     finally:
