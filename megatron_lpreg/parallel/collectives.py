@@ -160,6 +160,17 @@ def recv(tensor_: torch.Tensor, *, src: int, group: Any = None) -> torch.Tensor:
     return tensor_
 
 
+def broadcast_in_group(group: Any, tensor_: torch.Tensor, *, root: int = 0) -> torch.Tensor:
+    """Broadcast ``tensor_`` from ``root`` (a rank *inside* ``group``) over a ProcessGroup object built outside
+    torch.distributed's registry (e.g. the trainer -> rollout-engine weight group), where ``dist.broadcast``
+    cannot resolve ranks; returns the tensor (in place on receivers)."""
+    _check_placed("broadcast_in_group", tensor_, group)
+    opts = dist.BroadcastOptions()
+    opts.rootRank = root
+    group.broadcast([tensor_], opts).wait()
+    return tensor_
+
+
 def barrier(group: Any = None) -> None:
     """Wait for every rank of ``group`` (a no-op when not distributed)."""
     if is_distributed():

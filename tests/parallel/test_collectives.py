@@ -48,6 +48,23 @@ def test_wrappers_on_two_gloo_ranks():
     assert (r0["world"], r0["rank"], r1["rank"]) == (2, 0, 1)
 
 
+def _standalone(rank: int, world: int, port: int) -> tuple[str, list[float]]:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(seconds=60))
+    group = dist.ProcessGroupGloo(dist.PrefixStore("side", store), rank, world, timedelta(seconds=60))
+    t = coll.tensor([1.0, 2.0] if rank == 0 else [0.0, 0.0], CTX)
+    return coll._backend(group), coll.broadcast_in_group(group, t, root=0).tolist()
+
+
+def test_broadcast_in_a_group_outside_the_registry():
+    from megatron_lpreg.parallel.spawn import free_port
+
+    assert run_ranks(_standalone, 2, free_port(), timeout_s=120) == [("gloo", [1.0, 2.0])] * 2
+
+
 def _meta_all_reduce(rank: int, world: int) -> None:
     coll.all_reduce(torch.zeros(2, device="meta"))
 
