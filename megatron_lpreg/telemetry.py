@@ -153,9 +153,11 @@ class MetricSinks:
         os.replace(tmp, self.path)
         self._file = open(self.path, "a", buffering=1)
 
-    def log(self, metrics: dict[str, Any], step: int) -> None:
+    def log(self, metrics: dict[str, Any], step: int, *, jsonl: bool = True) -> None:
+        """One row; ``jsonl=False`` sends it to TensorBoard / W&B only (evaluations keep their own eval.jsonl)."""
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + "\n")
+        if jsonl:
+            self._file.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "step":

@@ -29,6 +29,8 @@ class Components:
     reward: Any
     checkpoints: CheckpointManager
     sinks: telemetry.MetricSinks | None
+    evaluator: Any = None
+    """The run's benchmarks (megatron_lpreg.eval.in_training.TrainingEvaluator), loaded at start."""
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     _step_s: float | None = None
 
@@ -57,13 +59,16 @@ class Components:
         from megatron_lpreg.trainer.evaluation import evaluate_heldout
 
         interval = self.cfg.eval.interval
-        if not self.cfg.eval.benchmarks or not (force or (interval > 0 and step % interval == 0)):
+        if self.evaluator is None or not self.evaluator.enabled or not (
+                force or (interval > 0 and step % interval == 0)):
             return
         result = evaluate_heldout(self, step)
         self.eval_history.append(result)
         if self.ctx.rank == 0:
             with open(self.run_dir / "eval.jsonl", "a") as fh:
                 fh.write(json.dumps(result) + "\n")
+        if self.sinks is not None:  # eval/<benchmark>/* curves in TensorBoard / W&B
+            self.sinks.log({k: v for k, v in result.items() if k != "step"}, step, jsonl=False)
 
     def close(self) -> None:
         if self.sinks is not None:
@@ -76,6 +81,7 @@ def build_components(cfg: RunConfig, run_dir: Path) -> Components:
     from transformers import AutoTokenizer
 
     from megatron_lpreg.data import build_dataset
+    from megatron_lpreg.eval.in_training import TrainingEvaluator
     from megatron_lpreg.reward import build_reward
 
     ctx = init_parallel(cfg.parallel, seed=cfg.seed)
@@ -85,6 +91,7 @@ def build_components(cfg: RunConfig, run_dir: Path) -> Components:
         raise ValueError("model.hf_path is empty: set it to a Hugging Face model directory (config.json + "
                          "tokenizer), e.g. one made by tools/make_tiny_model.py")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    evaluator = TrainingEvaluator(cfg.eval, cfg.data, cfg.reward, tokenizer)  # refuses evals that score nothing
     policy = Policy(cfg.model, cfg.parallel, cfg.optimizer, cfg.algo, ctx, temperature=cfg.rollout.temperature,
                     micro_batch_tokens=cfg.trainer.micro_batch_tokens, total_steps=cfg.trainer.max_steps)
     _load_initial_weights(cfg, policy, ctx)
@@ -98,7 +105,7 @@ def build_components(cfg: RunConfig, run_dir: Path) -> Components:
         sinks = telemetry.MetricSinks(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                       wandb_project=cfg.logging.wandb_project, config=cfg.to_dict())
     return Components(cfg=cfg, ctx=ctx, run_dir=run_dir, tokenizer=tokenizer, policy=policy, engine=engine,
-                      dataset=dataset, reward=reward, checkpoints=checkpoints, sinks=sinks)
+                      dataset=dataset, reward=reward, checkpoints=checkpoints, sinks=sinks, evaluator=evaluator)
 
 
 def _load_initial_weights(cfg: RunConfig, policy: Policy, ctx: ParallelContext) -> None:

@@ -55,10 +55,10 @@ def generate_for_slice(comp: "Components", prompts: list, params: SamplingParams
 
 
 def stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    ids.add(im_end)
-    return sorted(i for i in ids if i is not None)
+    """The one stop-token rule (rollouts, in-training eval, the eval CLI): data.templates.stop_token_ids."""
+    from megatron_lpreg.data.templates import stop_token_ids
+
+    return stop_token_ids(tokenizer)
 
 
 def rollout_batch(comp: "Components", step: int) -> tuple[TrainBatch, dict[str, float]]:
