@@ -1,15 +1,18 @@
 """SGLang 0.5.x rollout engine: launch or attach to servers, generate over HTTP, sync and verify weights.
 
-One server = one engine (TP inside the server); prompts are spread over engines by prompt index so that a prompt's
-samples share a server's prefix cache. Each (prompt, sample) is sent as its own item with ``n=1`` and, when the
-request has a seed, ``sampling_seed = row_seed(seed, prompt, sample)`` (honoured by SGLang's deterministic mode),
-so outputs are ordered unambiguously and seeded like the local engine.
+One server = one engine (TP inside the server). The servers come from a pool (rollout/sglang_servers.py): placed by
+the Ray launcher on the nodes that hold their GPUs, launched on this host, or attached by URL. Rows go out in
+chunks of ``max_batch_size`` to the engine with the least outstanding rows (rollout/dispatch.py); a chunk whose
+engine failed moves to another engine and the engine is restarted a bounded number of times. Each (prompt, sample)
+is sent as its own item with ``n=1`` and, when the request has a seed, ``sampling_seed = row_seed(seed, prompt,
+sample)`` (honoured by SGLang's deterministic mode), so outputs do not depend on which engine served them.
 
 Weight sync (``rollout.weight_sync``):
   disk         POST /update_weights_from_disk {model_path} on every server (the trainer saved an HF directory).
   tensor       /begin_weight_update, then per bucket /update_weights_from_tensor with pickled tensors, then
                /end_weight_update (same node only for CUDA tensors).
-  distributed  once: /init_weights_update_group (trainer rank 0 = rank 0, engine k's TP ranks follow); per bucket
+  distributed  once: /init_weights_update_group (trainer rank 0 = rank 0, engine k's TP ranks follow;
+               rebuilt after an engine restart); per bucket
                /update_weights_from_distributed with names/dtypes/shapes while rank 0 broadcasts the tensors,
                wrapped in begin/end as above.
 After every sync each server is checked: ``verify_tensors`` tensors' first rows via /get_weights_by_name must equal
@@ -19,11 +22,7 @@ log-probs. Any mismatch raises WeightSyncError.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -42,9 +41,17 @@ from megatron_lpreg.rollout.base import (
     WeightSyncError,
     WeightUpdate,
 )
+from megatron_lpreg.rollout.dispatch import LeastLoadedDispatcher
 from megatron_lpreg.rollout.local import verify_probe
 from megatron_lpreg.rollout.logits_model import read_safetensor_rows, safetensors_files
 from megatron_lpreg.rollout.sampling import row_seed, validate_params
+from megatron_lpreg.rollout.sglang_servers import (
+    AttachedServers,
+    LocalServers,
+    ServerPool,
+    SGLangError,
+    free_port,
+)
 from megatron_lpreg.rollout.weight_sync import (
     WeightSamples,
     broadcast_bucket,
@@ -54,15 +61,14 @@ from megatron_lpreg.rollout.weight_sync import (
     standalone_group,
 )
 
+__all__ = ["SGLangClient", "SGLangEngine", "SGLangError", "parse_item", "sampling_payload"]
+
 logger = logging.getLogger(__name__)
 
 RETRY_STATUS = (502, 503, 504)
 CONTROL_TIMEOUT_S = 60.0
 """Timeout of health/flush/memory calls (weight updates and generation use rollout.request_timeout_s)."""
-
-
-class SGLangError(RuntimeError):
-    """A server answered with an error, or could not be reached after the configured retries."""
+GROUP_NAME = "weight_update_group"
 
 
 class SGLangClient:
@@ -98,38 +104,43 @@ class SGLangClient:
     ) -> Any:
         """Call ``route``; retry connection errors and 502/503/504 with exponential backoff.
 
+        A read timeout is not retried: a server that did not answer within the timeout is hung or overloaded,
+        and asking it again only multiplies the wait (the dispatcher moves the work to another engine).
+
         Returns:
             The decoded JSON body, or the text for non-JSON answers.
 
         Raises:
-            SGLangError: a 4xx/5xx answer (message includes the server's body) or retries exhausted.
+            SGLangError: a 4xx/5xx answer (message includes the server's body), a read timeout, a malformed JSON
+                body, or retries exhausted; the message names the URL and route.
         """
         retries = self.max_retries if retries is None else retries
+        timeout = timeout_s or self.timeout_s
+        where = f"{method} {self.url}{route}"
         for attempt in range(retries + 1):
             try:
-                resp = self.session.request(
-                    method, f"{self.url}{route}", json=payload, timeout=timeout_s or self.timeout_s
-                )
-            except (requests.ConnectionError, requests.Timeout) as exc:
+                resp = self.session.request(method, f"{self.url}{route}", json=payload, timeout=timeout)
+            except requests.ReadTimeout as exc:
+                raise SGLangError(f"{where}: no answer within {timeout:.0f} s (server hung or overloaded; "
+                                  f"rollout.request_timeout_s): {exc}", hung=True) from exc
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             else:
                 if resp.status_code < 400:
-                    if "application/json" in resp.headers.get("content-type", ""):
-                        return resp.json()
-                    return resp.text
+                    return _decode(resp, where)
                 error = f"HTTP {resp.status_code}: {resp.text[:2000]}"
                 if resp.status_code not in RETRY_STATUS:
-                    raise SGLangError(f"{method} {self.url}{route} failed: {error}")
+                    raise SGLangError(f"{where} failed: {error}", engine_fault=resp.status_code >= 500)
             if attempt < retries:
                 delay = self.backoff_s * 2**attempt
-                logger.warning("%s %s%s: %s; retry in %.1f s", method, self.url, route, error, delay)
+                logger.warning("%s: %s; retry in %.1f s", where, error, delay)
                 time.sleep(delay)
-        raise SGLangError(f"{method} {self.url}{route} failed after {retries + 1} attempts: {error}")
+        raise SGLangError(f"{where} failed after {retries + 1} attempts: {error}")
 
     def post(self, route: str, payload: dict | None = None, **kw: Any) -> Any:
         result = self.request("POST", route, payload if payload is not None else {}, **kw)
         if isinstance(result, dict) and result.get("success") is False:
-            raise SGLangError(f"POST {self.url}{route}: {result.get('message', result)}")
+            raise SGLangError(f"POST {self.url}{route}: {result.get('message', result)}", engine_fault=False)
         return result
 
     def healthy(self, *, generate: bool = False) -> bool:
@@ -164,57 +175,23 @@ class SGLangClient:
             self._sessions.clear()
 
 
-class SGLangServerProcess:
-    """A server this engine launched (``python -m <module> ...``); stopped with its whole process group."""
-
-    def __init__(self, cmd: list[str], url: str, log_path: Path) -> None:
-        self.url = url
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_healthy(self, client: SGLangClient, timeout_s: float) -> None:
-        """Poll /health until it answers 200.
-
-        Raises:
-            SGLangError: the process exited or did not become healthy in time (message has the log tail).
-        """
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SGLangError(f"server {self.url} exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            if client.healthy():
-                return
-            time.sleep(0.5)
-        raise SGLangError(f"server {self.url} not healthy after {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, chars: int = 4000) -> str:
-        self._log.flush()
-        return self.log_path.read_bytes()[-chars:].decode(errors="replace")
-
-    def stop(self, grace_s: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def _decode(resp: requests.Response, where: str) -> Any:
+    if "application/json" not in resp.headers.get("content-type", ""):
+        return resp.text
+    try:
+        return resp.json()
+    except ValueError as exc:  # requests' JSONDecodeError: a truncated or garbled body
+        raise SGLangError(f"{where} answered HTTP {resp.status_code} with malformed JSON ({exc}); body starts "
+                          f"{resp.text[:200]!r}") from exc
 
 
 class SGLangEngine:
-    """RolloutEngine over one or more SGLang servers (launched here or attached by URL)."""
+    """RolloutEngine over one or more SGLang servers (launched here, placed by the Ray launcher, or attached)."""
 
-    def __init__(self, cfg: RolloutConfig, model_path: str, *, seed: int = 0) -> None:
-        """Launch ``cfg.num_engines`` servers on ``model_path`` (or attach to ``cfg.sglang_urls``) and wait for
-        them to be healthy.
+    def __init__(self, cfg: RolloutConfig, model_path: str, *, seed: int = 0,
+                 servers: ServerPool | None = None) -> None:
+        """Use ``servers`` (the Ray launcher's engines), else attach to ``cfg.sglang_urls``, else launch
+        ``cfg.num_engines`` servers on this host; wait for all of them to be healthy.
 
         Raises:
             SGLangError: a server did not start or an attached URL is not healthy.
@@ -222,64 +199,52 @@ class SGLangEngine:
         self.cfg = cfg
         self.model_path = model_path
         self.weight_version = 0
-        self.processes: list[SGLangServerProcess] = []
         self._group = None
+        self._group_urls: tuple[str, ...] = ()
+        self._stale: set[int] = set()
         self._log_dir = Path(tempfile.mkdtemp(prefix="sglang_logs_"))
-        urls = list(cfg.sglang_urls)
+        self.servers: ServerPool | None = servers
+        self.clients: list[SGLangClient] = []
         try:
-            if not urls:
-                urls = self._launch(seed)
-            self.clients = [
-                SGLangClient(u, timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries,
-                             backoff_s=cfg.retry_backoff_s)
-                for u in urls
-            ]
-            for proc, client in zip(self.processes, self.clients):
-                proc.wait_healthy(client, cfg.launch_timeout_s)
+            if self.servers is None:
+                self.servers = (AttachedServers(cfg.sglang_urls) if cfg.sglang_urls
+                                else LocalServers(cfg, model_path, seed, self._log_dir))
+            self.clients = [self._client(info.url) for info in self.servers.engines]
             for client in self.clients:
                 client.request("GET", "/health", timeout_s=CONTROL_TIMEOUT_S)
         except BaseException:
             self.shutdown()
             raise
-        logger.info("sglang engines ready: %s", ", ".join(urls))
+        self._dispatcher = LeastLoadedDispatcher(
+            send=lambda k, job: self._generate_chunk(self.clients[k], *job), size=lambda job: len(job[1]),
+            recover=self._recover, describe=self.describe, max_inflight=cfg.max_inflight_requests)
+        logger.info("sglang engines ready: %s", ", ".join(c.url for c in self.clients))
 
-    def _launch(self, seed: int) -> list[str]:
-        urls = []
-        for k in range(self.cfg.num_engines):
-            port = _free_port()
-            url = f"http://127.0.0.1:{port}"
-            cmd = [
-                sys.executable, "-m", self.cfg.sglang_launch_module, "--model-path", self.model_path,
-                "--host", "127.0.0.1", "--port", str(port), "--tp-size", str(self.cfg.engine_tp),
-                "--random-seed", str(seed), *(["--base-gpu-id", str(k * self.cfg.engine_tp)] if k else []),
-                *self.cfg.sglang_launch_args,
-            ]
-            logger.info("launching sglang engine %d: %s", k, " ".join(cmd))
-            self.processes.append(SGLangServerProcess(cmd, url, self._log_dir / f"engine{k}.log"))
-            urls.append(url)
-        return urls
+    def _client(self, url: str) -> SGLangClient:
+        return SGLangClient(url, timeout_s=self.cfg.request_timeout_s, max_retries=self.cfg.max_retries,
+                            backoff_s=self.cfg.retry_backoff_s)
+
+    def describe(self, k: int) -> str:
+        """Engine ``k`` for messages: id, URL, node, GPUs and log file."""
+        return self.servers.engines[k].describe()
 
     # ---- generation -----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """See :class:`~megatron_lpreg.rollout.base.RolloutEngine`; prompts go to engine ``i % num_engines``.
+        """See :class:`~megatron_lpreg.rollout.base.RolloutEngine`. Chunks of ``max_batch_size`` rows go to the
+        engine with the least outstanding rows; a chunk whose engine fails moves to another engine and the failed
+        engine is restarted (at most ``rollout.max_engine_restarts`` times).
 
         Raises:
-            SGLangError: a server failed (after retries) or answered in an unexpected shape.
+            SGLangError: a refused request, an engine that failed beyond its restarts (message names the engine,
+                its node and log file), or an answer in an unexpected shape.
         """
         validate_params(params)
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
-        jobs = []
-        for k, client in enumerate(self.clients):
-            engine_rows = [r for r in rows if r[0] % len(self.clients) == k]
-            for start in range(0, len(engine_rows), self.cfg.max_batch_size):
-                jobs.append((client, engine_rows[start : start + self.cfg.max_batch_size]))
-        workers = max(1, min(len(jobs), len(self.clients) * self.cfg.max_inflight_requests))
-        # every chunk is in flight at once (up to max_inflight_requests per engine): no chunk waits for the
-        # slowest response of the previous one
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(self._generate_chunk, client, prompts, chunk, params) for client, chunk in jobs]
-            results = [c for f in futures for c in f.result()]
-        return sorted(results, key=lambda c: (c.prompt_index, c.sample_index))
+        step = self.cfg.max_batch_size
+        jobs = [(prompts, rows[start : start + step], params) for start in range(0, len(rows), step)]
+        usable = [k for k in range(len(self.clients)) if k not in self._stale]
+        chunks = self._dispatcher.run(jobs, usable)
+        return sorted((c for chunk in chunks for c in chunk), key=lambda c: (c.prompt_index, c.sample_index))
 
     def _generate_chunk(
         self, client: SGLangClient, prompts: list[list[int]], chunk: list[tuple[int, int]], params: SamplingParams
@@ -294,13 +259,33 @@ class SGLangEngine:
             raise SGLangError(f"{client.url}/generate returned {type(items).__name__} for {len(chunk)} items")
         return [parse_item(item, prompts[i], i, j) for item, (i, j) in zip(items, chunk)]
 
+    def _recover(self, k: int, error: SGLangError) -> bool:
+        """Engine ``k`` failed: keep it when it answers /health again (a transient error, not a hang), else
+        restart it through its pool; True when it can serve at once.
+
+        A restarted server holds the initial checkpoint: after the first sync it stays out of generation until
+        the next ``update_weights``, which rebuilds the broadcast group and brings it up to date.
+        """
+        if not error.hung and self.clients[k].healthy():
+            logger.warning("%s is healthy again after: %s", self.describe(k), error)
+            return True
+        info = self.servers.restart(k)
+        old = self.clients[k]
+        self.clients[k] = self._client(info.url)
+        old.close()
+        logger.warning("restarted %s (restart %d)", info.describe(), info.restarts)
+        if self.weight_version > 0:
+            self._stale.add(k)
+            return False
+        return True
+
     # ---- weights ----------------------------------------------------------------------------------------------
     def update_weights(self, update: WeightUpdate) -> None:
         """Install ``update`` on every server and verify it (see module docstring).
 
         Raises:
             ValueError: the update lacks what the sync mode needs (``path`` for disk, ``tensors`` otherwise).
-            WeightSyncError: a server rejected the update or a post-sync check failed.
+            WeightSyncError: a server rejected the update or a post-sync check failed (names the engine).
         """
         mode = self.cfg.weight_sync
         if mode == "auto":
@@ -315,6 +300,7 @@ class SGLangEngine:
             samples = self._sync_tensors(update, mode)
         self._verify(samples, update)
         self.weight_version = update.version
+        self._stale.clear()
         logger.info("sglang engines at weight version %d (%s sync)", update.version, mode)
 
     def _on_all(self, fn, *args: Any) -> list[Any]:
@@ -336,21 +322,38 @@ class SGLangEngine:
     def _sync_tensors(self, update: WeightUpdate, mode: str) -> WeightSamples:
         samples = WeightSamples()
         bucket_bytes = int(self.cfg.weight_bucket_mb * 2**20)
-        if mode == "distributed" and self._group is None:
+        if mode == "distributed" and (self._group is None or self._group_urls != self._urls()):
             self._init_group()
-        self._on_all(lambda c: c.post("/begin_weight_update"))
         try:
+            self._on_all(lambda c: c.post("/begin_weight_update"))
             for bucket in iter_buckets(update.tensors, bucket_bytes):
                 samples.record(bucket)
                 if mode == "tensor":
                     self._push_tensor_bucket(bucket, update.version)
                 else:
                     self._push_distributed_bucket(bucket, update.version)
-        except SGLangError as exc:
-            raise WeightSyncError(f"{mode} weight sync failed: {exc}") from exc
-        finally:
-            self._on_all(lambda c: c.post("/end_weight_update"))
+        except BaseException as exc:
+            # always end the update, but the sync's own error is what the caller sees; a failing end is added
+            end_error = self._end_update()
+            also = f"; then /end_weight_update also failed: {end_error}" if end_error else ""
+            if isinstance(exc, SGLangError):
+                raise WeightSyncError(f"{mode} weight sync failed: {exc}{also}") from exc
+            if end_error:
+                exc.add_note(also[2:])
+            raise
+        end_error = self._end_update()
+        if end_error:
+            raise WeightSyncError(f"end_weight_update failed after a complete {mode} sync: {end_error}") from end_error
         return samples
+
+    def _end_update(self) -> SGLangError | None:
+        """/end_weight_update on every server; returns its failure instead of raising it."""
+        try:
+            self._on_all(lambda c: c.post("/end_weight_update"))
+        except SGLangError as exc:
+            logger.error("end_weight_update failed: %s", exc)
+            return exc
+        return None
 
     def _push_tensor_bucket(self, bucket: list, version: int) -> None:
         payload = {
@@ -359,14 +362,39 @@ class SGLangEngine:
         }
         self._on_all(lambda c: c.post("/update_weights_from_tensor", payload))
 
+    def _urls(self) -> tuple[str, ...]:
+        return tuple(c.url for c in self.clients)
+
+    def _rendezvous_host(self) -> str:
+        """An address of this (trainer rank 0's) node that every engine can reach."""
+        if self.cfg.weight_sync_host:
+            return self.cfg.weight_sync_host
+        try:
+            import ray
+
+            if ray.is_initialized():
+                return ray.util.get_node_ip_address()
+        except ImportError:
+            pass
+        return socket.gethostname()
+
     def _init_group(self) -> None:
+        """One group: this process (rank 0) + every engine's TP ranks (world = 1 + num_engines x engine_tp)."""
+        if self._group is not None:  # an engine was restarted: the old group lost a member
+            for client in self.clients:
+                try:
+                    client.post("/destroy_weights_update_group", {"group_name": GROUP_NAME}, retries=0,
+                                timeout_s=CONTROL_TIMEOUT_S)
+                except SGLangError as exc:
+                    logger.info("%s: destroy_weights_update_group: %s", client.url, exc)
+            self._group = None
         backend = self.cfg.weight_sync_backend
-        host = self.cfg.weight_sync_host or socket.gethostname()
-        port = _free_port("0.0.0.0")
+        host = self._rendezvous_host()
+        port = free_port("0.0.0.0")
         world = 1 + len(self.clients) * self.cfg.engine_tp
         requests_out = [
             {"master_address": host, "master_port": port, "rank_offset": 1 + k * self.cfg.engine_tp,
-             "world_size": world, "group_name": "weight_update_group", "backend": backend}
+             "world_size": world, "group_name": GROUP_NAME, "backend": backend}
             for k in range(len(self.clients))
         ]
         with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
@@ -378,12 +406,13 @@ class SGLangEngine:
             for f in futures:
                 f.result()
         self._group = group
+        self._group_urls = self._urls()
         logger.info("weight broadcast group ready: %s:%d, world %d (%s)", host, port, world, backend)
 
     def _push_distributed_bucket(self, bucket: list, version: int) -> None:
         payload = {
             "names": [n for n, _ in bucket], "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
-            "shapes": [list(t.shape) for _, t in bucket], "group_name": "weight_update_group",
+            "shapes": [list(t.shape) for _, t in bucket], "group_name": GROUP_NAME,
             "flush_cache": True, "weight_version": str(version),
         }
         with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
@@ -396,11 +425,15 @@ class SGLangEngine:
                 f.result()
 
     def _verify(self, samples: WeightSamples, update: WeightUpdate) -> None:
-        for client in self.clients:
-            for name in samples.pick(self.cfg.verify_tensors):
-                samples.check(name, client.weights_by_name(name, 1), engine=client.url)
-            if update.probe is not None:
-                verify_probe(client.score, update.probe, engine=client.url)
+        """Every engine: the sampled tensors' first rows equal what was sent, and the optional probe matches."""
+        for k, client in enumerate(self.clients):
+            try:
+                for name in samples.pick(self.cfg.verify_tensors):
+                    samples.check(name, client.weights_by_name(name, 1), engine=self.describe(k))
+                if update.probe is not None:
+                    verify_probe(client.score, update.probe, engine=self.describe(k))
+            except SGLangError as exc:
+                raise WeightSyncError(f"verifying {self.describe(k)} after the sync failed: {exc}") from exc
 
     # ---- colocation, health, shutdown -------------------------------------------------------------------------
     def release_memory(self) -> None:
@@ -408,21 +441,21 @@ class SGLangEngine:
         self._on_all(lambda c: c.post("/release_memory_occupation", {}, timeout_s=CONTROL_TIMEOUT_S))
 
     def resume_memory(self) -> None:
+        """Re-allocate the servers' memory (after the trainer freed its cache, before the weight sync)."""
         self._on_all(lambda c: c.post("/resume_memory_occupation", {}, timeout_s=CONTROL_TIMEOUT_S))
 
     def flush_cache(self) -> None:
         self._on_all(lambda c: c.request("POST", "/flush_cache", timeout_s=CONTROL_TIMEOUT_S))
 
     def health(self) -> EngineHealth:
-        bad = [c.url for c in self.clients if not c.healthy()]
+        bad = [self.describe(k) for k, c in enumerate(self.clients) if not c.healthy()]
         return EngineHealth(ok=not bad, detail=f"unhealthy: {bad}" if bad else "", weight_version=self.weight_version)
 
     def shutdown(self) -> None:
-        for client in getattr(self, "clients", []):
+        for client in self.clients:
             client.close()
-        for proc in self.processes:
-            proc.stop()
-        self.processes = []
+        if self.servers is not None:
+            self.servers.shutdown()
         self._group = None
 
 

@@ -3,7 +3,9 @@
 Covered: generation (seeded, matches the local engine on the same weights), multi-engine split, strict keys,
 retries, weight sync from disk / tensor / distributed (gloo broadcast group between this process and the server
 thread), post-sync verification catching a server that does not install the update, memory release/resume,
-launch mode (subprocess + health wait + process-group stop). Not covered here: NCCL and CUDA-IPC payloads and
+launch mode (subprocess + health wait + process-group stop), injected server faults (hang, dropped connection,
+500, malformed JSON: the chunk moves to another engine, errors name URL and route, a failing end_weight_update
+does not hide the sync error). Engines placed on a multi-node Ray cluster: tests/cluster/. Not covered here: NCCL and CUDA-IPC payloads and
 real SGLang behaviour (docs/rollout.md has the manual check for a real cluster).
 """
 from __future__ import annotations
@@ -176,7 +178,7 @@ def test_launch_mode_starts_waits_and_stops_a_server(tiny_hf_dir):
     cfg = RolloutConfig(engine="sglang", sglang_launch_module="tests.support.sglang_standin", launch_timeout_s=120,
                         sglang_launch_args=["--mem-fraction-static", "0.5"])
     engine = SGLangEngine(cfg, str(tiny_hf_dir), seed=0)
-    proc = engine.processes[0].proc
+    proc = engine.servers.processes[0].proc
     try:
         assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir))
     finally:
@@ -191,3 +193,88 @@ def test_launch_failure_reports_the_server_log(tiny_hf_dir, tmp_path):
     with pytest.raises(SGLangError, match=r"(?s)exited with code 1.*No module named"):
         SGLangEngine(cfg, str(tiny_hf_dir))
     assert time.monotonic() - start < 30
+
+
+def _fault(url: str, mode: str, route: str = "/generate", count: int = -1) -> None:
+    import requests
+
+    requests.post(f"{url}/standin/fault", json={"mode": mode, "route": route, "count": count}, timeout=10)
+
+
+def test_malformed_json_names_url_and_route(server):
+    _fault(server.url, "bad_json")
+    client = SGLangClient(server.url, max_retries=0)
+    try:
+        with pytest.raises(SGLangError, match=r"POST http://127\.0\.0\.1:\d+/generate .*malformed JSON") as info:
+            client.post("/generate", {"input_ids": [1, 2]})
+        assert info.value.engine_fault
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("mode", ["500", "drop", "bad_json"])
+def test_failed_chunks_move_to_the_other_engine(mode, tiny_hf_dir, server):
+    """One of two engines fails every generate call but answers /health; all rows still come back, equal to the
+    reference (its chunks move to the other engine)."""
+    with StandinServer(str(tiny_hf_dir)) as healthy:
+        _fault(server.url, mode)
+        engine = SGLangEngine(attach_cfg(server.url, healthy.url, max_batch_size=2, request_timeout_s=3),
+                              str(tiny_hf_dir))
+        try:
+            assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir))
+            assert "/generate" in healthy.state.events
+        finally:
+            engine.shutdown()
+
+
+def test_a_hung_attached_engine_fails_the_step_naming_it(tiny_hf_dir, server):
+    """A hung engine must be restarted; an attached one cannot be, so the call fails naming it (launched engines
+    restart: tests/cluster)."""
+    with StandinServer(str(tiny_hf_dir)) as healthy:
+        _fault(server.url, "hang")
+        engine = SGLangEngine(attach_cfg(server.url, healthy.url, max_batch_size=2, request_timeout_s=2),
+                              str(tiny_hf_dir))
+        start = time.monotonic()
+        try:
+            with pytest.raises(SGLangError, match=rf"engine 0 \({server.url}.*cannot be restarted"):
+                engine.generate(PROMPTS, PARAMS)
+        finally:
+            engine.shutdown()
+        assert time.monotonic() - start < 30
+
+
+def test_a_hung_single_engine_fails_within_the_request_timeout(tiny_hf_dir, server):
+    _fault(server.url, "hang")
+    engine = SGLangEngine(attach_cfg(server.url, request_timeout_s=2), str(tiny_hf_dir))
+    start = time.monotonic()
+    try:
+        with pytest.raises(SGLangError, match=r"no answer within 2 s|cannot be restarted"):
+            engine.generate(PROMPTS[:1], PARAMS)
+    finally:
+        engine.shutdown()
+    assert time.monotonic() - start < 30  # one timeout, no retries on a hung server
+
+
+def test_default_timeouts_fail_a_hung_server_before_the_trainer_group_timeout():
+    from megatron_lpreg.config.base import ConfigError
+    from megatron_lpreg.config.rollout import TRAINER_GROUP_TIMEOUT_S
+    from megatron_lpreg.rollout.dispatch import MAX_MOVES
+
+    cfg = RolloutConfig()
+    assert (1 + MAX_MOVES) * cfg.request_timeout_s < TRAINER_GROUP_TIMEOUT_S
+    with pytest.raises(ConfigError, match="request_timeout_s=1000"):
+        RolloutConfig(request_timeout_s=1000).validate()
+
+
+def test_failing_end_weight_update_does_not_hide_the_sync_error(tiny_hf_dir, tiny_hf_dir_b, server):
+    _fault(server.url, "500", "/update_weights_from_tensor,/end_weight_update")
+    engine = SGLangEngine(attach_cfg(server.url, weight_sync="tensor"), str(tiny_hf_dir))
+    try:
+        with pytest.raises(WeightSyncError) as info:
+            engine.update_weights(WeightUpdate(version=1, tensors=iter_safetensors(tiny_hf_dir_b)))
+        text = str(info.value)
+        assert "/update_weights_from_tensor" in text and "/end_weight_update also failed" in text
+        assert isinstance(info.value.__cause__, SGLangError)
+        assert server.state.events[-2:] == ["/update_weights_from_tensor", "/end_weight_update"]
+    finally:
+        engine.shutdown()

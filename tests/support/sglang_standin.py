@@ -5,7 +5,8 @@ Real SGLang cannot run on CPU (see shared notes), so the SGLang client is tested
 Routes: /health, /health_generate, /get_model_info, /generate, /flush_cache, /update_weights_from_disk,
 /begin_weight_update, /end_weight_update, /update_weights_from_tensor, /init_weights_update_group,
 /update_weights_from_distributed, /destroy_weights_update_group, /get_weights_by_name,
-/release_memory_occupation, /resume_memory_occupation.
+/release_memory_occupation, /resume_memory_occupation. Test-only: /standin/info (pid, CUDA_VISIBLE_DEVICES, argv,
+lifecycle calls in order), /standin/fault (inject hang / drop / 500 / bad JSON; also ``SGLANG_STANDIN_FAULT``).
 
 Where it differs from SGLang (on purpose, and documented in docs/rollout.md): the distributed weight group is gloo
 over TCP instead of NCCL; tensor payloads are read with plain ``pickle`` (so CPU tensors pickled inline work across
@@ -18,20 +19,24 @@ Run in a thread (:class:`StandinServer`) or as ``python -m tests.support.sglang_
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import datetime
 import logging
+import os
 import pickle
+import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict
 
 from megatron_lpreg.rollout.base import SamplingParams
@@ -137,6 +142,76 @@ class StandinState:
         self.weight_version = "default"
         self.groups: dict[str, tuple[Any, int]] = {}
         self.update_counts: dict[str, int] = {"disk": 0, "tensor": 0, "distributed": 0}
+        self.events: list[str] = []
+        """Routes called, in order (lifecycle and weight routes; not health, info or weight reads)."""
+        self.fault = Fault.parse(os.environ.get(FAULT_ENV, ""))
+
+
+FAULT_ENV = "SGLANG_STANDIN_FAULT"
+"""``MODE:ROUTE[:COUNT]`` injects a fault from start-up (also settable by POST /standin/fault)."""
+QUIET_ROUTES = ("/health", "/health_generate", "/get_weights_by_name", "/get_model_info", "/standin/")
+
+
+@dataclass
+class Fault:
+    """An injected failure: ``mode`` on calls to ``route`` (comma-separated routes; ``count`` calls, -1 = all).
+
+    Modes: hang (never answer), drop (close the connection mid-answer), 500 (internal error), bad_json (200 with a
+    truncated JSON body).
+    """
+
+    mode: str = "none"
+    route: str = "/generate"
+    count: int = -1
+
+    @classmethod
+    def parse(cls, text: str) -> "Fault":
+        if not text:
+            return cls()
+        mode, route, *count = text.split(":")
+        return cls(mode=mode, route=route, count=int(count[0]) if count else -1)
+
+    def fire(self, path: str) -> str | None:
+        """The mode to apply to this call of ``path`` (consumes one count), or None."""
+        if self.mode == "none" or path not in self.route.split(",") or self.count == 0:
+            return None
+        if self.count > 0:
+            self.count -= 1
+        return self.mode
+
+
+class FaultIn(_Strict):
+    mode: str
+    route: str = "/generate"
+    count: int = -1
+
+
+def _fault_middleware(app: FastAPI, state: "StandinState") -> None:
+    """Record lifecycle calls and apply the injected fault before a route runs."""
+
+    @app.middleware("http")
+    async def faults(request: Request, call_next):
+        path = request.url.path
+        if not path.startswith(QUIET_ROUTES):
+            state.events.append(path)
+        mode = state.fault.fire(path)
+        if mode == "hang":
+            await asyncio.sleep(3600)
+        if mode == "500":
+            return JSONResponse({"error": {"message": "injected internal error"}}, status_code=500)
+        if mode == "bad_json":
+            return Response('{"text": "abc', media_type="application/json")
+        if mode == "drop":
+            return _Truncated()
+        return await call_next(request)
+
+
+class _Truncated(Response):
+    """Declares a 1000-byte body and sends 1 byte: the server then closes the connection mid-answer."""
+
+    def __init__(self) -> None:
+        super().__init__(b"{", media_type="application/json")
+        self.headers["content-length"] = "1000"
 
 
 def _fail(status: int, message: str) -> JSONResponse:
@@ -148,6 +223,19 @@ def create_app(model_path: str) -> FastAPI:
     state = StandinState(model_path)
     app = FastAPI()
     app.state.standin = state
+
+    _fault_middleware(app, state)
+
+    @app.post("/standin/fault")
+    def set_fault(req: FaultIn) -> dict:
+        state.fault = Fault(mode=req.mode, route=req.route, count=req.count)
+        return {"success": True, "message": ""}
+
+    @app.get("/standin/info")
+    def info() -> dict:
+        """What the process sees (placement checks) and the lifecycle calls it got."""
+        return {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "argv": sys.argv, "events": list(state.events), "weight_version": state.weight_version}
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
