@@ -8,7 +8,7 @@ import re
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _BRACE = re.compile(r"\\[{}]|[{}]")
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
+_NUMBER = re.compile(r"([+-]?)(\d*)(?:\.(\d*))?")
 
 
 def last_boxed(text: str) -> str | None:
@@ -56,9 +56,22 @@ def normalize_answer(answer: str) -> str:
     return out
 
 
-def plain_number(answer: str) -> float | None:
-    """The value of ``answer`` if it is a plain decimal number (``85``, ``-3.5``), else None."""
-    text = normalize_answer(answer)
-    if _NUMBER.fullmatch(text):
-        return float(text)
-    return None
+def canonical_number(answer: str) -> str | None:
+    """Canonical text of ``answer`` if it is a plain decimal number (``85``, ``-3.50``, ``.5``), else None.
+
+    The digits are kept, never converted to a float (2**53 + 1 would become 2**53, a 400-digit value infinity) or
+    an int (Python refuses to convert over 4,300 digits): leading zeros of the integer part, trailing zeros of the
+    fraction and a ``+`` sign are dropped, and zero has no sign. Two plain numbers are equal exactly when their
+    canonical texts are equal.
+
+    Examples: ``"-3.50" -> "-3.5"``, ``"085" -> "85"``, ``"+.50" -> "0.5"``, ``"-0.0" -> "0"``, ``"1,000" -> None``.
+    """
+    match = _NUMBER.fullmatch(normalize_answer(answer))
+    if match is None:
+        return None
+    sign, whole, fraction = match.group(1), match.group(2), match.group(3) or ""
+    if not whole and not fraction:  # "", "+", "." and "-." are not numbers
+        return None
+    whole, fraction = whole.lstrip("0") or "0", fraction.rstrip("0")
+    text = f"{whole}.{fraction}" if fraction else whole
+    return "-" + text if sign == "-" and text != "0" else text

@@ -3,7 +3,8 @@
 math-verify can hang on adversarial input (towers of exponents, huge factorials, megabyte expressions) and its own
 timeouts use SIGALRM, which works only on the main thread. We therefore call it with ``parsing_timeout=None,
 timeout_seconds=None`` and run it in worker processes with a hard deadline (:mod:`megatron_lpreg.reward.deadline`).
-Cheap cases (no box, equal strings, plain numbers) are decided in the calling process without a worker.
+Cheap cases (no box, equal strings, plain numbers) are decided in the calling process without a worker; plain
+integers and decimals compare digit by digit (exactly), never as floats.
 See docs/rewards.md for where this grader can disagree with veRL's prime_math.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import time
 from typing import Sequence
 
-from megatron_lpreg.reward.boxed import last_boxed, normalize_answer, plain_number
+from megatron_lpreg.reward.boxed import canonical_number, last_boxed, normalize_answer
 from megatron_lpreg.reward.records import RewardResult, clip_extracted
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ PRECHECK_MAX_CHARS = 20_000
 
 
 def precheck(response: str, ground_truth: str) -> RewardResult | None:
-    """Decide the easy cases in-process: no box -> 0, equal strings -> 1, two plain numbers -> compare.
+    """Decide the easy cases in-process: no box -> 0, equal strings -> 1, two plain numbers -> exact comparison.
 
     Returns:
         A result, or None when math-verify is needed (or the response is too long to scan here).
@@ -33,10 +34,19 @@ def precheck(response: str, ground_truth: str) -> RewardResult | None:
     answer = last_boxed(response)
     if answer is None:
         return RewardResult(score=0.0, reason="no_box")
+    return _compare_plain(answer, ground_truth)
+
+
+def _compare_plain(answer: str, gold: str) -> RewardResult | None:
+    """Equal text -> 1; two plain numbers -> exact comparison of their digits; anything else -> None.
+
+    Plain numbers never reach math-verify: it compares decimals after rounding to 6 places (``0.1234567`` =
+    ``0.1234568``), and a float comparison would equate 2**53 + 1 with 2**53 or two overflowing values (inf).
+    """
     extracted = clip_extracted(answer)
-    if normalize_answer(answer) == normalize_answer(ground_truth):
+    if normalize_answer(answer) == normalize_answer(gold):
         return RewardResult(score=1.0, reason="match", extracted=extracted)
-    pred_num, gold_num = plain_number(answer), plain_number(ground_truth)
+    pred_num, gold_num = canonical_number(answer), canonical_number(gold)
     if pred_num is not None and gold_num is not None:
         equal = pred_num == gold_num
         return RewardResult(score=float(equal), reason="match" if equal else "wrong", extracted=extracted)
@@ -59,10 +69,11 @@ def math_reward(response: str, ground_truth: str) -> RewardResult:
     answer = last_boxed(response)
     if answer is None:
         return RewardResult(score=0.0, reason="no_box")
-    extracted = clip_extracted(answer)
     gold_text = last_boxed(ground_truth) or ground_truth
-    if normalize_answer(answer) == normalize_answer(gold_text):
-        return RewardResult(score=1.0, reason="match", extracted=extracted)
+    plain = _compare_plain(answer, gold_text)  # also for responses too long for the caller's precheck
+    if plain is not None:
+        return plain
+    extracted = clip_extracted(answer)
     from math_verify import parse, verify  # imported lazily: workers preload it, callers need not
 
     gold = parse(f"\\boxed{{{gold_text}}}", parsing_timeout=None)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_lpreg.reward.boxed import last_boxed, normalize_answer, plain_number
+from megatron_lpreg.reward.boxed import canonical_number, last_boxed, normalize_answer
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,22 @@ def test_last_boxed_megabyte_is_fast():
 
 def test_normalize_and_numbers():
     assert normalize_answer(" $ 1 2 $. ") == "12"
-    assert plain_number("-3.50") == -3.5
-    assert plain_number("085") == 85.0
-    assert plain_number("1,000") is None
-    assert plain_number("\\frac{1}{2}") is None
+    assert canonical_number("-3.50") == "-3.5"
+    assert canonical_number("085") == "85"
+    assert canonical_number("+.50") == "0.5"
+    assert canonical_number("7.") == "7"
+    assert canonical_number("-0.000") == "0"
+    assert canonical_number("1,000") is None
+    assert canonical_number("\\frac{1}{2}") is None
+    assert canonical_number("inf") is None and canonical_number("nan") is None
+
+
+def test_canonical_numbers_keep_every_digit():
+    """No float conversion anywhere: 2**53 + 1, 30-digit and 5,000-digit values keep their last digit, and a
+    number too large for a float never becomes infinity (int() of > 4,300 digits would even raise)."""
+    assert canonical_number("9007199254740993") != canonical_number("9007199254740992")
+    assert canonical_number("123456789012345678901234567891") == "123456789012345678901234567891"
+    huge = "1" * 5_000
+    assert canonical_number(huge) == huge
+    assert canonical_number(huge[:-1] + "2") != canonical_number(huge)
+    assert canonical_number("0." + "0" * 400 + "1") == "0." + "0" * 400 + "1"

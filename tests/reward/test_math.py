@@ -7,7 +7,7 @@ import time
 import pytest
 
 from megatron_lpreg.reward.deadline import DeadlinePool
-from megatron_lpreg.reward.math import MATH_REWARD_PATH, precheck, score, score_batch, score_with_reason
+from megatron_lpreg.reward.math import MATH_REWARD_PATH, math_reward, precheck, score, score_batch, score_with_reason
 
 SLACK_S = 1.5
 """Allowed overshoot of a deadline: kill + reply + a loaded 2-core machine (measured overshoot is ~0.05 s)."""
@@ -77,6 +77,9 @@ def test_wrong_or_missing_scores_zero(response, truth, reason):
 )
 def test_documented_grader_behaviour(answer, truth, expected):
     assert score(f"\\boxed{{{answer}}}", truth, timeout=10) == expected
+    # the worker path too: a boxed ground truth, and a response too long for the caller's precheck
+    assert math_reward(f"\\boxed{{{answer}}}", f"\\boxed{{{truth}}}").score == expected
+    assert math_reward("x" * 30_000 + f"\\boxed{{{answer}}}", truth).score == expected
 
 
 def test_fast_path_needs_no_worker():
@@ -84,6 +87,31 @@ def test_fast_path_needs_no_worker():
     assert precheck("\\boxed{084}", "85").score == 0.0
     assert precheck("\\boxed{\\frac{1}{2}}", "0.5") is None  # needs math-verify
     assert precheck("x" * 30_000 + "\\boxed{1}", "1") is None  # too long to scan in the caller
+
+
+@pytest.mark.parametrize(
+    "answer, truth, expected",
+    [  # D10: integers and decimals compare exactly, in the caller, with no float anywhere
+        ("9007199254740993", "9007199254740992", 0.0),  # 2**53 + 1 vs 2**53: equal as floats
+        ("123456789012345678901234567891", "123456789012345678901234567890", 0.0),
+        ("1" + "0" * 400, "2" + "0" * 400, 0.0),  # both overflow a float to inf: infinities never equal
+        ("9" * 5_000, "9" * 4_999 + "8", 0.0),  # beyond int()'s 4,300-digit limit
+        ("0.1234567", "0.1234568", 0.0),  # math-verify rounds to 6 decimals and would say equal
+        ("0.30000000000000004", "0.3", 0.0),
+        ("9007199254740993", "9007199254740993.000", 1.0),
+        ("085", "85", 1.0),
+        ("-0", "0.0", 1.0),
+        ("1" + "0" * 400, "1" + "0" * 400 + ".0", 1.0),
+    ],
+)
+def test_plain_numbers_compare_exactly_without_a_worker(answer, truth, expected):
+    result = precheck(f"\\boxed{{{answer}}}", truth)
+    assert result is not None, "plain numbers must be decided in the caller, never by math-verify's rounding"
+    assert (result.score, result.reason) == (expected, "match" if expected else "wrong")
+    assert score(f"\\boxed{{{answer}}}", truth, timeout=10) == expected
+    # the worker path too: a boxed ground truth, and a response too long for the caller's precheck
+    assert math_reward(f"\\boxed{{{answer}}}", f"\\boxed{{{truth}}}").score == expected
+    assert math_reward("x" * 30_000 + f"\\boxed{{{answer}}}", truth).score == expected
 
 
 @pytest.mark.parametrize("response", HANGING[:2])
