@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,7 +28,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unsupported suffix or a malformed line (message names file and line).
+        ValueError: unsupported suffix, a byte that is not UTF-8 or a malformed line (message names file and line).
     """
     path = Path(path)
     if not path.is_file():
@@ -38,7 +39,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         return pq.read_table(path).to_pylist()
     if path.suffix == ".jsonl":
         rows = []
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -47,7 +48,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{lineno}: not valid JSON: {exc}") from exc
         return rows
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        data = json.loads(_read_utf8(path))
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -56,14 +57,50 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {list(SUFFIXES)}")
 
 
-def _answer_text(value: Any) -> str:
-    """Ground truths come as strings, numbers or lists (OlympiadBench); lists of one are unwrapped."""
+def _read_utf8(path: Path) -> str:
+    """The file's text; an undecodable byte is an error naming the file, the line and the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ValueError(
+            f"{path}:{line}: byte 0x{data[exc.start]:02x} at column {column} is not valid UTF-8 ({exc.reason}); "
+            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _answer_text(value: Any, where: str, name: str) -> str:
+    """Ground truths come as strings, numbers or lists (OlympiadBench); lists of one are unwrapped.
+
+    Anything else is refused rather than ``str()``-converted: a null would become the answer ``"None"`` (which
+    ``\\boxed{None}`` then matches), a NaN ``"nan"``, a bool ``"True"``.
+
+    Raises:
+        ValueError: null, empty, non-finite, bool, or another type; the message starts with ``where`` and names
+            the field (``name``).
+    """
+    if value is None:
+        raise ValueError(f"{where}: {name} is null; every problem needs a ground-truth answer (drop the row)")
     if isinstance(value, (list, tuple)):
-        items = [_answer_text(v) for v in value]
+        if not value:
+            raise ValueError(f"{where}: {name} is an empty list")
+        items = [_answer_text(v, where, f"{name}[{i}]") for i, v in enumerate(value)]
         return items[0] if len(items) == 1 else ", ".join(items)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: {name} is a bool ({value}), not an answer")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: {name}={value} is not a finite number")
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {name} must be a string, a number or a list of them, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{where}: {name} is empty")
+    return value.strip()
 
 
 def _pick(row: dict[str, Any], explicit: str, candidates: Iterable[str]) -> str | None:
@@ -76,10 +113,14 @@ def _messages(value: Any, path: Path, index: int) -> tuple[tuple[str, str], ...]
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError(f"{path} row {index}: 'prompt' must be a non-empty list of {{role, content}} messages")
     out = []
-    for msg in value:
+    for j, msg in enumerate(value):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             raise ValueError(f"{path} row {index}: each prompt message needs 'role' and 'content', got {msg!r}")
-        out.append((str(msg["role"]), str(msg["content"])))
+        for key in ("role", "content"):  # refused, not str()-converted: 12 or a list of parts is not the text
+            if not isinstance(msg[key], str):
+                raise ValueError(f"{path} row {index}: prompt[{j}].{key} must be a string, got "
+                                 f"{type(msg[key]).__name__} ({msg[key]!r:.60})")
+        out.append((msg["role"], msg["content"]))
     return tuple(out)
 
 
@@ -94,7 +135,8 @@ def records_from_rows(rows: list[dict[str, Any]], path: str | Path, *, problem_k
         data_source: name to record when rows have no ``data_source`` (default: the file stem).
 
     Raises:
-        ValueError: no rows, or a required column is missing (message lists the columns found and the fix).
+        ValueError: no rows, a required column is missing (message lists the columns found and the fix), a null,
+            empty or non-finite answer, or a prompt/message that is not a string (message names the row).
     """
     path = Path(path)
     if not rows:
@@ -121,17 +163,22 @@ def records_from_rows(rows: list[dict[str, Any]], path: str | Path, *, problem_k
                 raise ValueError(f"{path} row {i}: verl layout needs reward_model.ground_truth; got {reward_model!r}")
             messages = _messages(row.get("prompt"), path, i)
             users = [content for role, content in messages if role == "user"]
-            problem, truth = (users[-1] if users else messages[-1][1]), reward_model["ground_truth"]
+            problem = users[-1] if users else messages[-1][1]
+            truth = _answer_text(reward_model["ground_truth"], f"{path} row {i}", "reward_model.ground_truth")
             extra = row.get("extra_info") or {}
             rid = extra.get("index") if isinstance(extra, dict) else None
         else:
             if row.get(p_key) is None or row.get(a_key) is None:
                 raise ValueError(f"{path} row {i}: empty '{p_key}' or '{a_key}'")
-            messages, problem, truth = (), str(row[p_key]), row[a_key]
+            if not isinstance(row[p_key], str):
+                raise ValueError(f"{path} row {i}: '{p_key}' must be a string, got {type(row[p_key]).__name__} "
+                                 f"({row[p_key]!r:.60})")
+            messages, problem = (), row[p_key]
+            truth = _answer_text(row[a_key], f"{path} row {i}", repr(a_key))
             rid = next((row[k] for k in ID_KEYS if row.get(k) is not None), None)
         out.append(SourceRecord(
             id=str(rid) if rid is not None else f"{path.stem}:{i}",
-            problem=problem, ground_truth=_answer_text(truth),
+            problem=problem, ground_truth=truth,
             data_source=str(row.get("data_source") or source_default), messages=messages,
         ))
     return out

@@ -83,3 +83,83 @@ def test_missing_file_and_bad_suffix(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"problem": "x", "answer": 1}\n{oops\n')
     with pytest.raises(ValueError, match="broken.jsonl:2"):
         load_records(tmp_path / "broken.jsonl")
+
+
+def _verl_row(truth, content="What is 1+1?", role="user"):
+    return {"data_source": "d", "prompt": [{"role": role, "content": content}],
+            "reward_model": {"style": "rule", "ground_truth": truth}}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_null_ground_truth_is_refused_naming_the_row(tmp_path, suffix):
+    """D11: a null answer must not become the string "None", which ``\\boxed{None}`` would then match."""
+    rows = [_verl_row("2"), _verl_row("3"), _verl_row(None)]
+    path = tmp_path / f"train{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"train\.\w+ row 2: reward_model\.ground_truth is null"):
+        load_records(path)
+
+
+@pytest.mark.parametrize(
+    "truth, message",
+    [
+        (float("nan"), "not a finite number"),
+        (float("inf"), "not a finite number"),
+        (True, "bool"),
+        (["3", None], r"\[1\] is null"),
+        ([], "empty list"),
+        ({"value": 3}, "dict"),
+        ("  ", "empty"),
+    ],
+)
+def test_unusable_ground_truths_are_refused(tmp_path, truth, message):
+    path = tmp_path / "plain.jsonl"
+    path.write_text(json.dumps({"problem": "p0", "answer": "1"}) + "\n"
+                    + json.dumps({"problem": "p1", "answer": truth}) + "\n")
+    with pytest.raises(ValueError, match=f"plain.jsonl row 1: .*{message}"):
+        load_records(path)
+    verl = tmp_path / "verl.jsonl"
+    verl.write_text(json.dumps(_verl_row("1")) + "\n" + json.dumps(_verl_row(truth)) + "\n")
+    with pytest.raises(ValueError, match=f"verl.jsonl row 1: .*{message}"):
+        load_records(verl)
+
+
+def test_numbers_as_ground_truth_keep_every_digit(tmp_path):
+    path = tmp_path / "plain.jsonl"
+    path.write_text('{"problem": "p", "answer": 9007199254740993}\n{"problem": "q", "answer": 0.1}\n')
+    assert [r.ground_truth for r in load_records(path)] == ["9007199254740993", "0.1"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_invalid_utf8_names_file_and_line(tmp_path, suffix):
+    """D12: the error names the file and the line of the undecodable byte, not just a byte position."""
+    good = json.dumps({"problem": "ok", "answer": "1"}).encode()
+    bad = b'{"problem": "caf\xe9", "answer": "2"}'
+    body = good + b"\n" + good + b"\n" + bad + b"\n" if suffix == ".jsonl" else b"[\n" + good + b",\n" + bad + b"\n]"
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(body)
+    with pytest.raises(ValueError, match=rf"latin1{suffix}:3: byte 0xe9 at column 17 is not valid UTF-8"):
+        load_records(path)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (_verl_row("1", content=12), r"row 1: prompt\[0\]\.content must be a string, got int"),
+        (_verl_row("1", content=[{"type": "text", "text": "hi"}]), r"row 1: prompt\[0\]\.content must be a string"),
+        (_verl_row("1", content=None), r"row 1: prompt\[0\]\.content must be a string, got NoneType"),
+        (_verl_row("1", role=1), r"row 1: prompt\[0\]\.role must be a string, got int"),
+        ({"problem": 12, "answer": "1"}, r"row 1: 'problem' must be a string, got int"),
+        ({"problem": ["a", "b"], "answer": "1"}, r"row 1: 'problem' must be a string, got list"),
+    ],
+)
+def test_non_string_prompts_are_refused_not_converted(tmp_path, row, message):
+    """D13: a number or a list where text belongs is refused, never ``str()``-converted into the prompt."""
+    first = _verl_row("1") if "prompt" in row else {"problem": "p", "answer": "1"}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(first) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_records(path)
