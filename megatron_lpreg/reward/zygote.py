@@ -153,6 +153,11 @@ def _worker_loop(conn: Connection, memory_limit_mb: int) -> None:
 
 
 def _serve(control_fd: int) -> None:
+    """Import math-verify, report ready, then fork a worker per request until the parent closes the socket.
+
+    A parent that dies first (a rank failing at start-up, before or during a request) is the normal way a zygote
+    ends: the broken control socket ends the loop quietly, with exit code 0 and no traceback on the job's stderr.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer owns shutdown
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped automatically
     # no PR_SET_PDEATHSIG here: it fires when the *thread* that started us exits, and callers may be short-lived
@@ -166,12 +171,21 @@ def _serve(control_fd: int) -> None:
     # pay sympy's lazy imports here, not inside the first sample's deadline
     warm = [parse(text, parsing_timeout=None) for text in ("\\boxed{1/2}", "\\boxed{0.5}")]
     verify(*warm, timeout_seconds=None)
-    conn.send(("ready", os.getpid()))
+    try:
+        conn.send(("ready", os.getpid()))
+        _serve_requests(conn)
+    except (EOFError, OSError):  # BrokenPipeError, ConnectionResetError: the parent is gone
+        return
+
+
+def _serve_requests(conn: Connection) -> None:
+    """Fork one worker per ``("fork", memory_limit_mb)`` request; return on ``None`` or EOF.
+
+    Raises:
+        OSError: the parent closed the control socket while we replied (the caller treats it as EOF).
+    """
     while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
+        msg = conn.recv()
         if msg is None:
             return
         _, memory_limit_mb = msg
@@ -190,9 +204,11 @@ def _serve(control_fd: int) -> None:
             finally:
                 os._exit(code)
         theirs.close()
-        conn.send(pid)
-        reduction.send_handle(conn, ours.fileno(), os.getppid())
-        ours.close()
+        try:
+            conn.send(pid)
+            reduction.send_handle(conn, ours.fileno(), os.getppid())
+        finally:
+            ours.close()  # on failure the worker sees EOF and exits (it also dies with us)
 
 
 if __name__ == "__main__":

@@ -53,3 +53,36 @@ def test_pool_survives_the_death_of_the_shared_zygote():
         results = pool.map(MATH_REWARD_PATH, [("\\boxed{10^{10^{10^{10}}}}", "5"), ("\\boxed{1/2}", "0.5")])
     assert [r.reason for r in results] == ["timeout", "verified"]
     assert shared_zygote() is not zygote and shared_zygote().alive()
+
+
+def _start_raw_zygote():
+    import socket
+    import subprocess
+    import sys
+    from multiprocessing.connection import Connection
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_lpreg.reward.zygote", str(theirs.fileno())],
+                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    theirs.close()
+    return proc, Connection(ours.detach())
+
+
+def test_zygote_whose_parent_dies_during_start_up_exits_quietly():
+    """D8: a rank that fails at start-up closes the control socket before the zygote is ready; the zygote must
+    exit without a stray BrokenPipeError traceback on the job's stderr."""
+    proc, conn = _start_raw_zygote()
+    conn.close()  # the parent is gone before the zygote has imported math-verify
+    _, stderr = proc.communicate(timeout=120)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert proc.returncode == 0
+
+
+def test_zygote_whose_parent_dies_during_a_fork_request_exits_quietly():
+    proc, conn = _start_raw_zygote()
+    assert conn.recv()[0] == "ready"
+    conn.send(("fork", 0))
+    conn.close()  # the parent dies before it reads the worker's pid
+    _, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert proc.returncode == 0
