@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
-# A real single-node Slurm (munged + slurmctld + slurmd) on this machine, for tests, CI and trying the sbatch
+# A real Slurm (munged + slurmctld + one slurmd per node) on this machine, for tests, CI and trying the sbatch
 # scripts on a workstation. Runs as root, without systemd; every daemon runs in its foreground mode as a
 # background process of ours and is stopped by the PID we recorded, never by name.
 #
-#   slurm/dev/local-cluster.sh up       install the Debian packages if missing, start, print `export SLURM_CONF=..`
+#   slurm/dev/local-cluster.sh up [--nodes N]   install the Debian packages if missing, start, print `export ..`
 #   slurm/dev/local-cluster.sh env      print `export SLURM_CONF=...`  (use: eval "$(slurm/dev/local-cluster.sh env)")
 #   slurm/dev/local-cluster.sh status   daemons, PIDs and `sinfo`; exit 0 when all are up, 1 otherwise
-#   slurm/dev/local-cluster.sh down     cancel this cluster's jobs, stop the daemons started by `up`
+#   slurm/dev/local-cluster.sh down     cancel this cluster's jobs, stop the daemons started by `up`, remove its network
+#
+# One node (the default): node `$(hostname -s)` at 127.0.0.1. N > 1 nodes: nodes n1..nN, each slurmd in its own
+# network namespace (`ip netns`) with one veth into a bridge that only this script creates; node i has the address
+# <subnet>.<i+1>, slurmctld listens on the bridge's <subnet>.1, so every node (and every job step, Ray node and
+# trainer rank on it) has its own network stack, addresses and ports, as on separate hosts. Node names do not
+# resolve, so `up` also writes a site env (printed as `export MLPREG_SITE_ENV=...`) that gives slurm/common.sh the
+# Ray head's address and tells gloo which interface to use. The filesystem, CPUs and memory stay shared.
 #
 # Environment (all optional):
 #   MLPREG_SLURM_DIR         private state, config and logs (default /tmp/mlpreg-slurm; the munge socket path
 #                            under it must stay <= 107 bytes, so keep it short)
-#   MLPREG_SLURM_CPUS        CPUs the node advertises (default: nproc). More than nproc oversubscribes on purpose.
-#   MLPREG_SLURM_MEM_MB      RealMemory of the node (default: MemTotal minus 1 GiB)
+#   MLPREG_SLURM_NODES       node count for `up` when --nodes is not given (default 1)
+#   MLPREG_SLURM_CPUS        CPUs each node advertises (default: nproc). More than nproc oversubscribes on purpose.
+#   MLPREG_SLURM_MEM_MB      RealMemory of each node (default: MemTotal minus 1 GiB)
 #   MLPREG_SLURM_DEF_MEM_MB  DefMemPerCPU (default 1024): jobs that ask for no memory get this much per CPU, so
 #                            several array tasks fit on the node at once
 #   MLPREG_SLURM_CTLD_PORT / MLPREG_SLURM_SLURMD_PORT   (default 6817 / 6818)
+#   MLPREG_SLURM_SUBNET      N > 1 only: first three octets of the private /24 the nodes use (default 10.213.0).
+#                            Namespace, bridge and veth names derive from the slurmctld port, so two clusters with
+#                            different state dirs, slurmctld ports and subnets can run side by side.
 set -euo pipefail
 
 DIR=${MLPREG_SLURM_DIR:-/tmp/mlpreg-slurm}
@@ -23,7 +34,15 @@ CONF=$DIR/etc/slurm.conf
 SOCKET=$DIR/munge/munge.socket
 RUN=$DIR/run
 NODE=$(hostname -s)
-DAEMONS=(munged slurmctld slurmd)   # start order; `down` stops them in reverse
+NODES_FILE=$DIR/etc/nodes   # node count of the cluster `up` started (read by status/env/down)
+NET_FILE=$DIR/etc/network   # namespaces, veths and the bridge `up` created, one "kind name" per line
+SITE_ENV=$DIR/etc/site.env  # N > 1: the site env for slurm/common.sh
+CTLD_PORT=${MLPREG_SLURM_CTLD_PORT:-6817}
+SUBNET=${MLPREG_SLURM_SUBNET:-10.213.0}
+NET_TAG=mlp$CTLD_PORT       # prefix of namespace, bridge and veth names (Linux interface names: <= 15 bytes)
+NS_IFACE=mlp0               # the node's interface inside its namespace (same name on every node)
+NUM_NODES=1
+DAEMONS=()                  # start order; `down` stops them in reverse. Set by set_nodes.
 
 log() { echo "local-cluster: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -42,16 +61,45 @@ ensure_packages() {
     slurmctld slurmd slurm-client munge >&2
 }
 
+# Node count and daemon list: one node keeps the historic names (daemon `slurmd`); N nodes get slurmd-n1..nN.
+set_nodes() {
+  NUM_NODES=$1
+  [[ $NUM_NODES =~ ^[1-9][0-9]*$ ]] || die "node count must be a positive integer, got '$NUM_NODES'"
+  (( NUM_NODES <= 64 )) || die "at most 64 nodes (got $NUM_NODES)"
+  DAEMONS=(munged slurmctld)
+  if (( NUM_NODES == 1 )); then
+    DAEMONS+=(slurmd)
+  else
+    local i
+    for ((i = 1; i <= NUM_NODES; i++)); do DAEMONS+=("slurmd-n$i"); done
+  fi
+}
+
+node_addr() { echo "$SUBNET.$(($1 + 1))"; }   # node i (1-based) of a multi-node cluster
+
+check_subnet() {   # only private IPv4 ranges: the nodes' addresses must exist on this machine alone
+  [[ $SUBNET =~ ^([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})$ ]] ||
+    die "MLPREG_SLURM_SUBNET must be the first three octets of a /24, e.g. 10.213.0 (got '$SUBNET')"
+  local a=${BASH_REMATCH[1]} b=${BASH_REMATCH[2]} c=${BASH_REMATCH[3]}
+  (( a <= 255 && b <= 255 && c <= 255 )) || die "MLPREG_SLURM_SUBNET $SUBNET is not an IPv4 prefix"
+  if ! (( a == 10 || (a == 172 && b >= 16 && b <= 31) || (a == 192 && b == 168) )); then
+    die "MLPREG_SLURM_SUBNET $SUBNET is not in a private range (10/8, 172.16/12, 192.168/16)"
+  fi
+  if ip -4 -o addr show | grep -q " inet $SUBNET\."; then
+    die "subnet $SUBNET.0/24 is already in use on this machine (ip -4 addr); choose another MLPREG_SLURM_SUBNET"
+  fi
+}
+
 pid_of() { cat "$RUN/$1.pid" 2>/dev/null || true; }
 
-# Alive and still the program we started (guards against a recycled PID).
+# Alive and still the program we started (guards against a recycled PID). slurmd-n1 is a `slurmd`.
 is_ours() {
   local name=$1 pid
   pid=$(pid_of "$name")
   [[ -n $pid && -r /proc/$pid/cmdline ]] || return 1
   local argv0
   argv0=$(tr '\0' '\n' <"/proc/$pid/cmdline" | head -n 1)
-  [[ ${argv0##*/} == "$name" ]]
+  [[ ${argv0##*/} == "${name%%-*}" ]]
 }
 
 all_up() {
@@ -64,11 +112,23 @@ write_conf() {
   cpus=${MLPREG_SLURM_CPUS:-$(nproc)}
   mem_mb=${MLPREG_SLURM_MEM_MB:-$(awk '/MemTotal/ {m = int($2 / 1024) - 1024; print (m < 1024 ? 1024 : m)}' /proc/meminfo)}
   def_mem=${MLPREG_SLURM_DEF_MEM_MB:-1024}
+  local ctld_addr=127.0.0.1 spool=$DIR/state/slurmd pidfile=$RUN/slurmd.own.pid logfile=$DIR/log/slurmd.log
+  local nodes="NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN" partition=$NODE
+  if (( NUM_NODES > 1 )); then
+    # %n: each slurmd (started with -N <name>) gets its own spool, pid and log file.
+    ctld_addr=$SUBNET.1 spool=$DIR/state/slurmd/%n pidfile=$RUN/slurmd-%n.own.pid logfile=$DIR/log/slurmd-%n.log
+    nodes="" partition="n[1-$NUM_NODES]"
+    local i
+    for ((i = 1; i <= NUM_NODES; i++)); do
+      nodes+="NodeName=n$i NodeAddr=$(node_addr "$i") CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"$'\n'
+    done
+    nodes=${nodes%$'\n'}
+  fi
   cat >"$CONF" <<EOF
 # Written by slurm/dev/local-cluster.sh; regenerated on every fresh \`up\`.
 ClusterName=mlpreg-local
-SlurmctldHost=$NODE(127.0.0.1)
-SlurmctldPort=${MLPREG_SLURM_CTLD_PORT:-6817}
+SlurmctldHost=$NODE($ctld_addr)
+SlurmctldPort=$CTLD_PORT
 SlurmdPort=${MLPREG_SLURM_SLURMD_PORT:-6818}
 SlurmUser=root
 SlurmdUser=root
@@ -76,11 +136,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$SOCKET,cred_expire=5
 StateSaveLocation=$DIR/state/ctld
-SlurmdSpoolDir=$DIR/state/slurmd
+SlurmdSpoolDir=$spool
 SlurmctldPidFile=$RUN/slurmctld.own.pid
-SlurmdPidFile=$RUN/slurmd.own.pid
+SlurmdPidFile=$pidfile
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$logfile
 MailProg=/bin/true
 # No cgroups in containers: track processes by parent PID, no task binding.
 ProctrackType=proctrack/linuxproc
@@ -102,9 +162,66 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$DIR/log/jobcomp.txt
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+$nodes
+PartitionName=debug Nodes=$partition Default=YES MaxTime=INFINITE State=UP
 EOF
+}
+
+# N > 1: what slurm/common.sh needs on nodes whose names do not resolve. Sourced by the batch script (bash, set -a).
+write_site_env() {
+  cat >"$SITE_ENV" <<EOF
+# Written by slurm/dev/local-cluster.sh for its $NUM_NODES-node cluster; use with MLPREG_SITE_ENV=$SITE_ENV.
+# The node names (n1, n2, ...) do not resolve on this machine: the Ray head's IP is the first node's NodeAddr.
+MLPREG_RAY_HEAD_IP=\$(scontrol -o show node "\$(scontrol show hostnames "\$SLURM_JOB_NODELIST" | head -n 1)" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+# gloo binds the address the host name resolves to (127.0.0.1 here, unreachable from the other nodes) unless it
+# is told the interface, as on clusters whose host names resolve to loopback or to the wrong network.
+GLOO_SOCKET_IFNAME=$NS_IFACE
+EOF
+}
+
+# N > 1: a bridge with <subnet>.1 in this namespace and, per node, a namespace joined to it by a veth pair
+# (the node's end renamed to $NS_IFACE, address <subnet>.<i+1>). Every created object is recorded in NET_FILE.
+net_up() {
+  check_subnet
+  local bridge=${NET_TAG}br i ns veth
+  : >"$NET_FILE"
+  ip link add "$bridge" type bridge || die "cannot create bridge $bridge (ip link add ... type bridge)"
+  echo "link $bridge" >>"$NET_FILE"
+  ip addr add "$SUBNET.1/24" dev "$bridge"
+  ip link set "$bridge" up
+  for ((i = 1; i <= NUM_NODES; i++)); do
+    ns=$NET_TAG-n$i veth=${NET_TAG}n$i
+    ip netns add "$ns" || die "cannot create network namespace $ns (ip netns add)"
+    echo "netns $ns" >>"$NET_FILE"
+    ip link add "$veth" type veth peer name "${veth}p" || die "cannot create veth pair $veth (ip link add)"
+    echo "link $veth" >>"$NET_FILE"
+    ip link set "${veth}p" netns "$ns"
+    ip -n "$ns" link set "${veth}p" name "$NS_IFACE"
+    ip -n "$ns" addr add "$(node_addr "$i")/24" dev "$NS_IFACE"
+    ip -n "$ns" link set "$NS_IFACE" up
+    ip -n "$ns" link set lo up
+    ip link set "$veth" master "$bridge"
+    ip link set "$veth" up
+  done
+  log "network: bridge $bridge $SUBNET.1/24; nodes n1..n$NUM_NODES at $(node_addr 1)..$(node_addr "$NUM_NODES")" \
+    "in namespaces $NET_TAG-n1..n$NUM_NODES"
+}
+
+net_down() {   # remove what net_up recorded: namespaces first (their veth ends go with them), then links
+  [[ -f $NET_FILE ]] || return 0
+  local kind name pids
+  while read -r kind name; do
+    [[ $kind == netns ]] || continue
+    pids=$(ip netns pids "$name" 2>/dev/null | tr '\n' ' ')
+    [[ -n ${pids// /} ]] && log "warning: processes still in namespace $name: $pids(not ours to kill)"
+    ip netns del "$name" 2>/dev/null || true
+  done <"$NET_FILE"
+  while read -r kind name; do
+    [[ $kind == link ]] || continue
+    ip link del "$name" 2>/dev/null || true
+  done < <(tac "$NET_FILE")
+  rm -f "$NET_FILE"
+  log "network removed"
 }
 
 start_daemon() {   # name, then the command line; records the PID of the foreground-mode process
@@ -124,20 +241,35 @@ wait_for() {   # seconds, description, test command...
   die "$what did not come up within ${secs}s; see $DIR/log/"
 }
 
-node_ready() { sinfo -h -n "$NODE" -o %T | grep -Eq '^(idle|mixed|allocated)'; }
+nodes_ready() {   # every node of the partition is up
+  local ready
+  ready=$(sinfo -h -N -o '%N %T' | sort -u | grep -Ec ' (idle|mixed|allocated)$' || true)
+  (( ready == NUM_NODES ))
+}
+
+env_lines() {
+  echo "export SLURM_CONF=$CONF"
+  (( NUM_NODES == 1 )) || echo "export MLPREG_SITE_ENV=$SITE_ENV"
+}
 
 cmd_up() {
   ensure_packages
   export SLURM_CONF=$CONF
+  local wanted=$NUM_NODES running
+  running=$(cat "$NODES_FILE" 2>/dev/null || echo 1)
+  set_nodes "$running"
   if all_up; then
+    (( running == wanted )) || die "a $running-node cluster is already running in $DIR; \`down\` it first"
     log "already running ($DIR)"
-    echo "export SLURM_CONF=$CONF"
+    env_lines
     return 0
   fi
   cmd_down >/dev/null 2>&1 || true   # a half-started cluster: stop what is left, start fresh
-  local t0=$SECONDS
+  set_nodes "$wanted"
+  local t0=$SECONDS i
   rm -rf "$DIR/state" "$RUN"
   mkdir -p "$DIR/etc" "$DIR/state/ctld" "$DIR/state/slurmd" "$DIR/log" "$RUN" "$DIR/munge"
+  echo "$NUM_NODES" >"$NODES_FILE"
   chmod 0755 "$DIR" "$DIR/munge"
   (( ${#SOCKET} <= 107 )) || die "munge socket path $SOCKET is ${#SOCKET} bytes (> 107); set a shorter MLPREG_SLURM_DIR"
   if [[ ! -s $DIR/munge/munge.key ]]; then
@@ -145,15 +277,29 @@ cmd_up() {
     chmod 0400 "$DIR/munge/munge.key"
   fi
   write_conf
+  if (( NUM_NODES > 1 )); then
+    net_up
+    write_site_env
+  fi
   start_daemon munged munged --foreground --force --key-file="$DIR/munge/munge.key" --socket="$SOCKET" \
     --pid-file="$RUN/munged.own.pid" --seed-file="$DIR/munge/munge.seed" --log-file="$DIR/log/munged.log"
   wait_for 10 munged test -S "$SOCKET"
   start_daemon slurmctld slurmctld -D -f "$CONF"
-  start_daemon slurmd slurmd -D -f "$CONF" -N "$NODE"
+  if (( NUM_NODES == 1 )); then
+    start_daemon slurmd slurmd -D -f "$CONF" -N "$NODE"
+  else
+    # nsenter switches only the network namespace and execs slurmd (the recorded PID is slurmd's); `ip netns exec`
+    # would also remount /sys, hiding /sys/fs/cgroup, and slurmd then fails ("Unable to initialize cgroup plugin").
+    for ((i = 1; i <= NUM_NODES; i++)); do
+      start_daemon "slurmd-n$i" nsenter --net="/run/netns/$NET_TAG-n$i" slurmd -D -f "$CONF" -N "n$i"
+    done
+  fi
   wait_for 30 slurmctld scontrol ping
-  wait_for 30 "node $NODE" node_ready
-  log "up in $((SECONDS - t0))s: munged $(pid_of munged), slurmctld $(pid_of slurmctld), slurmd $(pid_of slurmd)"
-  echo "export SLURM_CONF=$CONF"
+  wait_for 60 "all $NUM_NODES node(s)" nodes_ready
+  local pids="" d
+  for d in "${DAEMONS[@]}"; do pids+=", $d $(pid_of "$d")"; done
+  log "up in $((SECONDS - t0))s: ${pids#, }"
+  env_lines
 }
 
 stop_pid() {   # name: TERM the recorded PID, wait up to 15 s, then KILL
@@ -193,6 +339,7 @@ cmd_down() {
   local t0=$SECONDS i
   cancel_jobs
   for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop_pid "${DAEMONS[i]}"; done
+  net_down
   log "down in $((SECONDS - t0))s"
 }
 
@@ -204,14 +351,32 @@ cmd_status() {
   if [[ $rc -eq 0 ]]; then
     SLURM_CONF=$CONF sinfo || rc=1
   fi
+  if (( NUM_NODES > 1 )) && [[ -f $NET_FILE ]]; then
+    echo "network: $(awk '{print $2}' "$NET_FILE" | tr '\n' ' ')"
+  fi
   echo "SLURM_CONF=$CONF"
   return $rc
 }
 
-case ${1:-} in
+usage() { echo "usage: $0 up [--nodes N] | down | status | env" >&2; exit 2; }
+
+CMD=${1:-}
+[[ $# -gt 0 ]] && shift
+WANT_NODES=${MLPREG_SLURM_NODES:-1}
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --nodes) [[ $# -ge 2 ]] || usage; WANT_NODES=$2; shift 2 ;;
+    --nodes=*) WANT_NODES=${1#--nodes=}; shift ;;
+    *) usage ;;
+  esac
+done
+[[ $CMD == up ]] || WANT_NODES=$(cat "$NODES_FILE" 2>/dev/null || echo 1)   # the cluster that `up` started
+set_nodes "$WANT_NODES"
+
+case $CMD in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  env) echo "export SLURM_CONF=$CONF" ;;
-  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+  env) env_lines ;;
+  *) usage ;;
 esac

@@ -1,0 +1,156 @@
+"""A real 2-node Slurm allocation on this one machine: ``slurm/dev/local-cluster.sh up --nodes 2`` runs two slurmd
+(nodes n1, n2), each in a network namespace of its own joined by a private bridge, and ``sbatch --nodes=2
+slurm/train.sbatch`` trains a few steps of configs/tiny_cpu.yaml with two ranks (TP2 over gloo).
+
+slurm/common.sh starts the Ray head on n1 and a Ray worker on n2 (srun steps, each inside its node's namespace);
+with one CPU per node the trainer's placement group must put one rank on each node, so the TP group's traffic
+crosses the bridge. Checked: the allocation spans both nodes (scontrol, SLURM_JOB_NODELIST in the log), Ray saw 2
+nodes, the head's GCS ran in n1's namespace and a raylet in each node's, the trainer's rank actors ran in both
+namespaces (which node a process is on is which network namespace it has: sampled from /proc while the job
+runs), and the run wrote its metrics rows. Ray's own ``ip=`` log prefixes cannot tell the nodes apart here: both
+nodes' log monitors tail the same /tmp/ray session directory, so every actor line is printed twice, once with
+each node's address.
+
+This cluster has its own state dir, slurmctld port and subnet, so it can run beside the single-node cluster of
+test_local_cluster.py. The fixture stops it (and removes its namespaces and bridge) unless it was already up.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_lpreg.launch.slurm import SbatchRequest, queued_tasks, submit
+from megatron_lpreg.telemetry import read_jsonl
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "slurm" / "dev" / "local-cluster.sh"
+TINY = str(REPO / "configs" / "tiny_cpu.yaml")
+STEPS = 2
+SUBNET = "10.213.37"
+NODE_ADDR = {"n1": f"{SUBNET}.2", "n2": f"{SUBNET}.3"}
+CTLD_PORT = "6837"
+NETNS = {node: f"mlp{CTLD_PORT}-{node}" for node in NODE_ADDR}  # local-cluster.sh: mlp<slurmctld port>-n<i>
+CLUSTER_ENV = {"MLPREG_SLURM_DIR": "/tmp/mlpreg-slurm-2n", "MLPREG_SLURM_CTLD_PORT": CTLD_PORT,
+               "MLPREG_SLURM_SUBNET": SUBNET}
+# Two ranks (one TP group of 2), 4 prompts x 4 responses a step, no evaluation.
+OVERRIDES = [f"trainer.max_steps={STEPS}", "trainer.world_size=2", "parallel.tp=2", "rollout.prompts_per_step=4",
+             "rollout.n=4", "eval.benchmarks=[]"]
+# Process kinds worth noticing in a node's namespace, by /proc/<pid>/cmdline (Ray names a busy actor's worker
+# "ray::<Class>.<method>", an idle one "ray::<Class>"; the trainer's rank actor class has "Rank" in its name).
+KINDS = {"gcs_server": re.compile(r"^\S*/gcs_server\b"), "raylet": re.compile(r"^\S*/raylet\b"),
+         "rank actor": re.compile(r"^ray::\w*Rank\w*", re.I)}
+
+
+def _cluster(command: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(CLUSTER), command, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **CLUSTER_ENV})
+
+
+@pytest.fixture(scope="module")
+def two_node_env():
+    """Environment (SLURM_CONF, MLPREG_SITE_ENV, ...) of a running 2-node local cluster, stopped afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("the 2-node local Slurm cluster needs root (network namespaces, munged/slurmctld/slurmd)")
+    if shutil.which("ip") is None or shutil.which("nsenter") is None:
+        pytest.skip("the 2-node local Slurm cluster needs `ip` (iproute2) and `nsenter` (util-linux)")
+    was_up = _cluster("status").returncode == 0
+    start = time.monotonic()
+    proc = _cluster("up", "--nodes", "2")
+    if proc.returncode != 0:
+        pytest.fail(f"local-cluster.sh up --nodes 2 failed:\n{proc.stdout}\n{proc.stderr}")
+    exports = dict(re.findall(r"^export (\w+)=(\S+)$", proc.stdout, re.M))
+    assert exports.keys() == {"SLURM_CONF", "MLPREG_SITE_ENV"}, proc.stdout
+    sys.stderr.write(f"\n2-node local Slurm up in {time.monotonic() - start:.1f}s\n")
+    env = {**os.environ, **exports, "MLPREG_ROOT": str(REPO), "MLPREG_PYTHON": sys.executable,
+           "RAY_DEDUP_LOGS": "0",  # every actor line with its own prefix (node), none merged across the cluster
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    yield env
+    if not was_up:
+        start = time.monotonic()
+        proc = _cluster("down", timeout=120)
+        sys.stderr.write(f"\n2-node local Slurm down in {time.monotonic() - start:.1f}s\n")
+        assert proc.returncode == 0, proc.stderr
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not any(name in netns for name in NETNS.values()), f"down left namespaces behind:\n{netns}"
+
+
+def _kinds_on_nodes() -> set[tuple[str, str]]:
+    """(node, kind) for every process of a KINDS kind now running in a node's network namespace."""
+    found = set()
+    for node, netns in NETNS.items():
+        pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue  # exited meanwhile
+            found.update((node, kind) for kind, pattern in KINDS.items() if pattern.search(cmdline))
+    return found
+
+
+def _scontrol_job(job_id: str, env: dict) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"\b(JobState|ExitCode|NodeList|NumNodes)=(\S+)", out))
+
+
+def test_cluster_has_two_nodes_in_their_own_namespaces(two_node_env):
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=two_node_env, capture_output=True, text=True,
+                         check=True).stdout
+    assert sorted(line.split()[0] for line in out.splitlines()) == ["n1", "n2"], out
+    # One job step per node: each runs in its node's namespace and sees only that node's address.
+    proc = subprocess.run(["srun", "--nodes=2", "--ntasks-per-node=1", "bash", "-c",
+                           'echo "$SLURMD_NODENAME $(ip -4 -o addr show dev mlp0 | awk \'{print $4}\')"'],
+                          env=two_node_env, capture_output=True, text=True, timeout=120, cwd="/tmp")
+    assert proc.returncode == 0, proc.stderr
+    seen = dict(line.split() for line in proc.stdout.splitlines())
+    assert seen == {name: f"{addr}/24" for name, addr in NODE_ADDR.items()}, proc.stdout
+
+
+def test_two_node_job_runs_ray_head_worker_and_ranks_on_both_nodes(two_node_env, tmp_path):
+    run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
+    log_dir.mkdir()
+    request = SbatchRequest(script=REPO / "slurm" / "train.sbatch", job_name="mlpreg-train2n",
+                            output=str(log_dir / "%x-%j.out"),
+                            script_args=[TINY, *OVERRIDES, f"trainer.output_dir={run_dir}"],
+                            extra_args=[f"--chdir={REPO}", "--nodes=2"])
+    start = time.monotonic()
+    job_id = submit(request, two_node_env)
+    deadline = time.monotonic() + 480
+    seen: set[tuple[str, str]] = set()
+    while queued_tasks(job_id, two_node_env):
+        assert time.monotonic() < deadline, f"job {job_id} still queued or running after 480 s"
+        seen |= _kinds_on_nodes()
+        time.sleep(0.5)
+    elapsed = time.monotonic() - start
+    log = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(p.read_text() for p in sorted(log_dir.glob("*.out"))))
+    job = _scontrol_job(job_id, two_node_env)
+    assert job.get("JobState") == "COMPLETED" and job.get("ExitCode") == "0:0", f"{job}\n{log[-6000:]}"
+
+    # Both nodes allocated: scontrol and the batch script's SLURM_JOB_NODELIST (logged by mlpreg_init).
+    assert job["NodeList"] == "n[1-2]" and job["NumNodes"] == "2", job
+    assert re.search(rf"job {job_id} \(mlpreg-train2n\) .* nodes n\[1-2\] ", log), log[-6000:]
+    # Ray: head on n1 at its namespace address, a worker on n2; the bootstrap waited until both nodes joined.
+    head = NODE_ADDR["n1"]
+    assert re.search(rf"Ray head n1 \({re.escape(head)}:\d+\), 2 node\(s\)", log), log[-6000:]
+    assert re.search(rf"Ray cluster at {re.escape(head)}:\d+ has 2 node\(s\)", log), log[-6000:]
+    assert f"Local node IP: {NODE_ADDR['n2']}" in log, log[-6000:]  # the worker joined with n2's own address
+    # What ran where (network namespace = node): the GCS on n1 only, a raylet and a trainer rank on each node.
+    assert ("n1", "gcs_server") in seen and ("n2", "gcs_server") not in seen, seen
+    expected = {(node, kind) for node in NODE_ADDR for kind in ("raylet", "rank actor")}
+    assert expected <= seen, f"processes seen per node: {sorted(seen)}\n{log[-6000:]}"
+    assert "[rank 0/2]" in log  # the ranks' own log lines reached the job log through Ray
+    # The run finished: one metrics row per step.
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [row["step"] for row in rows] == list(range(STEPS)), rows
+    assert all(isinstance(row["loss"], (int, float)) for row in rows)
+    assert "training finished with exit code 0" in log
+    sys.stderr.write(f"\n2-node sbatch train.sbatch (Ray head n1, worker n2, 2 ranks): {elapsed:.1f}s\n")
