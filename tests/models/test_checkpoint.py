@@ -4,10 +4,13 @@ truncated or corrupt files, no manifest, an architecture mismatch (with a diff),
 """
 from __future__ import annotations
 
+import errno
 import json
+import random
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,10 +19,13 @@ from megatron_lpreg.models.bridge import export_hf_weights, load_hf_weights
 from megatron_lpreg.models.checkpoint import (
     MANIFEST,
     CheckpointError,
+    atomic_output_dir,
     config_diff,
     load_checkpoint,
+    load_rank_file,
     read_manifest,
     save_checkpoint,
+    write_failure,
 )
 from megatron_lpreg.models.qwen import build_model_chunks, model_config_from_hf
 from megatron_lpreg.parallel.bootstrap import destroy_parallel, init_parallel
@@ -76,7 +82,10 @@ def test_save_tp2_load_tp1_and_pp2_bit_exact(tmp_path):
 def _damage_rank(rank: int, world: int, hf_dir: str, ckpt: str, other_hf: str, work: str):
     ctx, model_cfg, chunks = _layout(hf_dir, tp=1, pp=1)
     load_hf_weights(chunks, hf_dir, model_cfg, ctx)
-    save_checkpoint(ckpt, chunks, model_cfg, ctx, extra=EXTRA)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    points: list[str] = []
+    save_checkpoint(ckpt, chunks, model_cfg, ctx, extra=EXTRA, rank_files={"rng_rank0.pt": rng},
+                    on_progress=points.append)
     reference = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
     with torch.no_grad():
         for p in chunks[0].parameters():
@@ -98,6 +107,7 @@ def _damage_rank(rank: int, world: int, hf_dir: str, ckpt: str, other_hf: str, w
         ("truncated", lambda d: (d / distcp).write_bytes((d / distcp).read_bytes()[:-10])),
         ("corrupt", lambda d: (d / distcp).write_bytes(b"\x00" * (d / distcp).stat().st_size)),
         ("no_manifest", lambda d: (d / MANIFEST).unlink()),
+        ("rank_file_truncated", lambda d: (d / "rng_rank0.pt").write_bytes((d / "rng_rank0.pt").read_bytes()[:50])),
     ]:
         damaged = work / label
         shutil.copytree(ckpt, damaged)
@@ -117,8 +127,11 @@ def _damage_rank(rank: int, world: int, hf_dir: str, ckpt: str, other_hf: str, w
         errors["exists"] = str(exc)
     extra = load_checkpoint(ckpt, chunks, model_cfg, ctx)
     restored = all(torch.equal(p, reference[n]) for n, p in chunks[0].named_parameters())
+    loaded_rng = load_rank_file(ckpt, "rng_rank0.pt")
+    rng_ok = torch.equal(loaded_rng["torch"], rng["torch"]) and loaded_rng["python"] == rng["python"]
+    errors["points"] = ",".join(points)
     destroy_parallel(destroy_process_group=False)
-    return errors, unchanged, restored, extra
+    return errors, unchanged, restored and rng_ok, extra
 
 
 def test_refusals_leave_model_and_disk_untouched(tmp_path):
@@ -131,7 +144,9 @@ def test_refusals_leave_model_and_disk_untouched(tmp_path):
         threads_per_rank=1)
     distcp = "dist/__0_0.distcp"
     assert f"{distcp}: missing" in errors["missing"]
-    assert "truncated?" in errors["truncated"] and distcp in errors["truncated"]
+    assert f"{distcp}: truncated (" in errors["truncated"]
+    assert "rng_rank0.pt: truncated (50 bytes" in errors["rank_file_truncated"], "rank files are in the manifest"
+    assert errors["points"] == "temp_written,rng_written,manifest_written,renamed"
     assert f"{distcp}: sha256 mismatch (corrupt)" in errors["corrupt"]
     assert "manifest.json is missing" in errors["no_manifest"]
     assert "model.hidden_size: checkpoint=64 model=32" in errors["other_model"]
@@ -246,3 +261,48 @@ def test_tensors_absent_from_checkpoint_are_refused(tmp_path):
                            str(tiny_model_dir("qwen2", **shape)), str(tmp_path / "ckpt"), timeout_s=120,
                            threads_per_rank=1)
     assert "does not fit the model" in message and "linear_qkv.bias" in message
+
+
+class _Payload:
+    """An arbitrary class: torch.load(weights_only=True) must refuse to build it."""
+
+
+def test_rank_files_load_weights_only_and_unreadable_ones_name_the_file(tmp_path):
+    good = tmp_path / "rng_rank0.pt"
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, good)
+    assert load_rank_file(tmp_path, "rng_rank0.pt")["python"] == random.getstate()
+    assert load_rank_file(tmp_path, "rng_rank5.pt") is None  # a rank that did not exist at save time
+    truncated = tmp_path / "rng_rank1.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=f"{truncated} cannot be read: .*truncated or corrupt; 200 bytes"):
+        load_rank_file(tmp_path, "rng_rank1.pt")
+    torch.save({"code": _Payload()}, tmp_path / "rng_rank2.pt")  # arbitrary objects are never unpickled
+    with pytest.raises(CheckpointError, match="rng_rank2.pt cannot be read: UnpicklingError"):
+        load_rank_file(tmp_path, "rng_rank2.pt")
+
+
+def test_disk_full_inside_a_distributed_save_is_named_with_the_path():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    gathered = CheckpointException("CheckpointException ranks:dict_keys([0, 1])", {0: (full, None), 1: (full, None)})
+    error = write_failure(gathered, Path("/runs/a/checkpoints/step_0000002"),
+                          where=Path("/runs/a/checkpoints/.step_0000002.tmp-1234abcd"))
+    assert str(error) == ("saving checkpoint /runs/a/checkpoints/step_0000002 failed: No space left on device "
+                          "[ENOSPC] writing /runs/a/checkpoints/.step_0000002.tmp-1234abcd; nothing was renamed "
+                          "into place and earlier checkpoints are untouched")
+    assert write_failure(ValueError("not a disk problem"), Path("x")) is None
+
+
+def test_existing_output_is_refused_without_naming_a_cli_option(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(CheckpointError) as err:
+        with atomic_output_dir(tmp_path / "out"):
+            pass
+    assert "already exists" in str(err.value) and "pass overwrite=True" not in str(err.value)
+
+
+def test_layout_module_and_checkpoint_agree_on_the_manifest_name():
+    from megatron_lpreg.launch.runs import MANIFEST_FILE
+
+    assert MANIFEST_FILE == MANIFEST
