@@ -55,7 +55,7 @@ def test_sglang_engine_attaches_to_urls(tiny_hf_dir):
     with StandinServer(str(tiny_hf_dir)) as server:
         engine = build_engine(RolloutConfig(engine="sglang", sglang_urls=[server.url]), str(tiny_hf_dir), seed=0)
         try:
-            assert isinstance(engine, SGLangEngine) and not hasattr(engine.servers, "processes")  # attached: nothing launched
+            assert isinstance(engine, SGLangEngine) and not hasattr(engine.servers, "processes")
             assert engine.health().ok
         finally:
             engine.shutdown()
