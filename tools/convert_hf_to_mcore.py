@@ -22,11 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="dist checkpoint directory to create")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write at")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to write at")
+    parser.add_argument("--first-stage-layers", type=int, default=0,
+                        help="layers on the first pipeline stage (0 = automatic, even-as-possible)")
+    parser.add_argument("--last-stage-layers", type=int, default=0,
+                        help="layers on the last pipeline stage (0 = automatic, even-as-possible)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        out = convert_hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
+        out = convert_hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, overwrite=args.overwrite,
+                                  first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers)
     except ValueError as exc:  # ConfigError/CheckpointError: bad layout, architecture, or input files
         print(f"error: {exc}", file=sys.stderr)
         return 2

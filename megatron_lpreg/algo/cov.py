@@ -88,8 +88,8 @@ def kl_cov_loss(
     loss_norm_len: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """KL-Cov: unclipped policy gradient ``-A r``; the top ``max(1, int(kl_cov_ratio * n_valid))`` valid tokens by
-    covariance get ``+ kl_cov_coef * |logp - old_logp|`` added (none without valid tokens or with ratio 0). The floor of one
-    token is verl's and the KL-Cov authors' (``max(1, int(n * k / 100))`` with k in percent).
+    covariance get ``+ kl_cov_coef * |logp - old_logp|`` added (none without valid tokens or with ratio 0). The
+    floor of one token is verl's and the KL-Cov authors' (``max(1, int(n * k / 100))`` with k in percent).
 
     Args:
         kl_cov_ratio, kl_cov_coef: fraction of penalized tokens and penalty weight (paper: 2e-3, 1).

@@ -91,9 +91,7 @@ class ModelConfig:
         if stages > self.num_layers:
             raise ConfigError(f"parallel.pp={parallel.pp} x parallel.vpp={parallel.vpp} = {stages} pipeline stages "
                               f"exceed model.num_layers={self.num_layers}; use pp*vpp in {_divisors(self.num_layers)}")
-        if self.num_layers % stages:
-            raise ConfigError(f"parallel.pp={parallel.pp} x parallel.vpp={parallel.vpp} = {stages} must divide "
-                              f"model.num_layers={self.num_layers}; use pp*vpp in {_divisors(self.num_layers)}")
+        pipeline_layers(self.num_layers, parallel)  # raises ConfigError when the layers cannot be split
 
 
 @dataclass(kw_only=True)
@@ -117,6 +115,12 @@ class ParallelConfig:
     the first pipeline stage of Qwen2.5-32B at 30,720-token micro-batches, see docs/slurm.md)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = nccl with CUDA, gloo otherwise."""
+    num_layers_in_first_pipeline_stage: int = 0
+    """Transformer layers on the first pipeline stage (megatron's uneven pipeline); 0 = automatic: an even split
+    when pp*vpp divides model.num_layers, else the even-as-possible split of :func:`pipeline_layers`."""
+    num_layers_in_last_pipeline_stage: int = 0
+    """Transformer layers on the last pipeline stage (it also holds the final norm and the large output layer, so
+    giving it fewer layers balances the stages); 0 = automatic (see num_layers_in_first_pipeline_stage)."""
 
     def validate(self) -> None:
         """Sizes are positive, virtual pipelining has a pipeline, sequence parallel has TP.
@@ -133,6 +137,75 @@ class ParallelConfig:
             raise ConfigError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2 (got pp={self.pp}); set vpp=1")
         if self.sequence_parallel and self.tp < 2:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp >= 2; set it false")
+        first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
+        if first < 0 or last < 0:
+            raise ConfigError(f"parallel.num_layers_in_first_pipeline_stage={first} and "
+                              f"parallel.num_layers_in_last_pipeline_stage={last} must be >= 0 (0 = automatic)")
+        if (first or last) and self.pp < 2:
+            raise ConfigError("parallel.num_layers_in_first/last_pipeline_stage need parallel.pp >= 2; set them 0")
+
+
+def pipeline_layers(num_layers: int, parallel: ParallelConfig) -> list[int]:
+    """Transformer layers per pipeline stage (sums to ``num_layers``), as megatron will build them.
+
+    Megatron's uneven pipeline sets the first and/or the last stage's layer count; the stages in between share the
+    rest equally. Explicit ``parallel.num_layers_in_{first,last}_pipeline_stage`` are used as given. With both 0:
+    an even split when ``pp * vpp`` divides ``num_layers``; otherwise middle stages get ``m`` layers each and the
+    first and last share the rest (first >= last), choosing the smallest largest stage (the pipeline's
+    bottleneck), then the smallest spread, then the lighter last stage (it also runs the output layer). Every
+    stage's count must be a multiple of ``vpp``. Examples: 3 layers at PP2 -> [2, 1]; 28 at PP8 ->
+    [2, 4, 4, 4, 4, 4, 4, 2]; 40 at PP3 -> [14, 13, 13].
+
+    Raises:
+        ConfigError: the given counts cannot be met, or no split fits ``vpp``.
+    """
+    pp, vpp = parallel.pp, parallel.vpp
+    first, last = parallel.num_layers_in_first_pipeline_stage, parallel.num_layers_in_last_pipeline_stage
+    where = (f"model.num_layers={num_layers} at parallel.pp={pp}, vpp={vpp}, num_layers_in_first_pipeline_stage="
+             f"{first}, num_layers_in_last_pipeline_stage={last}")
+    if pp == 1:
+        if num_layers % vpp:
+            raise ConfigError(f"{where}: vpp must divide the layers")
+        return [num_layers]
+    if first or last:
+        middle_stages = pp - bool(first) - bool(last)
+        middle = num_layers - first - last
+        if (first and first % vpp) or (last and last % vpp):
+            raise ConfigError(f"{where}: the first/last stage layer counts must be multiples of vpp")
+        if middle < 0 or bool(middle) != bool(middle_stages) or (middle_stages and middle % (middle_stages * vpp)):
+            raise ConfigError(f"{where}: the other {middle_stages} stage(s) cannot share the remaining {middle} "
+                              f"layers equally (in multiples of vpp)")
+        share = middle // middle_stages if middle_stages else 0
+        return [first or share, *([share] * (pp - 2)), last or share]
+    if num_layers % (pp * vpp) == 0:
+        return [num_layers // pp] * pp
+    best: tuple | None = None
+    for m in range(vpp, num_layers + 1, vpp):
+        rest = num_layers - m * (pp - 2)
+        for lst in range(vpp, rest, vpp):
+            fst = rest - lst
+            if fst < lst or fst % vpp:
+                continue
+            sizes = [fst, lst, *([m] if pp > 2 else [])]
+            key = (max(sizes), max(sizes) - min(sizes), lst)
+            if best is None or key < best[0]:
+                best = (key, [fst, *([m] * (pp - 2)), lst])
+    if best is None:
+        raise ConfigError(f"{where}: no split into {pp} stages with multiples of vpp={vpp} layers each; change pp, "
+                          f"vpp or set the first/last stage counts")
+    return best[1]
+
+
+def uneven_pipeline_fields(num_layers: int, parallel: ParallelConfig) -> dict[str, int | None]:
+    """megatron ``TransformerConfig`` kwargs for :func:`pipeline_layers`' split (both None for an even split)."""
+    split = pipeline_layers(num_layers, parallel)
+    explicit = parallel.num_layers_in_first_pipeline_stage or parallel.num_layers_in_last_pipeline_stage
+    if len(set(split)) == 1 and not explicit:
+        return {"num_layers_in_first_pipeline_stage": None, "num_layers_in_last_pipeline_stage": None}
+    if explicit:
+        return {"num_layers_in_first_pipeline_stage": parallel.num_layers_in_first_pipeline_stage or None,
+                "num_layers_in_last_pipeline_stage": parallel.num_layers_in_last_pipeline_stage or None}
+    return {"num_layers_in_first_pipeline_stage": split[0], "num_layers_in_last_pipeline_stage": split[-1]}
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

@@ -266,9 +266,10 @@ def read_hf_shards_by_layer(meta_chunks: Sequence[torch.nn.Module], hf_dir: str 
 
     Yields:
         ``(local_layer, {local parameter name: shard})``: first ``None`` (embedding, final norm, output layer;
-        empty on middle stages), then every stage-local layer index in order. Every rank yields the same
-        sequence of parts (pipeline stages hold equally many layers), so the caller's collective per part lines
-        up; the cross-rank coverage check runs (collectively) when the generator is resumed after the last part.
+        empty on middle stages), then every stage-local layer index in order, up to the largest stage's count
+        (empty where this stage has fewer layers). Every rank yields the same sequence of parts, so the caller's
+        collective per part lines up; the cross-rank coverage check runs (collectively) when the generator is
+        resumed after the last part.
 
     Raises:
         ValueError: as :func:`load_hf_weights`.
@@ -280,7 +281,10 @@ def read_hf_shards_by_layer(meta_chunks: Sequence[torch.nn.Module], hf_dir: str 
     consumed: Counter[str] = Counter()
     with HFSafetensors(hf_dir) as hf:
         expected = _check_hf_names(hf, table, model_cfg.num_layers)
-        for part in [None, *range(len(unwrap(meta_chunks[0]).decoder.layers))]:
+        # uneven pipeline stages hold different layer counts: every rank walks the largest stage's parts (an
+        # empty part where it has no such layer) so the caller's collective per part still lines up
+        parts = max(collectives.all_gather_object(len(unwrap(meta_chunks[0]).decoder.layers)))
+        for part in [None, *range(parts)]:
             items = [item for item in plan if item.local_layer == part]
             if not read:
                 yield part, {i.local_name: torch.empty(i.param.shape, dtype=i.param.dtype) for i in items}

@@ -77,7 +77,7 @@ def _build_meta_chunks(model_cfg: Any, parallel_cfg: Any, ctx: Any) -> list[torc
     return [model]
 
 
-def check_conversion_layout(model_cfg: Any, tp: int, pp: int) -> None:
+def check_conversion_layout(model_cfg: Any, tp: int, pp: int, first: int = 0, last: int = 0) -> None:
     """Reject a TP/PP the model cannot be split into, before any rank starts.
 
     Raises:
@@ -85,7 +85,8 @@ def check_conversion_layout(model_cfg: Any, tp: int, pp: int) -> None:
     """
     from megatron_lpreg.config.model import ParallelConfig
 
-    model_cfg.validate(ParallelConfig(tp=tp, pp=pp))
+    model_cfg.validate(ParallelConfig(tp=tp, pp=pp, num_layers_in_first_pipeline_stage=first,
+                                      num_layers_in_last_pipeline_stage=last))
 
 
 def _conversion_model_config(hf_dir: str) -> Any:
@@ -99,12 +100,14 @@ def _conversion_model_config(hf_dir: str) -> Any:
     return model_config_from_hf(hf_dir, base=base)
 
 
-def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, out_dir: str, tp: int, pp: int, overwrite: bool) -> None:
+def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, out_dir: str, tp: int, pp: int, overwrite: bool,
+                      first: int = 0, last: int = 0) -> None:
     from megatron_lpreg.config.model import ParallelConfig
     from megatron_lpreg.models.bridge import read_hf_shards_by_layer
     from megatron_lpreg.parallel.bootstrap import destroy_parallel, init_parallel
 
-    parallel_cfg = ParallelConfig(tp=tp, pp=pp, backend="gloo")  # CPU tensors, also on a GPU host
+    parallel_cfg = ParallelConfig(tp=tp, pp=pp, backend="gloo",  # CPU tensors, also on a GPU host
+                                  num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last)
     ctx = init_parallel(parallel_cfg, seed=0)
     try:
         model_cfg = _conversion_model_config(hf_dir)
@@ -117,14 +120,16 @@ def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, out_dir: str, tp: int,
 
 
 def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, first_stage_layers: int = 0, last_stage_layers: int = 0) -> Path:
     """Convert an HF Qwen2/Qwen3 directory into a dist checkpoint written at TP=``tp``, PP=``pp`` (atomic).
 
     Streams: no model is built (a meta-device GPTModel gives names, shapes and sharding), each rank reads only
     its slices of the HF tensors, and the checkpoint is written one stage-local layer at a time
     (:func:`save_checkpoint_from_parts`), so memory per rank stays near one layer's shard (or the embedding's).
     Runs ``tp*pp`` ranks (two for TP1 PP1, the second an idle data-parallel replica); under torchrun/srun, the
-    launched ranks (a multiple of ``tp*pp``).
+    launched ranks (a multiple of ``tp*pp``). A layer count ``pp`` does not divide gets the even-as-possible
+    split of ``config.model.pipeline_layers`` (uneven stages), unless ``first_stage_layers`` / ``last_stage_layers``
+    (parallel.num_layers_in_first/last_pipeline_stage) are given. The checkpoint loads at any layout.
 
     Raises:
         ValueError: bad layout, unsupported architecture, or HF tensors that do not match the table.
@@ -135,7 +140,7 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     from megatron_lpreg.models.bridge import check_hf_checkpoint
 
     model_cfg = _conversion_model_config(str(hf_dir))
-    check_conversion_layout(model_cfg, tp, pp)
+    check_conversion_layout(model_cfg, tp, pp, first_stage_layers, last_stage_layers)
     check_hf_checkpoint(hf_dir, model_cfg)
     # >= 2 ranks: megatron's torch_dist writer cannot describe a partial (one-layer) save from a 1-rank job (it
     # marks "other ranks'" shards as rank (r+1) % world); TP1 PP1 runs as two data-parallel replicas, of which
@@ -147,7 +152,8 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     if world % (tp * pp) or world < 2:
         raise ValueError(f"launched with {world} ranks; the conversion needs a multiple of tp*pp={tp * pp}, "
                          f"at least 2")
-    run_job(_hf_to_mcore_rank, world, str(Path(hf_dir).absolute()), str(out_dir), tp, pp, overwrite)
+    run_job(_hf_to_mcore_rank, world, str(Path(hf_dir).absolute()), str(out_dir), tp, pp, overwrite,
+            first_stage_layers, last_stage_layers)
     return out_dir
 
 

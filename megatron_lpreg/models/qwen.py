@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from megatron_lpreg.config.base import ConfigError
-from megatron_lpreg.config.model import ModelConfig, ParallelConfig, padded_vocab_size
+from megatron_lpreg.config.model import ModelConfig, ParallelConfig, padded_vocab_size, uneven_pipeline_fields
 from megatron_lpreg.parallel import cpu
 
 logger = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> 
         bias_activation_fusion=te, masked_softmax_fusion=te, persist_layer_norm=te, bias_dropout_fusion=te,
         apply_rope_fusion=te, gradient_accumulation_fusion=False, cross_entropy_loss_fusion=False,
         **_recompute_kwargs(parallel_cfg),
+        **uneven_pipeline_fields(model_cfg.num_layers, parallel_cfg),  # layers per stage: config.model.pipeline_layers
     )
 
 

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_normalize_answer():
     assert normalize_answer(" $\\frac{1}{2}$ ") == "\\frac{1}{2}"
-    assert normalize_answer("\\boxed{ 12 }") == "12" and normalize_answer("12.0") == "12" and normalize_answer(7.0) == "7"
+    assert normalize_answer("\\boxed{ 12 }") == "12" and normalize_answer("12.0") == "12"
+    assert normalize_answer(7.0) == "7"
     assert normalize_answer(["$1$", "$2$"]) == "1, 2" and normalize_answer(["$3$"]) == "3"
     assert normalize_answer("\\boxed{1} or \\boxed{2}") == "\\boxed{1} or \\boxed{2}"
     assert normalize_answer("") is None and normalize_answer(None) is None and normalize_answer(float("nan")) is None

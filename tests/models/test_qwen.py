@@ -97,7 +97,7 @@ def test_padded_vocab_size(vocab: int, divisible_by: int, tp: int, expected: int
     (ParallelConfig(tp=3), r"parallel.tp=3 must divide model.num_attention_heads=40; use one of \[1, 2, 4, 5, 8"),
     (ParallelConfig(tp=5), r"parallel.tp=5 must divide model.num_query_groups=8; use one of \[1, 2, 4, 8\]"),
     (ParallelConfig(pp=80), r"parallel.pp=80 x parallel.vpp=1 = 80 pipeline stages exceed model.num_layers=64"),
-    (ParallelConfig(pp=3), r"must divide model.num_layers=64"),
+    (ParallelConfig(pp=3, num_layers_in_first_pipeline_stage=9), r"cannot share the remaining 55 layers"),
     (ParallelConfig(pp=1, vpp=2), r"parallel.vpp=2 needs parallel.pp >= 2"),
 ])
 def test_layout_validation(parallel: ParallelConfig, match: str) -> None:
