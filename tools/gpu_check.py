@@ -10,10 +10,10 @@ On a node without network see docs/benchmarks.md ("GPU check") for the offline w
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
+from megatron_lpreg import telemetry
 from megatron_lpreg.gpucheck.report import SECTION_NAMES
 from megatron_lpreg.gpucheck.runner import DEFAULT_SECTION_TIMEOUT_S, run_checks
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="+", choices=SECTION_NAMES, default=[], help="report these as skipped")
     parser.add_argument("--timeout", type=float, default=DEFAULT_SECTION_TIMEOUT_S, help="seconds per section")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    telemetry.setup(0, 1)
     try:
         report = run_checks(args.out, device=args.device, config=args.config, sections=args.sections,
                             timeout_s=args.timeout, skip=args.skip)

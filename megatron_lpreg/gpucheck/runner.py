@@ -186,7 +186,9 @@ def section_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--result", required=True, type=Path)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from megatron_lpreg import telemetry
+
+    telemetry.setup(0, 1)  # the trainer's CLI calls it again (idempotent)
     result = run_section(args.section, args.device, args.work, args.config)
     tmp = args.result.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str))
