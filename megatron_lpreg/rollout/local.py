@@ -106,7 +106,7 @@ class LocalEngine:
         """
         stop_ids = set(params.stop_token_ids) | set(self.eos_token_ids)
         sampler = RowSampler.create(params, seeds)
-        input_ids_BS, mask_BS = left_pad(row_prompts)
+        input_ids_BS, mask_BS = left_pad(row_prompts, self.model.device)
         max_length = input_ids_BS.shape[1] + params.max_new_tokens
         responses: list[list[int]] = [[] for _ in row_prompts]
         logprobs: list[list[float]] = [[] for _ in row_prompts]
@@ -127,7 +127,7 @@ class LocalEngine:
                 if not still or step + 1 == params.max_new_tokens:
                     break
                 if len(still) < len(active):
-                    keep = torch.tensor(still, dtype=torch.long)
+                    keep = torch.tensor(still, dtype=torch.long, device=token_ids_B.device)
                     self.model.keep_rows(keep)
                     token_ids_B = token_ids_B[keep]
                     active = [active[b] for b in still]
@@ -203,19 +203,19 @@ class LocalEngine:
         self._closed = True
 
 
-def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists to one length.
+def left_pad(prompts: list[list[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to one length, on ``device`` (the model's).
 
     Returns:
         (input_ids [B, S] int64, attention_mask [B, S] bool with True on real tokens).
     """
     width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    input_ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool, device="cpu")
     for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device="cpu")
         mask[row, width - len(prompt) :] = True
-    return input_ids, mask
+    return input_ids.to(device), mask.to(device)  # one copy each, not one per row
 
 
 def verify_probe(score_fn, probe, *, engine: str) -> float:

@@ -32,6 +32,11 @@ class LogitsModel(Protocol):
     max_length: int
     """Longest prompt + response the model supports (positions)."""
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's inputs go (its parameters' device); callers build token tensors there."""
+        ...
+
     def prefill(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor, max_length: int) -> torch.Tensor:
         """Encode left-padded prompts (mask 1 = real token); return the last position's logits [B, V] float32."""
         ...
@@ -68,7 +73,7 @@ def teacher_forced_logprobs(model: LogitsModel, token_ids: list[int], prompt_len
         raise ValueError(f"prompt_len={prompt_len} must be in [1, {len(token_ids) - 1}] for {len(token_ids)} tokens")
     logits_SV = model.sequence_logits(token_ids).double()
     logp_SV = torch.log_softmax(logits_SV[prompt_len - 1 : -1], dim=-1)
-    targets = torch.tensor(token_ids[prompt_len:], dtype=torch.long)
+    targets = torch.tensor(token_ids[prompt_len:], dtype=torch.long, device=logp_SV.device)
     return logp_SV.gather(-1, targets[:, None]).squeeze(-1).tolist()
 
 
@@ -113,6 +118,10 @@ class HFLogitsModel:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         return cls(model)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(
             input_ids=input_ids, attention_mask=self._mask, position_ids=positions, past_key_values=self._cache,
@@ -153,7 +162,7 @@ class HFLogitsModel:
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model(input_ids=torch.tensor([token_ids]), use_cache=False)
+            out = self.model(input_ids=torch.tensor([token_ids], device=self.device), use_cache=False)
         finally:
             self.model.train(was_training)
         return out.logits[0, :, : self.vocab_size].float()

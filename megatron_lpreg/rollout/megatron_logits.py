@@ -57,6 +57,11 @@ class MegatronLogitsModel:
         self._positions: torch.Tensor | None = None
         self._was_training = model.training
 
+    @property
+    def device(self) -> torch.device:
+        """The rank's device (where the trainer's parameters live)."""
+        return next(self.model.parameters()).device
+
     def _real_vocab(self, logits_BVp: torch.Tensor) -> torch.Tensor:
         return logits_BVp[..., : self.vocab_size].float()
 
@@ -65,7 +70,8 @@ class MegatronLogitsModel:
         # True = masked: padded keys, and (prefill) future keys
         blocked = ~self._mask[:, None, None, :].expand(-1, 1, query_len, keys)
         if query_len > 1:
-            future = torch.triu(torch.ones(query_len, keys, dtype=torch.bool), diagonal=keys - query_len + 1)
+            future = torch.triu(torch.ones(query_len, keys, dtype=torch.bool, device=self._mask.device),
+                                diagonal=keys - query_len + 1)
             blocked = blocked | future
         logits_BSVp = self.model(
             input_ids, positions, blocked, inference_context=self._context, runtime_gather_output=True
@@ -81,10 +87,10 @@ class MegatronLogitsModel:
         self.model.eval()
         batch = input_ids_BS.shape[0]
         self._context = StaticInferenceContext(batch, max_length)
-        self._mask = attention_mask_BS.bool()
+        self._mask = attention_mask_BS.to(self.device, torch.bool)
         positions = (self._mask.long().cumsum(-1) - 1).clamp(min=0)
         self._positions = positions[:, -1]
-        logits = self._forward(input_ids_BS, positions, input_ids_BS.shape[1])
+        logits = self._forward(input_ids_BS.to(self.device), positions, input_ids_BS.shape[1])
         self._context.enable_decode_mode()
         return logits
 
@@ -93,11 +99,12 @@ class MegatronLogitsModel:
         assert self._mask is not None and self._positions is not None, "decode() before prefill()"
         self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=-1)
         self._positions = self._positions + 1
-        return self._forward(token_ids_B[:, None], self._positions[:, None], 1)
+        return self._forward(token_ids_B.to(self.device)[:, None], self._positions[:, None], 1)
 
     def keep_rows(self, rows_B: torch.Tensor) -> None:
         assert self._mask is not None and self._positions is not None, "keep_rows() before prefill()"
         # static KV memory is [max_seq, max_batch, ...] per layer: shrinking the batch axis is a plain index
+        rows_B = rows_B.to(self.device)
         memory = self._context.key_value_memory_dict
         for layer, (keys, values) in memory.items():
             memory[layer] = (keys[:, rows_B], values[:, rows_B])
@@ -113,8 +120,8 @@ class MegatronLogitsModel:
         was_training = self.model.training
         self.model.eval()
         try:
-            ids = torch.tensor([token_ids])
-            positions = torch.arange(len(token_ids))[None, :]
+            ids = torch.tensor([token_ids], device=self.device)
+            positions = torch.arange(len(token_ids), device=self.device)[None, :]
             logits_1SVp = self.model(ids, positions, None, runtime_gather_output=True)
         finally:
             self.model.train(was_training)

@@ -133,10 +133,11 @@ class RowSampler:
             return token_ids, logprobs
         probs = filtered_probs(logits64, self.params)
         # one uniform per row from that row's own stream: independent of batch composition
-        uniforms = torch.stack([torch.rand((), generator=self.generators[r], dtype=torch.float64) for r in rows])
+        uniforms = torch.stack([torch.rand((), generator=self.generators[r], dtype=torch.float64, device="cpu")
+                                for r in rows]).to(logits64.device)  # CPU streams: identical on every device
         cdf = torch.cumsum(probs, dim=-1)
         token_ids = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(-1)
-        token_ids = torch.minimum(token_ids, torch.tensor(probs.shape[-1] - 1))
+        token_ids = token_ids.clamp(max=probs.shape[-1] - 1)
         # searchsorted can land on a zero-probability id only through float ties at the cdf edge; step back
         token_ids = _nearest_kept(probs, token_ids)
         logprobs = torch.log_softmax(logits64 / self.params.temperature, dim=-1)
