@@ -105,11 +105,16 @@ def run_section(name: str, device_name: str, work_dir: Path, config: Path) -> di
 
 
 def _section_env(device: str) -> dict[str, str]:
+    import megatron_lpreg
     from megatron_lpreg.parallel.spawn import free_port
 
     env = dict(os.environ)
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
+    # The sections import the same megatron_lpreg as this process (a checkout or an installed wheel), whatever the
+    # caller's working directory holds (they run in the report's work/ directory).
+    package_root = str(Path(megatron_lpreg.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
@@ -126,7 +131,7 @@ def _run_in_subprocess(name: str, device: str, out_dir: Path, config: Path, time
            "--work", str(work_dir), "--config", str(config), "--result", str(result_file)]
     start = time.perf_counter()
     with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_section_env(device),
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_section_env(device), cwd=work_dir,
                                 start_new_session=True)
         try:
             code = proc.wait(timeout=timeout_s)

@@ -24,8 +24,10 @@ CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 
 
 def _run_tool(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    # Run from outside the checkout (as on a node where the project is an installed wheel): the sections must
+    # still find the same package and the config.
     return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
+                          cwd="/")
 
 
 @pytest.mark.slow
@@ -98,3 +100,17 @@ def test_bad_input_is_refused_with_exit_code_2(tmp_path):
         proc = _run_tool("--device", "cuda", "--out", str(tmp_path))
         assert proc.returncode == 2 and "use --device cpu" in proc.stderr
     assert runner.resolve_device("cpu") == "cpu"
+
+
+def test_section_processes_get_a_one_rank_launch_env_and_this_package(monkeypatch):
+    import megatron_lpreg
+
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = runner._section_env("cpu")
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
+    assert 0 < int(env["MASTER_PORT"]) < 65536
+    assert env["CUDA_VISIBLE_DEVICES"] == ""  # --device cpu hides every GPU from the sections
+    root = str(Path(megatron_lpreg.__file__).resolve().parents[1])
+    assert env["PYTHONPATH"].split(":") == [root, "/elsewhere"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert "CUDA_VISIBLE_DEVICES" not in runner._section_env("cuda")
