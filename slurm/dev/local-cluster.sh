@@ -21,6 +21,10 @@
 #   MLPREG_SLURM_NODES       node count for `up` when --nodes is not given (default 1)
 #   MLPREG_SLURM_CPUS        CPUs each node advertises (default: nproc). More than nproc oversubscribes on purpose.
 #   MLPREG_SLURM_MEM_MB      RealMemory of each node (default: MemTotal minus 1 GiB)
+#   MLPREG_SLURM_GPUS        GPUs each node declares (default 0): gres `gpu` backed by character device nodes
+#                            $MLPREG_SLURM_DIR/dev/gpu<k> (NVIDIA's major 195; no driver, nothing opens them), so
+#                            `--gres=gpu:N` jobs schedule and get SLURM_GPUS_ON_NODE and CUDA_VISIBLE_DEVICES as on
+#                            a GPU node
 #   MLPREG_SLURM_DEF_MEM_MB  DefMemPerCPU (default 1024): jobs that ask for no memory get this much per CPU, so
 #                            several array tasks fit on the node at once
 #   MLPREG_SLURM_CTLD_PORT / MLPREG_SLURM_SLURMD_PORT   (default 6817 / 6818)
@@ -113,17 +117,31 @@ write_conf() {
   mem_mb=${MLPREG_SLURM_MEM_MB:-$(awk '/MemTotal/ {m = int($2 / 1024) - 1024; print (m < 1024 ? 1024 : m)}' /proc/meminfo)}
   def_mem=${MLPREG_SLURM_DEF_MEM_MB:-1024}
   local ctld_addr=127.0.0.1 spool=$DIR/state/slurmd pidfile=$RUN/slurmd.own.pid logfile=$DIR/log/slurmd.log
-  local nodes="NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN" partition=$NODE
+  local gpus=${MLPREG_SLURM_GPUS:-0} gres="" gres_types=""
+  [[ $gpus =~ ^[0-9]+$ ]] || die "MLPREG_SLURM_GPUS must be a non-negative integer, got '$gpus'"
+  if (( gpus > 0 )); then
+    gres=" Gres=gpu:$gpus" gres_types="GresTypes=gpu"
+    mkdir -p "$DIR/dev"
+    local g
+    for ((g = 0; g < gpus; g++)); do
+      [[ -c $DIR/dev/gpu$g ]] || mknod "$DIR/dev/gpu$g" c 195 "$g" || die "cannot mknod $DIR/dev/gpu$g"
+    done
+    printf 'AutoDetect=off\nName=gpu File=%s/dev/gpu[0-%d]\n' "$DIR" $((gpus - 1)) >"${CONF%/*}/gres.conf"
+  else
+    rm -f "${CONF%/*}/gres.conf"
+  fi
+  local nodes="NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb$gres State=UNKNOWN" partition=$NODE
   if (( NUM_NODES > 1 )); then
     # %n: each slurmd (started with -N <name>) gets its own spool, pid and log file.
     ctld_addr=$SUBNET.1 spool=$DIR/state/slurmd/%n pidfile=$RUN/slurmd-%n.own.pid logfile=$DIR/log/slurmd-%n.log
     nodes="" partition="n[1-$NUM_NODES]"
     local i
     for ((i = 1; i <= NUM_NODES; i++)); do
-      nodes+="NodeName=n$i NodeAddr=$(node_addr "$i") CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"$'\n'
+      nodes+="NodeName=n$i NodeAddr=$(node_addr "$i") CPUs=$cpus RealMemory=$mem_mb$gres State=UNKNOWN"$'\n'
     done
     nodes=${nodes%$'\n'}
   fi
+  [[ -z $gres_types ]] || nodes=$gres_types$'\n'$nodes
   cat >"$CONF" <<EOF
 # Written by slurm/dev/local-cluster.sh; regenerated on every fresh \`up\`.
 ClusterName=mlpreg-local

@@ -11,6 +11,10 @@ runs), and the run wrote its metrics rows. Ray's own ``ip=`` log prefixes cannot
 nodes' log monitors tail the same /tmp/ray session directory, so every actor line is printed twice, once with
 each node's address.
 
+A second job declares one GPU per node (gres): Ray's GPU placement then puts a trainer rank and a colocated SGLang
+stand-in engine on each node; checked that the engines run in both namespaces, serve on their node's address and
+take the distributed weight sync after every step.
+
 This cluster has its own state dir, slurmctld port and subnet, so it can run beside the single-node cluster of
 test_local_cluster.py. The fixture stops it (and removes its namespaces and bridge) unless it was already up.
 """
@@ -39,15 +43,18 @@ SUBNET = "10.213.37"
 NODE_ADDR = {"n1": f"{SUBNET}.2", "n2": f"{SUBNET}.3"}
 CTLD_PORT = "6837"
 NETNS = {node: f"mlp{CTLD_PORT}-{node}" for node in NODE_ADDR}  # local-cluster.sh: mlp<slurmctld port>-n<i>
+# One declared GPU per node (gres backed by device nodes without a device): jobs that ask for --gres=gpu:1 get
+# a Ray node with one GPU on each node; jobs that do not stay on the CPU path.
 CLUSTER_ENV = {"MLPREG_SLURM_DIR": "/tmp/mlpreg-slurm-2n", "MLPREG_SLURM_CTLD_PORT": CTLD_PORT,
-               "MLPREG_SLURM_SUBNET": SUBNET}
+               "MLPREG_SLURM_SUBNET": SUBNET, "MLPREG_SLURM_GPUS": "1"}
 # Two ranks (one TP group of 2), 4 prompts x 4 responses a step, no evaluation.
 OVERRIDES = [f"trainer.max_steps={STEPS}", "trainer.world_size=2", "parallel.tp=2", "rollout.prompts_per_step=4",
              "rollout.n=4", "eval.benchmarks=[]"]
 # Process kinds worth noticing in a node's namespace, by /proc/<pid>/cmdline (Ray names a busy actor's worker
 # "ray::<Class>.<method>", an idle one "ray::<Class>"; the trainer's rank actor class has "Rank" in its name).
 KINDS = {"gcs_server": re.compile(r"^\S*/gcs_server\b"), "raylet": re.compile(r"^\S*/raylet\b"),
-         "rank actor": re.compile(r"^ray::\w*Rank\w*", re.I)}
+         "rank actor": re.compile(r"^ray::\w*Rank\w*", re.I),
+         "engine": re.compile(r" -m tests\.support\.sglang_standin ")}
 
 
 def _cluster(command: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -115,26 +122,28 @@ def test_cluster_has_two_nodes_in_their_own_namespaces(two_node_env):
     assert seen == {name: f"{addr}/24" for name, addr in NODE_ADDR.items()}, proc.stdout
 
 
-def test_two_node_job_runs_ray_head_worker_and_ranks_on_both_nodes(two_node_env, tmp_path):
+def _run_job(env: dict, tmp_path: Path, overrides: list[str], sbatch_args: list[str]) -> tuple[str, str, set, Path]:
+    """Submit train.sbatch on both nodes, sample what runs in each node's namespace until the job has left the
+    queue, check it COMPLETED on n[1-2] with Ray head on n1 and a worker on n2; return (job id, job log without
+    colour codes, (node, kind) pairs seen, run dir)."""
     run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
     log_dir.mkdir()
     request = SbatchRequest(script=REPO / "slurm" / "train.sbatch", job_name="mlpreg-train2n",
                             output=str(log_dir / "%x-%j.out"),
-                            script_args=[TINY, *OVERRIDES, f"trainer.output_dir={run_dir}"],
-                            extra_args=[f"--chdir={REPO}", "--nodes=2"])
+                            script_args=[TINY, *overrides, f"trainer.output_dir={run_dir}"],
+                            extra_args=[f"--chdir={REPO}", "--nodes=2", *sbatch_args])
     start = time.monotonic()
-    job_id = submit(request, two_node_env)
+    job_id = submit(request, env)
     deadline = time.monotonic() + 480
     seen: set[tuple[str, str]] = set()
-    while queued_tasks(job_id, two_node_env):
+    while queued_tasks(job_id, env):
         assert time.monotonic() < deadline, f"job {job_id} still queued or running after 480 s"
         seen |= _kinds_on_nodes()
         time.sleep(0.5)
     elapsed = time.monotonic() - start
     log = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(p.read_text() for p in sorted(log_dir.glob("*.out"))))
-    job = _scontrol_job(job_id, two_node_env)
+    job = _scontrol_job(job_id, env)
     assert job.get("JobState") == "COMPLETED" and job.get("ExitCode") == "0:0", f"{job}\n{log[-6000:]}"
-
     # Both nodes allocated: scontrol and the batch script's SLURM_JOB_NODELIST (logged by mlpreg_init).
     assert job["NodeList"] == "n[1-2]" and job["NumNodes"] == "2", job
     assert re.search(rf"job {job_id} \(mlpreg-train2n\) .* nodes n\[1-2\] ", log), log[-6000:]
@@ -153,4 +162,36 @@ def test_two_node_job_runs_ray_head_worker_and_ranks_on_both_nodes(two_node_env,
     assert [row["step"] for row in rows] == list(range(STEPS)), rows
     assert all(isinstance(row["loss"], (int, float)) for row in rows)
     assert "training finished with exit code 0" in log
-    sys.stderr.write(f"\n2-node sbatch train.sbatch (Ray head n1, worker n2, 2 ranks): {elapsed:.1f}s\n")
+    sys.stderr.write(f"\n2-node sbatch train.sbatch {' '.join(sbatch_args)}: {elapsed:.1f}s\n")
+    return job_id, log, seen, run_dir
+
+
+def test_two_node_job_runs_ray_head_worker_and_ranks_on_both_nodes(two_node_env, tmp_path):
+    # CPU only: one CPU per node, so the trainer's placement group of one-CPU bundles spans both nodes.
+    _run_job(two_node_env, tmp_path, OVERRIDES, [])
+
+
+def test_colocated_engines_and_ranks_on_both_nodes(two_node_env, tmp_path):
+    """One declared GPU per node (gres): the placement plan puts a rank and a colocated SGLang engine (the
+    stand-in server, started through rollout.sglang_launch_module) on each node; the engines bind their node's
+    address, and every engine takes the distributed weight sync after each step."""
+    pytest.importorskip("megatron_lpreg.trainer.ray_cluster", reason="the Ray engine fleet has not landed")
+    overrides = [*OVERRIDES, "rollout.engine=sglang", "rollout.mode=colocated", "rollout.engine_tp=1",
+                 "rollout.num_engines=2", "rollout.sglang_launch_module=tests.support.sglang_standin",
+                 "rollout.weight_sync_backend=gloo", "rollout.launch_timeout_s=300",
+                 "reward.name=tests.support.rewards:even_length"]
+    _, log, seen, run_dir = _run_job(two_node_env, tmp_path, overrides, ["--gres=gpu:1", "--cpus-per-task=2"])
+    assert re.search(r"Ray head n1 .*, 2 node\(s\), 1 GPU\(s\)", log), log[-6000:]
+    assert {("n1", "engine"), ("n2", "engine")} <= seen, f"processes seen per node: {sorted(seen)}"
+    # Engines serve on their node's address (reachable from the other node), never on loopback.
+    engine_hosts = {m.group(1) for line in log.splitlines() if "engine" in line
+                    for m in re.finditer(r"http://(\d+\.\d+\.\d+\.\d+):\d+", line)}
+    assert engine_hosts == set(NODE_ADDR.values()), f"engine addresses: {engine_hosts}\n{log[-6000:]}"
+    logs = sorted((run_dir / "logs" / "engines").glob("engine*.log"))
+    assert len(logs) == 2, logs
+    events = {path.name: re.findall(r"standin-event (\S+)", path.read_text()) for path in logs}
+    for name, got in events.items():
+        assert got.count("/begin_weight_update") == STEPS, (name, got)
+        assert got.count("/update_weights_from_distributed") >= STEPS, (name, got)
+        assert got.count("/release_memory_occupation") == got.count("/resume_memory_occupation") == STEPS
+    assert sum(got.count("/generate") for got in events.values()) >= STEPS, events
