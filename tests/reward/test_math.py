@@ -114,6 +114,20 @@ def test_plain_numbers_compare_exactly_without_a_worker(answer, truth, expected)
     assert math_reward("x" * 30_000 + f"\\boxed{{{answer}}}", truth).score == expected
 
 
+@pytest.mark.parametrize(
+    "answer, truth, expected",
+    [  # docs/rewards.md, "Where math-verify stays in charge": a number against a non-plain form
+        ("0.333333", "\\frac{1}{3}", 1.0),  # math-verify's 6-decimal rounding
+        ("0.33333", "\\frac{1}{3}", 0.0),
+        ("100000000000000000001", "10^{20}", 0.0),  # powers stay exact integers
+        ("\\infty", "\\infty", 1.0),
+        ("-\\infty", "\\infty", 0.0),
+    ],
+)
+def test_math_verify_in_charge(answer, truth, expected):
+    assert score(f"\\boxed{{{answer}}}", truth, timeout=10) == expected
+
+
 @pytest.mark.parametrize("response", HANGING[:2])
 def test_single_score_returns_within_deadline(response):
     score("\\boxed{\\frac{1}{2}}", "0.5")  # start the zygote outside the timed region
