@@ -246,42 +246,63 @@ def save_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
         CheckpointError: ``path`` exists without ``overwrite``, or a write failed (the message names the OS
             cause, e.g. ``No space left on device [ENOSPC]``, and the path); the temp dir is removed.
     """
-    from megatron.core import dist_checkpointing
-
     path = Path(path)
     progress = on_progress or (lambda point: None)
     start = time.monotonic()
-    tmp_seen: list[Path] = []
-    try:
-        with atomic_output_dir(path, overwrite=overwrite) as tmp:
-            tmp_seen.append(tmp)
-            state = _sharded_state(model_chunks, optimizer, is_loading=False)
-            state["extra"] = extra or {}
-            if _rank() == 0:
-                (tmp / DIST_DIR).mkdir()
-            _barrier()
-            with _in_process_write_queue():
-                dist_checkpointing.save(state, str(tmp / DIST_DIR), sharded_strategy=("torch_dist", 1))
-            _barrier()
-            progress("temp_written")
-            for name, value in (rank_files or {}).items():
-                torch.save(value, tmp / name)
-            _barrier()
-            progress("rng_written")
-            if _rank() == 0:
-                write_manifest(tmp, model_cfg, ctx, vpp=len(model_chunks), has_optimizer=optimizer is not None,
-                                hf_assets_dir=hf_assets_dir)
-                progress("manifest_written")
-    except CheckpointError:
-        raise
-    except BaseException as exc:  # torch's CheckpointException derives from BaseException
-        failure = write_failure(exc, path, where=tmp_seen[0] if tmp_seen else path.parent)
-        if failure is None:
+    with atomic_output_dir(path, overwrite=overwrite) as tmp:
+        try:
+            _write_into(tmp, model_chunks, model_cfg, ctx, optimizer=optimizer, extra=extra, rank_files=rank_files,
+                        hf_assets_dir=hf_assets_dir, progress=progress)
+        except CheckpointError:
             raise
-        raise failure from exc
+        except BaseException as exc:  # torch's CheckpointException derives from BaseException
+            failure = _save_failure(exc, path, tmp)  # while the temp dir still fills the disk
+            if failure is exc:
+                raise
+            raise failure from exc
     progress("renamed")
     logger.info("saved checkpoint %s in %.1f s", path, time.monotonic() - start)
     return path
+
+
+def _write_into(tmp: Path, model_chunks: Sequence[torch.nn.Module], model_cfg: Any, ctx: Any, *, optimizer: Any,
+                extra: dict[str, Any] | None, rank_files: Mapping[str, Any] | None,
+                hf_assets_dir: str | os.PathLike | None, progress: Callable[[str], None]) -> None:
+    from megatron.core import dist_checkpointing
+
+    state = _sharded_state(model_chunks, optimizer, is_loading=False)
+    state["extra"] = extra or {}
+    if _rank() == 0:
+        (tmp / DIST_DIR).mkdir()
+    _barrier()
+    with _in_process_write_queue():
+        dist_checkpointing.save(state, str(tmp / DIST_DIR), sharded_strategy=("torch_dist", 1))
+    _barrier()
+    progress("temp_written")
+    for name, value in (rank_files or {}).items():
+        torch.save(value, tmp / name)
+    _barrier()
+    progress("rng_written")
+    if _rank() == 0:
+        write_manifest(tmp, model_cfg, ctx, vpp=len(model_chunks), has_optimizer=optimizer is not None,
+                       hf_assets_dir=hf_assets_dir)
+        progress("manifest_written")
+
+
+def _save_failure(exc: BaseException, path: Path, tmp: Path) -> BaseException:
+    """The error to raise for a failed save: a CheckpointError naming the OS cause when there is one, else ``exc``.
+
+    torch.distributed.checkpoint raises its CheckpointException on every rank together but hands the per-rank
+    causes to the coordinator only; rank 0's description is broadcast so that every rank (whichever the launcher
+    hears from first) reports the cause, not ``CheckpointException ranks:dict_keys([])``.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    failure = write_failure(exc, path, where=tmp)
+    if isinstance(exc, CheckpointException) and collectives.world_size() > 1:
+        text = collectives.broadcast_object(str(failure) if failure is not None else None, src=0)
+        failure = CheckpointError(text) if text else None
+    return failure if failure is not None else exc
 
 
 @contextlib.contextmanager

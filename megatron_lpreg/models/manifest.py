@@ -146,18 +146,39 @@ def _os_error_in(exc: BaseException, seen: set[int] | None = None) -> OSError | 
     return None
 
 
+FULL_DISK_BYTES = 1 << 20
+"""A write that failed without an errno (torch's zip writer reports a short write as ``unexpected pos``) is
+put down to a full disk when less than this is left on the target's filesystem."""
+
+
+def _free_bytes(path: Path) -> int | None:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            stats = os.statvfs(candidate)
+            return stats.f_bavail * stats.f_frsize
+    return None
+
+
 def write_failure(exc: BaseException, path: Path, *, where: Path | None = None,
                   consequence: str = "nothing was renamed into place and earlier checkpoints are untouched"
                   ) -> CheckpointError | None:
     """A CheckpointError naming ``path``, the OS cause (``No space left on device [ENOSPC]``) and
-    ``consequence`` when an OSError lies behind ``exc``, else None (the caller re-raises ``exc`` unchanged)."""
+    ``consequence`` when an OSError lies behind ``exc`` (or it carries no errno but the filesystem of ``where``
+    is full), else None (the caller re-raises ``exc`` unchanged). Call it before the partial output is removed.
+    """
+    target = where or path
     oserror = _os_error_in(exc)
-    if oserror is None:
+    if oserror is not None:
+        code = errno.errorcode.get(oserror.errno, str(oserror.errno))
+        return CheckpointError(f"saving checkpoint {path} failed: {os.strerror(oserror.errno)} [{code}] writing "
+                               f"{oserror.filename or target}; {consequence}")
+    free = _free_bytes(target)
+    if free is None or free >= FULL_DISK_BYTES:
         return None
-    code = errno.errorcode.get(oserror.errno, str(oserror.errno))
-    target = oserror.filename or where or path
-    return CheckpointError(f"saving checkpoint {path} failed: {os.strerror(oserror.errno)} [{code}] writing "
-                           f"{target}; {consequence}")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CheckpointError(f"saving checkpoint {path} failed: {os.strerror(errno.ENOSPC)} [ENOSPC] writing "
+                           f"{target} ({free} bytes left on its filesystem; the write error was: {first}); "
+                           f"{consequence}")
 
 
 def write_manifest(tmp: Path, model_cfg: Any, ctx: Any, *, vpp: int, has_optimizer: bool,
