@@ -81,7 +81,12 @@ set_nodes() {
 
 node_addr() { echo "$SUBNET.$(($1 + 1))"; }   # node i (1-based) of a multi-node cluster
 
-check_subnet() {   # only private IPv4 ranges: the nodes' addresses must exist on this machine alone
+# N > 1, before anything starts: the tools, and a subnet in a private range (the nodes' addresses must exist on
+# this machine alone).
+check_net_inputs() {
+  command -v ip >/dev/null && command -v nsenter >/dev/null ||
+    die "$NUM_NODES nodes need \`ip\` (iproute2) and \`nsenter\` (util-linux)"
+  [[ $CTLD_PORT =~ ^[0-9]{1,5}$ ]] || die "MLPREG_SLURM_CTLD_PORT must be a port number, got '$CTLD_PORT'"
   [[ $SUBNET =~ ^([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})$ ]] ||
     die "MLPREG_SLURM_SUBNET must be the first three octets of a /24, e.g. 10.213.0 (got '$SUBNET')"
   local a=${BASH_REMATCH[1]} b=${BASH_REMATCH[2]} c=${BASH_REMATCH[3]}
@@ -89,6 +94,9 @@ check_subnet() {   # only private IPv4 ranges: the nodes' addresses must exist o
   if ! (( a == 10 || (a == 172 && b >= 16 && b <= 31) || (a == 192 && b == 168) )); then
     die "MLPREG_SLURM_SUBNET $SUBNET is not in a private range (10/8, 172.16/12, 192.168/16)"
   fi
+}
+
+check_subnet_free() {
   if ip -4 -o addr show | grep -q " inet $SUBNET\."; then
     die "subnet $SUBNET.0/24 is already in use on this machine (ip -4 addr); choose another MLPREG_SLURM_SUBNET"
   fi
@@ -200,7 +208,7 @@ EOF
 # N > 1: a bridge with <subnet>.1 in this namespace and, per node, a namespace joined to it by a veth pair
 # (the node's end renamed to $NS_IFACE, address <subnet>.<i+1>). Every created object is recorded in NET_FILE.
 net_up() {
-  check_subnet
+  check_subnet_free
   local bridge=${NET_TAG}br i ns veth
   : >"$NET_FILE"
   ip link add "$bridge" type bridge || die "cannot create bridge $bridge (ip link add ... type bridge)"
@@ -271,6 +279,7 @@ env_lines() {
 }
 
 cmd_up() {
+  (( NUM_NODES == 1 )) || check_net_inputs
   ensure_packages
   export SLURM_CONF=$CONF
   local wanted=$NUM_NODES running

@@ -90,6 +90,20 @@ def two_node_env():
         assert not any(name in netns for name in NETNS.values()), f"down left namespaces behind:\n{netns}"
 
 
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["--nodes", "0"], {}, "node count must be a positive integer, got '0'"),
+    (["--nodes", "2"], {"MLPREG_SLURM_SUBNET": "8.8.8"}, "8.8.8 is not in a private range"),
+    (["--nodes", "2"], {"MLPREG_SLURM_SUBNET": "10.1"}, "first three octets of a /24"),
+    (["--nodes", "2"], {"MLPREG_SLURM_CTLD_PORT": "x1"}, "MLPREG_SLURM_CTLD_PORT must be a port number"),
+])
+def test_bad_cluster_settings_are_refused_before_anything_starts(tmp_path, args, env, message):
+    state = tmp_path / "s"
+    proc = subprocess.run(["bash", str(CLUSTER), "up", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **CLUSTER_ENV, "MLPREG_SLURM_DIR": str(state), **env})
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert not state.exists()  # no key, config, daemon or namespace was made
+
+
 def _kinds_on_nodes() -> set[tuple[str, str]]:
     """(node, kind) for every process of a KINDS kind now running in a node's network namespace."""
     found = set()
