@@ -126,7 +126,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
         return path
     found = [p for p in list_checkpoints(run_dir) if (p / MANIFEST_FILE).is_file()]
     if not found:
-        raise FileNotFoundError(f"no complete checkpoint under {root} (did training finish and save?)")
+        raise FileNotFoundError(f"no checkpoint under {root} is complete (did training finish and save?)")
     return found[-1]
 
 
