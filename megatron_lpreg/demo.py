@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -27,6 +29,19 @@ logger = logging.getLogger(__name__)
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
+WARM_START_DTYPE = torch.float64
+"""The warm start computes in float64 on one thread, so every x86-64 CPU takes the same path through it.
+
+In float32 the result depended on the CPU: BLAS and ATen kernels are chosen per instruction set (AVX2, AVX-512,
+MKL's vendor-specific paths) and per thread count, each choice rounds sums in another order (differences of about
+1e-7), training amplifies them, and greedy dev accuracy is so jumpy near the stop threshold (0.105 -> 0.270 in ten
+steps) that the warm start stopped at a different step and quality on each CPU (held-out greedy 0.225 on an AMD
+EPYC, 0.330 on an Intel Xeon). In float64 the same differences start near 1e-16 and stay far below what can flip
+a greedy token within a few hundred steps. The weights are saved in float32 for the RL phase."""
+WARM_START_THREADS = 1
+"""One thread: no split reductions, and no OpenMP spin-waiting on a busy 2-core machine (two threads made the
+warm start 10x slower there). The tiny model gains nothing from a second thread."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(REPO_CONFIGS / "tiny_cpu.yaml"), help="demo config")
@@ -36,45 +51,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for the RL run")
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def warm_start(base_dir: Path, out_dir: Path, cfg: RunConfig, *, target_acc: float, max_steps: int = 1500,
                batch_size: int = 64, lr: float = 1e-3) -> tuple[Path, dict]:
-    """Supervised warm start on the synthetic task (response tokens only); returns the HF dir and a summary."""
+    """Supervised warm start on the synthetic task (response tokens only); returns the HF dir and a summary.
+
+    Computes in :data:`WARM_START_DTYPE` on :data:`WARM_START_THREADS` thread(s), so the stopping step and the
+    saved weights are the same on every x86-64 CPU; stops at the first check (every 10 steps) whose dev greedy
+    accuracy reaches ``target_acc``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_lpreg.data import build_dataset
 
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32).to(WARM_START_DTYPE)
     dataset = build_dataset(cfg.data, tokenizer, seed=cfg.seed + 1000)
     dev = dataset.dev()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     t0 = time.perf_counter()
     acc, step = 0.0, 0
-    for step in range(1, max_steps + 1):
-        batch = dataset.next_batch(batch_size)
-        seqs, masks = [], []
-        for p in batch:
-            target = tokenizer(f"\\boxed{{{p.ground_truth}}}", add_special_tokens=False)["input_ids"] + [eos]
-            seqs.append(list(p.token_ids) + target)
-            masks.append([0] * len(p.token_ids) + [1] * len(target))
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [eos] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.float32)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
-        optim.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
-        if step % 10 == 0:
-            acc = greedy_accuracy(model, tokenizer, dev, eos)
-            logger.info("warm start step %d: loss %.3f dev greedy accuracy %.3f", step, loss.item(), acc)
-            if acc >= target_acc:
-                break
-    model.save_pretrained(out_dir)
+    with _torch_threads(WARM_START_THREADS):
+        for step in range(1, max_steps + 1):
+            batch = dataset.next_batch(batch_size)
+            seqs, masks = [], []
+            for p in batch:
+                target = tokenizer(f"\\boxed{{{p.ground_truth}}}", add_special_tokens=False)["input_ids"] + [eos]
+                seqs.append(list(p.token_ids) + target)
+                masks.append([0] * len(p.token_ids) + [1] * len(target))
+            width = max(map(len, seqs))
+            ids = torch.tensor([s + [eos] * (width - len(s)) for s in seqs])
+            mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=WARM_START_DTYPE)
+            logits = model(input_ids=ids).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+            optim.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            if step % 10 == 0:
+                acc = greedy_accuracy(model, tokenizer, dev, eos)
+                logger.info("warm start step %d: loss %.3f dev greedy accuracy %.3f", step, loss.item(), acc)
+                if acc >= target_acc:
+                    break
+    model.to(torch.float32).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir, {"steps": step, "dev_greedy_acc": acc, "seconds": time.perf_counter() - t0}
 
