@@ -124,7 +124,7 @@ def test_mcore_to_hf_bad_inputs(tmp_path, capsys):
     shard = sorted((mcore / "dist").rglob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:-1])
     assert mcore_to_hf(["--mcore", str(mcore), "--out", str(tmp_path / "out")]) == 2
-    assert "truncated?" in capsys.readouterr().err
+    assert ": truncated (" in capsys.readouterr().err
     assert mcore_to_hf(["--mcore", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
