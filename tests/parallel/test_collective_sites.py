@@ -28,6 +28,12 @@ COLLECTIVES = frozenset({
 })
 """Module-level torch.distributed functions that move tensors between ranks (and the barriers)."""
 
+COLLECTIVE_OPTIONS = frozenset({
+    "AllreduceOptions", "AllreduceCoalescedOptions", "AllgatherOptions", "AllToAllOptions", "BarrierOptions",
+    "BroadcastOptions", "GatherOptions", "ReduceOptions", "ReduceScatterOptions", "ScatterOptions",
+})
+"""c10d option objects that only a raw ProcessGroup collective call takes."""
+
 PROCESS_GROUP_METHODS = frozenset({
     "allreduce", "allreduce_coalesced", "allgather", "allgather_coalesced", "allgather_into_tensor_coalesced",
     "_allgather_base", "alltoall", "alltoall_base", "reduce_scatter", "_reduce_scatter_base",
@@ -58,7 +64,7 @@ def _dotted(node: ast.AST) -> list[str] | None:
 
 def raw_collective_sites(source: str, path: str = "<snippet>") -> list[Site]:
     """Every raw torch.distributed collective in ``source``: calls through any alias of torch / torch.distributed,
-    collectives imported by name, c10d ``*Options`` objects and ProcessGroup collective methods."""
+    collectives imported by name, c10d collective option objects and ProcessGroup collective methods."""
     tree = ast.parse(source)
     aliases: dict[str, str] = {}  # local name -> dotted module/object path it stands for
     sites: list[Site] = []
@@ -83,7 +89,7 @@ def raw_collective_sites(source: str, path: str = "<snippet>") -> list[Site]:
                 continue
             resolved = ".".join([aliases[chain[0]], *chain[1:]])
             last = resolved.rsplit(".", 1)[-1]
-            if resolved.startswith("torch.distributed.") and (last in COLLECTIVES or last.endswith("Options")):
+            if resolved.startswith("torch.distributed.") and (last in COLLECTIVES or last in COLLECTIVE_OPTIONS):
                 if isinstance(node, ast.Name) and node.id == last:  # the bare name imported above: counted there
                     continue
                 sites.append(Site(path, node.lineno, resolved))
@@ -132,6 +138,7 @@ def test_checker_finds_every_form(snippet):
     "import torch\nx = torch.broadcast_tensors(a, b)",
     "conn.send(b'x'); sock.recv(4)",
     "import torch.distributed as dist\ng: dist.ProcessGroup | None = None",
+    "import torch.distributed as dist\nopts = dist.ProcessGroupNCCL.Options()",
 ])
 def test_checker_leaves_allowed_code_alone(snippet):
     assert raw_collective_sites(snippet) == []

@@ -82,6 +82,7 @@ def _train_checked(rank: int, world: int, cfg, run_dir: str) -> int:
 LAYOUTS = {"dp2": ["parallel.tp=1"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.tp=1", "parallel.pp=2"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_a_training_step_keeps_every_collective_and_model_input_on_the_rank_device(tmp_path, layout):
     from megatron_lpreg.trainer.cli import resolve_config
