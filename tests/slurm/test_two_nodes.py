@@ -88,6 +88,8 @@ def two_node_env():
         assert proc.returncode == 0, proc.stderr
         netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert not any(name in netns for name in NETNS.values()), f"down left namespaces behind:\n{netns}"
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        assert f"mlp{CTLD_PORT}" not in links, f"down left the bridge or veths behind:\n{links}"
 
 
 @pytest.mark.parametrize(("args", "env", "message"), [
