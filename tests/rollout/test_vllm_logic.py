@@ -65,6 +65,9 @@ def test_ledger_checks_trainer_checksums_and_engine_sums_in_the_engine_dtype():
     engine = {"model.layers.0.self_attn.qkv_proj.weight": [float(qkv.sum()), 96.0],
               "model.norm.weight": [float(tensors[3][1].to(torch.bfloat16).double().sum()), 8.0]}
     assert ledger.check_engine([engine], tied=True) == 2  # tied: vLLM holds no separate lm_head
+    assert ledger.complete
+    extra = {**engine, "model.embed_tokens.weight": [0.0, 128.0]}  # an engine weight this stream did not carry
+    assert ledger.check_engine([extra], tied=True) == 2 and not ledger.complete
     with pytest.raises(WeightSyncError, match="no parameter 'lm_head.weight'"):
         ledger.check_engine([engine], tied=False)
     stale = {**engine, "model.norm.weight": [engine["model.norm.weight"][0] + 0.01, 8.0]}
