@@ -56,6 +56,9 @@ class RolloutConfig:
     mem_fraction_static: float = 0.5
     """SGLang ``--mem-fraction-static`` of launched servers: share of a GPU for weights + KV cache (colocated
     engines share the GPU with a trainer rank, whose memory they get only while released)."""
+    engine_fleet: str = ""
+    """Set by the Ray launcher, not by users: the Ray name prefix of the engine actors it started for this run
+    (trainer rank 0 attaches to them and restarts a failed one through them)."""
     max_engine_restarts: int = 2
     """Restarts of a launched engine that died or hung, per run; one more failure fails the step with an error
     naming the engine, its node and its log file."""

@@ -189,8 +189,9 @@ def init_parallel(cfg: ParallelConfig, *, seed: int = 0, timeout_s: float = 1800
         world, rank, local_rank = env.world_size, env.rank, env.local_rank
     dp = check_layout(cfg, world)
     if cpu.cuda_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # LOCAL_RANK is the rank's index on its node; a Ray actor sees only its own GPU (CUDA_VISIBLE_DEVICES=<id>)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         cpu.install_cpu_shim()

@@ -437,12 +437,15 @@ class SGLangEngine:
 
     # ---- colocation, health, shutdown -------------------------------------------------------------------------
     def release_memory(self) -> None:
-        """Free the servers' GPU memory (weights and KV cache) while the trainer runs."""
-        self._on_all(lambda c: c.post("/release_memory_occupation", {}, timeout_s=CONTROL_TIMEOUT_S))
+        """Free the servers' GPU memory (weights and KV cache) while the trainer runs (rollout.mode=colocated;
+        engines on GPUs of their own keep it)."""
+        if self.cfg.mode == "colocated":
+            self._on_all(lambda c: c.post("/release_memory_occupation", {}, timeout_s=CONTROL_TIMEOUT_S))
 
     def resume_memory(self) -> None:
         """Re-allocate the servers' memory (after the trainer freed its cache, before the weight sync)."""
-        self._on_all(lambda c: c.post("/resume_memory_occupation", {}, timeout_s=CONTROL_TIMEOUT_S))
+        if self.cfg.mode == "colocated":
+            self._on_all(lambda c: c.post("/resume_memory_occupation", {}, timeout_s=CONTROL_TIMEOUT_S))
 
     def flush_cache(self) -> None:
         self._on_all(lambda c: c.request("POST", "/flush_cache", timeout_s=CONTROL_TIMEOUT_S))

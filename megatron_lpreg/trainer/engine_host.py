@@ -36,6 +36,8 @@ class EngineHost:
         self.engine = None
         if not self.hosted:
             self.engine = build_engine(cfg.rollout, cfg.model.hf_path, seed=cfg.seed, model=model_chunks)
+        elif ctx.rank == 0 and cfg.rollout.engine_fleet:
+            self.engine = _attach_fleet(cfg)
         elif ctx.rank == 0 and cfg.rollout.placement == "actor":
             from megatron_lpreg.rollout.ray_actor import RayEngine
 
@@ -69,12 +71,24 @@ class EngineHost:
                 pass
 
     def release_memory(self) -> None:
-        """Before the update: colocated engines that can, give their device memory back to the trainer."""
-        if getattr(self.engine, "colocated", False):
+        """Before the update: the engines give their device memory back to the trainer (a no-op for engines that
+        have none of their own: the in-process local engine, engines on GPUs of their own)."""
+        if self.engine is not None:
             self.engine.release_memory()
 
     def resume_memory(self) -> None:
-        if getattr(self.engine, "colocated", False):
+        """After the update, before the weight sync: every rank frees its cached device memory, then (once all
+        have) the engines take theirs back."""
+        if torch.cuda.is_available():
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+        if self.hosted and self.ctx.world_size > 1:
+            from megatron_lpreg.parallel import collectives
+
+            collectives.barrier()  # engines share GPUs with every rank: resume only when all ranks have freed
+        if self.engine is not None:
             self.engine.resume_memory()
 
     def health(self):
@@ -83,6 +97,15 @@ class EngineHost:
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+
+
+def _attach_fleet(cfg: RunConfig) -> Any:
+    """The SGLang engines the Ray launcher placed on the cluster (rollout.engine_fleet), as one engine."""
+    from megatron_lpreg.rollout.sglang import SGLangEngine
+    from megatron_lpreg.rollout.sglang_servers import RayServers
+
+    servers = RayServers.attach(cfg.rollout.engine_fleet, cfg.rollout.num_engines, cfg.rollout.max_engine_restarts)
+    return SGLangEngine(cfg.rollout, cfg.model.hf_path, seed=cfg.seed, servers=servers)
 
 
 def stream_weights_to_rank0(model_chunks: list, model_cfg: Any, ctx: ParallelContext, *,

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -194,6 +195,7 @@ def _fault_middleware(app: FastAPI, state: "StandinState") -> None:
         path = request.url.path
         if not path.startswith(QUIET_ROUTES):
             state.events.append(path)
+            logger.warning("standin-event %s", path)  # lands in the server's log file (tests read the order)
         mode = state.fault.fire(path)
         if mode == "hang":
             await asyncio.sleep(3600)
@@ -218,8 +220,9 @@ def _fail(status: int, message: str) -> JSONResponse:
     return JSONResponse({"success": False, "message": message}, status_code=status)
 
 
-def create_app(model_path: str) -> FastAPI:
-    """Build the FastAPI app serving ``model_path`` (an HF directory)."""
+def create_app(model_path: str, tp_size: int = 1) -> FastAPI:
+    """Build the FastAPI app serving ``model_path`` (an HF directory) as a server of ``tp_size`` TP ranks (they
+    matter only for the size of the weight-broadcast group)."""
     state = StandinState(model_path)
     app = FastAPI()
     app.state.standin = state
@@ -321,11 +324,16 @@ def create_app(model_path: str) -> FastAPI:
 
     @app.post("/init_weights_update_group")
     def init_group(req: GroupIn) -> Any:
+        # one group member per TP rank of this server (ranks rank_offset .. rank_offset + tp_size - 1), as SGLang's
+        # TP workers join; each member here is a thread of this process
         try:
-            group = _standalone_group(req.master_address, req.master_port, req.rank_offset, req.world_size)
+            with ThreadPoolExecutor(max_workers=tp_size) as pool:
+                groups = list(pool.map(lambda r: _standalone_group(req.master_address, req.master_port,
+                                                                   req.rank_offset + r, req.world_size),
+                                       range(tp_size)))
         except RuntimeError as exc:
             return _fail(400, f"Failed to init group: {exc}")
-        state.groups[req.group_name] = (group, req.rank_offset)
+        state.groups[req.group_name] = (groups, req.rank_offset)
         return {"success": True, "message": "Succeeded to initialize custom process group."}
 
     @app.post("/update_weights_from_distributed")
@@ -334,14 +342,13 @@ def create_app(model_path: str) -> FastAPI:
             return _fail(400, "update_weights_from_distributed outside /begin_weight_update ... /end_weight_update")
         if req.group_name not in state.groups:
             return _fail(400, f"unknown group '{req.group_name}'; call /init_weights_update_group first")
-        group, _ = state.groups[req.group_name]
+        groups, _ = state.groups[req.group_name]
         received = []
         for name, dtype, shape in zip(req.names, req.dtypes, req.shapes):
-            tensor = torch.empty(shape, dtype=DTYPES[dtype.replace("torch.", "")])
-            opts = dist.BroadcastOptions()
-            opts.rootRank = 0
-            group.broadcast([tensor], opts).wait()
-            received.append((name, tensor))
+            copies = [torch.empty(shape, dtype=DTYPES[dtype.replace("torch.", "")]) for _ in groups]
+            with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+                list(pool.map(_receive, groups, copies))
+            received.append((name, copies[0]))
         try:
             with state.lock:
                 state.model.load_named_tensors(received)
@@ -405,6 +412,12 @@ def _generate_chunk(state: StandinState, prompts: list[list[int]], per_item: lis
     if req.return_logprob and req.logprob_start_len >= 0:
         return outs, [_input_logprobs(state, p, req.logprob_start_len) for p in rows]
     return outs, [None] * len(rows)
+
+
+def _receive(group: Any, tensor: torch.Tensor) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([tensor], opts).wait()
 
 
 def _standalone_group(host: str, port: int, rank: int, world_size: int) -> Any:
@@ -486,10 +499,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--tp-size", type=int, default=1)
     args, ignored = parser.parse_known_args(argv)
     if ignored:
         logger.warning("stand-in ignores launch flags %s", ignored)
-    uvicorn.run(create_app(args.model_path), host=args.host, port=args.port, log_level="warning")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(1)  # several stand-ins share a small CPU
+    uvicorn.run(create_app(args.model_path, args.tp_size), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":
