@@ -79,7 +79,13 @@ def _train_checked(rank: int, world: int, cfg, run_dir: str) -> int:
     return loop.run_rank(cfg, run_dir)
 
 
-LAYOUTS = {"dp2": ["parallel.tp=1"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.tp=1", "parallel.pp=2"]}
+LAYOUTS = {
+    # off-policy updates and global Lp-Reg selection: the old-log-prob pass and the DP top-k all-gather
+    "dp2": ["parallel.tp=1", "trainer.updates_per_step=2", "algo.selection=global"],
+    "tp2": ["parallel.tp=2"],
+    # pipeline: hosted engine on rank 0, weights streamed stage to rank 0, old log-probs broadcast over PP
+    "pp2": ["parallel.tp=1", "parallel.pp=2", "trainer.updates_per_step=2"],
+}
 
 
 @pytest.mark.slow
