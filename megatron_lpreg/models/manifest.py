@@ -151,6 +151,19 @@ FULL_DISK_BYTES = 1 << 20
 put down to a full disk when less than this is left on the target's filesystem."""
 
 
+def _root_cause(exc: BaseException) -> str:
+    """First line of the innermost cause (of the first per-rank failure of a ``CheckpointException``)."""
+    failures = list((getattr(exc, "failures", None) or {}).values())
+    if failures:
+        exc = failures[0][0] if isinstance(failures[0], tuple) else failures[0]
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def _free_bytes(path: Path) -> int | None:
     for candidate in (path, *path.parents):
         if candidate.exists():
@@ -175,9 +188,8 @@ def write_failure(exc: BaseException, path: Path, *, where: Path | None = None,
     free = _free_bytes(target)
     if free is None or free >= FULL_DISK_BYTES:
         return None
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return CheckpointError(f"saving checkpoint {path} failed: {os.strerror(errno.ENOSPC)} [ENOSPC] writing "
-                           f"{target} ({free} bytes left on its filesystem; the write error was: {first}); "
+                           f"{target} ({free} bytes left on its filesystem; the write error was: {_root_cause(exc)}); "
                            f"{consequence}")
 
 

@@ -306,3 +306,23 @@ def test_layout_module_and_checkpoint_agree_on_the_manifest_name():
     from megatron_lpreg.launch.runs import MANIFEST_FILE
 
     assert MANIFEST_FILE == MANIFEST
+
+
+def test_short_write_without_errno_on_a_full_filesystem_is_called_a_full_disk(monkeypatch):
+    """torch's zip writer reports a short write as 'unexpected pos' (no errno): the free space decides."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_lpreg.models import manifest
+
+    try:
+        raise RuntimeError("Worker failure") from RuntimeError("[enforce fail at inline_container.cc:672] . "
+                                                               "unexpected pos 704 vs 598")
+    except RuntimeError as exc:
+        gathered = CheckpointException("write", {0: (exc, None)})
+    target = Path("/runs/a/checkpoints/step_0000002")
+    assert write_failure(gathered, target, where=Path("/")) is None, "a disk with room: not a full disk"
+    monkeypatch.setattr(manifest, "_free_bytes", lambda path: 0)
+    message = str(write_failure(gathered, target, where=Path("/runs/a/checkpoints/.step_0000002.tmp-1")))
+    assert message.startswith(f"saving checkpoint {target} failed: No space left on device [ENOSPC] writing "
+                              "/runs/a/checkpoints/.step_0000002.tmp-1 (0 bytes left on its filesystem; the write "
+                              "error was: RuntimeError: [enforce fail at inline_container.cc:672]")
