@@ -173,12 +173,14 @@ def test_truncated_rng_file_is_refused_naming_file_and_cause(reference, tmp_path
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """``tmp_path/run/checkpoints`` on a 20 MiB tmpfs: room for one checkpoint of the tiny run (~13 MB), not two."""
+def small_disk(reference, tmp_path):
+    """``tmp_path/run/checkpoints`` on a tmpfs with room for 1.5 checkpoints of the reference run (~13 MB each)."""
+    ckpt = reference["run"] / "checkpoints" / f"step_{STEPS:07d}"
+    size_kib = int(1.5 * sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 1024)
     mount = tmp_path / "run" / "checkpoints"
     mount.mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
     try:
