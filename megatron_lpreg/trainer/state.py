@@ -152,7 +152,10 @@ def apply_resume_plan(run_dir: str | os.PathLike, plan: ResumePlan) -> None:
     for note in plan.notes:
         logger.warning("%s", note)
     for path in plan.leftovers:
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     if plan.leftovers:
         logger.warning("removed %d leftover(s) of interrupted checkpoint saves in %s: %s", len(plan.leftovers),
                        root, ", ".join(p.name for p in plan.leftovers))
