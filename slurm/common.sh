@@ -95,10 +95,33 @@ mlpreg_finish() {
   exit "$MLPREG_RC"
 }
 
+# Ray's own access control for this job (docs/slurm.md, "What Ray exposes"): token authentication with a random
+# 256-bit token in a mode-600 file under the run directory (shared by the nodes; every Ray process of the job reads
+# it through RAY_AUTH_TOKEN_PATH, srun passes the environment on), removed when Ray stops. A process that knows
+# only IP:PORT is refused.
+mlpreg_ray_auth() {
+  local dir=${MLPREG_PREEMPT_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}/.ray-auth
+  (umask 077 && mkdir -p "$dir")
+  MLPREG_RAY_TOKEN_FILE=$dir/token-${SLURM_JOB_ID}
+  (umask 077 && "$MLPREG_PYTHON" -c 'import secrets; print(secrets.token_hex(32))' >"$MLPREG_RAY_TOKEN_FILE")
+  chmod 600 "$MLPREG_RAY_TOKEN_FILE"
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$MLPREG_RAY_TOKEN_FILE
+}
+
+# `ray start --head` flags beyond address and resources: no dashboard, and the Ray Client server (which Ray starts
+# whenever grpc is installed and cannot be switched off) on a random free port instead of the fixed 10001.
+mlpreg_ray_head_flags() {
+  local client_port
+  client_port=$("$MLPREG_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+  MLPREG_RAY_HEAD_FLAGS=(--include-dashboard=false --ray-client-server-port="$client_port")
+}
+
 # Ray head on the first node, one worker per other node, each `ray start --block` in its own srun step; waits
 # until every node has joined and exports RAY_ADDRESS for the driver. Stop with mlpreg_ray_stop.
 mlpreg_ray_start() {
   eval "$("$MLPREG_PYTHON" -m megatron_lpreg.launch.job ray-env)"
+  mlpreg_ray_auth
+  mlpreg_ray_head_flags
   local ray_bin
   ray_bin=$(dirname "$(command -v "$MLPREG_PYTHON")")/ray
   [[ -x $ray_bin ]] || ray_bin=ray
@@ -107,7 +130,7 @@ mlpreg_ray_start() {
     "$MLPREG_RAY_GPUS_PER_NODE GPU(s) and $MLPREG_RAY_CPUS_PER_NODE CPU(s) per node"
   mlpreg_srun_argv "$MLPREG_RAY_HEAD_NODE"
   "${MLPREG_SRUN_CMD[@]}" "$ray_bin" start --head --block --node-ip-address="$MLPREG_RAY_HEAD_IP" \
-    --port="$MLPREG_RAY_PORT" --include-dashboard=false "${resources[@]}" &
+    --port="$MLPREG_RAY_PORT" "${MLPREG_RAY_HEAD_FLAGS[@]}" "${resources[@]}" &
   MLPREG_RAY_HEAD_PID=$!
   MLPREG_RAY_WORKERS_PID=
   if [[ $MLPREG_RAY_NUM_WORKERS -gt 0 ]]; then
@@ -146,5 +169,6 @@ mlpreg_ray_stop() {
     wait "$pid" 2>/dev/null || true
   done
   MLPREG_RAY_HEAD_PID= MLPREG_RAY_WORKERS_PID=
+  [[ -n ${MLPREG_RAY_TOKEN_FILE:-} ]] && rm -f "$MLPREG_RAY_TOKEN_FILE"
   mlpreg_log "Ray stopped"
 }
