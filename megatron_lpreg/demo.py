@@ -16,6 +16,7 @@ import contextlib
 import logging
 import shutil
 import time
+import types
 from pathlib import Path
 from typing import Iterator
 
@@ -30,14 +31,15 @@ logger = logging.getLogger(__name__)
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 WARM_START_DTYPE = torch.float64
-"""The warm start computes in float64 on one thread, so every x86-64 CPU takes the same path through it.
+"""The warm start computes in float64 on one thread, so every x86-64 CPU takes (nearly) the same path through it.
 
 In float32 the result depended on the CPU: BLAS and ATen kernels are chosen per instruction set (AVX2, AVX-512,
-MKL's vendor-specific paths) and per thread count, each choice rounds sums in another order (differences of about
-1e-7), training amplifies them, and greedy dev accuracy is so jumpy near the stop threshold (0.105 -> 0.270 in ten
-steps) that the warm start stopped at a different step and quality on each CPU (held-out greedy 0.225 on an AMD
-EPYC, 0.330 on an Intel Xeon). In float64 the same differences start near 1e-16 and stay far below what can flip
-a greedy token within a few hundred steps. The weights are saved in float32 for the RL phase."""
+MKL's vendor-specific paths) and per thread count, each choice rounds sums in another order (weights differed by up
+to 6e-5 after six steps between AVX-512 with two threads and scalar kernels on one), training amplifies that, and
+greedy dev accuracy is so jumpy near the stop threshold (0.105 -> 0.270 within ten steps) that the warm start
+stopped at a different step and quality on each CPU (held-out greedy 0.225 on an AMD EPYC, 0.330 on an Intel Xeon).
+In float64, with the float32 islands of transformers' Qwen2 removed (:func:`_compute_in_float64`), the
+differences start near 1e-16 and stay far below what can flip a greedy token. The weights are saved in float32."""
 WARM_START_THREADS = 1
 """One thread: no split reductions, and no OpenMP spin-waiting on a busy 2-core machine (two threads made the
 warm start 10x slower there). The tiny model gains nothing from a second thread."""
@@ -49,6 +51,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", action="store_true", help="also run the GRPO baseline (doubles the time)")
     parser.add_argument("--sft-target", type=float, default=0.25, help="stop warm start at this dev accuracy")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for the RL run")
+
+
+def _compute_in_float64(model: torch.nn.Module) -> None:
+    """Make a float64 transformers Qwen2 compute everything in float64.
+
+    transformers computes RMSNorm and the rotary tables in float32 whatever the model dtype (``.to(torch.float32)``,
+    ``.float()``); those float32 roundings differ between CPU kernels and made two float64 warm starts on different
+    instruction sets drift apart (loss 1e-6 apart by step 110, 1e-2 by step 280). This replaces the two forwards
+    on this model instance only, with the same formulas in the input's dtype.
+    """
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind.endswith("RMSNorm"):
+            module.forward = types.MethodType(_rms_norm_same_dtype, module)
+        elif kind.endswith("RotaryEmbedding"):
+            config = module.config
+            dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            exponent = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+            module.inv_freq = 1.0 / (float(config.rope_parameters["rope_theta"]) ** exponent)
+            module.forward = types.MethodType(_rotary_same_dtype, module)
+
+
+def _rms_norm_same_dtype(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _rotary_same_dtype(self: torch.nn.Module, x: torch.Tensor, position_ids: torch.Tensor):
+    freqs = position_ids[..., None].to(x.dtype) * self.inv_freq.to(x.dtype)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
 @contextlib.contextmanager
@@ -76,7 +109,9 @@ def warm_start(base_dir: Path, out_dir: Path, cfg: RunConfig, *, target_acc: flo
 
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32).to(WARM_START_DTYPE)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+    model.to(WARM_START_DTYPE)
+    _compute_in_float64(model)
     dataset = build_dataset(cfg.data, tokenizer, seed=cfg.seed + 1000)
     dev = dataset.dev()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -42,9 +42,9 @@ warm_start(materialize_tiny(cfg.model), Path(sys.argv[2]), cfg, target_acc=2.0, 
 def test_warm_start_is_the_same_on_every_cpu_kind(tmp_path):
     """Deliverable 4: the warm start must not depend on the CPU. Two runs emulate two CPUs: AVX-512 kernels with
     two threads, and ATen's scalar kernels with MKL limited to AVX2 on one thread. In float32 their weights
-    differed by ~1e-7 after a few steps, enough for training to drift to another stopping point; the float64 warm
-    start agrees to ~1e-15. Six steps keep this test to seconds; the tolerance leaves room for float64 rounding
-    growing over hundreds of steps and is still 1e6 times below the float32 differences."""
+    differed by up to 6e-5 after six steps (71% of them differed at all), enough for training to drift to another
+    stopping point; the float64 warm start (no float32 RMSNorm/RoPE islands) agrees to float64 rounding, so after
+    rounding to float32 for saving at most a rare element lands on the neighbouring float32 value."""
     import os
     import subprocess
     import sys
