@@ -36,7 +36,7 @@ class EngineHost:
         self.engine = None
         if not self.hosted:
             self.engine = build_engine(cfg.rollout, cfg.model.hf_path, seed=cfg.seed, model=model_chunks)
-        elif ctx.rank == 0 and cfg.rollout.engine_fleet:
+        elif ctx.rank == 0 and cfg.rollout.engine_fleet and _in_ray():
             self.engine = _attach_fleet(cfg)
         elif ctx.rank == 0 and cfg.rollout.placement == "actor":
             from megatron_lpreg.rollout.ray_actor import RayEngine
@@ -97,6 +97,14 @@ class EngineHost:
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+
+
+def _in_ray() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
 
 
 def _attach_fleet(cfg: RunConfig) -> Any:

@@ -131,7 +131,11 @@ class RayJob:
     """
 
     def __init__(self, cfg: RunConfig, run_dir: str, world: int) -> None:
-        self.cfg, self.run_dir, self.world = cfg, run_dir, world
+        import dataclasses
+
+        # a config saved by an earlier run (checkpoint) may name that run's engine actors: never attach to those
+        self.cfg = cfg.replace(rollout=dataclasses.replace(cfg.rollout, engine_fleet=""))
+        self.run_dir, self.world = run_dir, world
         self.pg: Any = None
         self.fleet: Any = None
         self.actors: list[Any] = []

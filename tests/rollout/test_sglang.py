@@ -5,8 +5,8 @@ retries, weight sync from disk / tensor / distributed (gloo broadcast group betw
 thread), post-sync verification catching a server that does not install the update, memory release/resume,
 launch mode (subprocess + health wait + process-group stop), injected server faults (hang, dropped connection,
 500, malformed JSON: the chunk moves to another engine, errors name URL and route, a failing end_weight_update
-does not hide the sync error). Engines placed on a multi-node Ray cluster: tests/cluster/. Not covered here: NCCL and CUDA-IPC payloads and
-real SGLang behaviour (docs/rollout.md has the manual check for a real cluster).
+does not hide the sync error). Engines placed on a multi-node Ray cluster: tests/cluster/. Not covered here: NCCL
+and CUDA-IPC payloads and real SGLang behaviour (docs/rollout.md has the manual check for a real cluster).
 """
 from __future__ import annotations
 
