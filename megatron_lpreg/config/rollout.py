@@ -44,7 +44,8 @@ class RolloutConfig:
     placement: Literal["rank0", "actor"] = "rank0"
     """Where a hosted engine lives (sglang/vllm, or local with pp>1): in trainer rank 0's process, or in its own
     Ray actor (needs trainer.launcher=ray) with ``engine_num_gpus`` GPUs: 1 = separate devices, a fraction =
-    colocated with the trainer (the engine's memory is released during the update when it supports it)."""
+    colocated with the trainer (the engine's memory is released during the update when it supports it). Not used
+    for sglang on a GPU Ray cluster: there the placement plan starts one engine actor per engine (rollout.mode)."""
     engine_num_gpus: float = 1.0
     """GPUs per engine actor when the Ray cluster has GPUs (ignored on CPU)."""
     mode: Literal["colocated", "separate"] = "colocated"

@@ -33,6 +33,7 @@ from tests.rollout.conftest import make_hf_qwen2
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
+pytestmark = pytest.mark.slow
 NODES, GPUS_PER_NODE = 2, 4
 STANDIN = "tests.support.sglang_standin"
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12], [42], [17, 18], [3, 4], [8], [21, 22, 23], [30]]

@@ -18,6 +18,7 @@ import pytest
 
 from megatron_lpreg.rollout.sglang_servers import free_port
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).parent / "ray"
 MARK = "ran-as-job-owner"
