@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(REPO_CONFIGS / "tiny_cpu.yaml"), help="demo config")
     parser.add_argument("--out", default="demo_out", help="output directory (runs, plot)")
     parser.add_argument("--baseline", action="store_true", help="also run the GRPO baseline (doubles the time)")
-    parser.add_argument("--sft-target", type=float, default=0.25, help="stop warm start at this dev accuracy")
+    parser.add_argument("--sft-target", type=float, default=0.30, help="stop warm start at this dev accuracy")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for the RL run")
 
 
