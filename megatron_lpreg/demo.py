@@ -4,7 +4,9 @@
    and check logits parity against transformers (prints the ``parity:`` line);
 2. warm-start it with a short supervised phase on the synthetic addition task (a random model never gets a reward,
    so RL from it would learn nothing; a real base model already solves some problems) — in Hugging Face
-   transformers on one process, stopping as soon as greedy accuracy on a dev split reaches a threshold;
+   transformers on one process and thread, in float64 so that it ends at the same step with the same weights on
+   every x86-64 CPU (see :data:`WARM_START_DTYPE`), stopping as soon as greedy accuracy on a dev split reaches a
+   threshold;
 3. Lp-Reg RL from the warm-started weights through the Ray launcher at TP2 (gloo), in-process rollout engine;
    held-out accuracy is evaluated before the first and after the last step;
 4. print ``demo: heldout_accuracy before=<a> after=<b>`` and write a metrics plot.
