@@ -134,7 +134,7 @@ def plan_resume(run_dir: str | os.PathLike) -> ResumePlan:
         raise CheckpointError(
             f"no complete checkpoint under {root}, refusing to start again at step 0 over "
             + "; ".join(f"{d.name} ({'; '.join(problems[d])})" for d in dirs)
-            + f". Move them away or use a new trainer.output_dir.")
+            + ". Move them away or use a new trainer.output_dir.")
     if chosen is not None and pointed is not None and pointed != chosen:
         notes.append(f"{pointer} names {pointed.name}, but {chosen.name} is complete (a run stopped before the "
                      f"pointer moved)")
