@@ -7,6 +7,7 @@ Plain layout: a problem column (``problem`` | ``question``) and an answer column
 """
 from __future__ import annotations
 
+import decimal
 import json
 import logging
 import math
@@ -96,6 +97,10 @@ def _answer_text(value: Any, where: str, name: str) -> str:
         return str(int(value)) if value.is_integer() else repr(value)
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, decimal.Decimal):  # a parquet decimal column: keep every digit
+        if not value.is_finite():
+            raise ValueError(f"{where}: {name}={value} is not a finite number")
+        return format(value, "f")
     if not isinstance(value, str):
         raise ValueError(f"{where}: {name} must be a string, a number or a list of them, got {type(value).__name__}")
     if not value.strip():

@@ -1,6 +1,7 @@
 """Reading verl-layout and plain problem files, with clear errors for missing files and columns."""
 from __future__ import annotations
 
+import decimal
 import json
 
 import pyarrow as pa
@@ -131,6 +132,10 @@ def test_numbers_as_ground_truth_keep_every_digit(tmp_path):
     path = tmp_path / "plain.jsonl"
     path.write_text('{"problem": "p", "answer": 9007199254740993}\n{"problem": "q", "answer": 0.1}\n')
     assert [r.ground_truth for r in load_records(path)] == ["9007199254740993", "0.1"]
+    exact = tmp_path / "decimal.parquet"
+    column = pa.array([decimal.Decimal("123456789012345678.25")], type=pa.decimal128(38, 2))
+    pq.write_table(pa.table({"problem": ["p"], "answer": column}), exact)
+    assert load_records(exact)[0].ground_truth == "123456789012345678.25"
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
