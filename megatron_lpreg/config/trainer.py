@@ -47,6 +47,11 @@ class TrainerConfig:
     """Optimizer updates per rollout batch (1 = on-policy; >1 splits into mini-batches: off-policy)."""
     micro_batch_tokens: int = 30720
     """Token budget of one micro-batch per rank (prompt + response)."""
+    packing: bool = False
+    """Packed, token-balanced micro-batches (verl's dynamic batch size): sequences concatenated without padding
+    into micro-batches of at most micro_batch_tokens, assigned by balanced partitioning, so Lp-Reg's
+    selection=reference pools the authors' tokens. Local (CPU) layer spec only for now: a block-diagonal causal
+    mask and per-sequence RoPE positions. false = padded micro-batches of consecutive sequences."""
     nan_policy: Literal["skip", "stop"] = "skip"
     """What to do on a non-finite loss or grad norm."""
     max_consecutive_nan: int = 3

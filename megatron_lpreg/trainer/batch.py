@@ -117,3 +117,129 @@ def split_mini_batches(batch: TrainBatch, num_updates: int) -> list[TrainBatch]:
         )
     size = math.ceil(batch.num_sequences / num_updates)
     return [batch.select(slice(i, i + size)) for i in range(0, batch.num_sequences, size)]
+
+
+# ---- packed, token-balanced micro-batches (trainer.packing) -------------------------------------------------------
+
+@dataclass(kw_only=True)
+class PackedMicroBatch:
+    """Several sequences concatenated without padding into one row of at most ``micro_batch_tokens`` tokens.
+
+    The model runs on the packed row (a block-diagonal causal mask keeps sequences apart, each sequence's positions
+    restart at 0); the per-token results are then gathered back into ``batch``'s per-sequence layout, so every
+    loss sees the same ``[n, L]`` rows as on the padded path (``L`` = this micro-batch's longest sequence).
+    """
+
+    batch: TrainBatch
+    """The micro-batch's sequences as rows ``[n, L]`` (trimmed to their own longest length)."""
+    indices: list[int]
+    """Rows of the rank's batch these sequences came from (in ``batch`` order)."""
+    tokens: torch.Tensor
+    """[1, T] packed input ids (tail padding after the last sequence)."""
+    targets: torch.Tensor
+    """[1, T] packed next tokens (each sequence's own; pad at each sequence's last position)."""
+    position_ids: torch.Tensor
+    """[1, T] position of each token inside its own sequence."""
+    segments: torch.Tensor
+    """[1, T] int64 sequence number of each token (tail padding: a segment of its own)."""
+    gather_index: torch.Tensor
+    """[n, L] int64 packed column of row i, position t (0 where ``batch.tokens`` is padding)."""
+    valid: torch.Tensor
+    """[n, L] bool, True on the rows' real tokens."""
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def attention_mask(self) -> torch.Tensor:
+        """[1, 1, T, T] bool, True = masked (another sequence, or the future): megatron's local-spec convention."""
+        same = self.segments[:, :, None] == self.segments[:, None, :]
+        causal = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool, device=self.tokens.device).tril()
+        return ~(same & causal).unsqueeze(1)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[1, T]`` per-token values -> ``[n, L]`` rows (0 on padding); differentiable."""
+        rows = packed.reshape(-1)[self.gather_index.reshape(-1)].reshape(self.gather_index.shape)
+        return torch.where(self.valid, rows, torch.zeros_like(rows))
+
+
+def sequence_lengths(batch: TrainBatch) -> list[int]:
+    """Real length (prompt + response) of every row: up to the last response position + 1 (the final token)."""
+    mask = batch.loss_mask > 0
+    last = torch.where(mask, torch.arange(batch.seq_len).expand_as(mask), torch.full_like(mask, -1, dtype=torch.long))
+    ends = last.max(dim=1).values + 2  # loss position t predicts token t+1
+    return [int(e) if e > 1 else 1 for e in ends]
+
+
+def balanced_partitions(lengths: list[int], budget: int) -> list[list[int]]:
+    """Group sequence indices into micro-batches of at most ``budget`` tokens, balanced like verl's dynamic batch
+    size: the fewest bins the budget allows (``ceil(sum / budget)``, more when needed), filled longest first into
+    the currently lightest bin. A sequence longer than the budget gets a bin of its own. Bins keep index order.
+
+    Raises:
+        ValueError: budget < 1.
+    """
+    if budget < 1:
+        raise ValueError(f"micro-batch token budget {budget} must be >= 1")
+    if not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    k = max(1, math.ceil(sum(lengths) / budget))
+    while True:
+        loads, bins = [0] * k, [[] for _ in range(k)]
+        fits = True
+        for i in order:
+            j = min(range(k), key=lambda b: (loads[b], b))
+            if loads[j] and loads[j] + lengths[i] > budget:
+                fits = False
+                break
+            loads[j] += lengths[i]
+            bins[j].append(i)
+        if fits:
+            return [sorted(b) for b in bins if b]
+        k += 1
+
+
+def pack_micro_batches(batch: TrainBatch, budget: int, *, pad_id: int = 0, uniform: bool = False
+                       ) -> list[PackedMicroBatch]:
+    """Token-balanced packed micro-batches of ``batch`` (see :func:`balanced_partitions`).
+
+    Args:
+        budget: tokens per micro-batch (``trainer.micro_batch_tokens``, prompt + response).
+        pad_id: id for the tail padding.
+        uniform: pad every packed row to the longest one (pipeline stages send one shape); else each row is
+            exactly as long as its sequences.
+    """
+    lengths = sequence_lengths(batch)
+    groups = balanced_partitions(lengths, budget)
+    longest_pack = max(sum(lengths[i] for i in g) for g in groups)
+    out = []
+    for group in groups:
+        width = longest_pack if uniform else sum(lengths[i] for i in group)
+        longest = max(lengths[i] for i in group)
+        sub = _trim(batch.select(torch.tensor(group)), longest)
+        tokens = torch.full((1, width), pad_id, dtype=torch.long)
+        targets = torch.full((1, width), pad_id, dtype=torch.long)
+        positions = torch.zeros(1, width, dtype=torch.long)
+        segments = torch.full((1, width), len(group), dtype=torch.long)
+        index = torch.zeros(len(group), longest, dtype=torch.long)
+        start = 0
+        for row, i in enumerate(group):
+            n = lengths[i]
+            tokens[0, start:start + n] = sub.tokens[row, :n]
+            targets[0, start:start + n] = sub.targets[row, :n]
+            positions[0, start:start + n] = torch.arange(n)
+            segments[0, start:start + n] = row
+            index[row, :n] = torch.arange(start, start + n)
+            start += n
+        valid = torch.arange(longest).expand(len(group), longest) < torch.tensor([lengths[i] for i in group])[:, None]
+        out.append(PackedMicroBatch(batch=sub, indices=group, tokens=tokens, targets=targets, position_ids=positions,
+                                    segments=segments, gather_index=index, valid=valid))
+    return out
+
+
+def _trim(batch: TrainBatch, length: int) -> TrainBatch:
+    """Every ``[N, L]`` field cut to its first ``length`` columns."""
+    changes = {f.name: getattr(batch, f.name)[:, :length] for f in fields(batch)
+               if isinstance(getattr(batch, f.name), torch.Tensor) and getattr(batch, f.name).dim() == 2}
+    return replace(batch, **changes)

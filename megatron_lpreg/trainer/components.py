@@ -93,7 +93,8 @@ def build_components(cfg: RunConfig, run_dir: Path) -> Components:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     evaluator = TrainingEvaluator(cfg.eval, cfg.data, cfg.reward, tokenizer)  # refuses evals that score nothing
     policy = Policy(cfg.model, cfg.parallel, cfg.optimizer, cfg.algo, ctx, temperature=cfg.rollout.temperature,
-                    micro_batch_tokens=cfg.trainer.micro_batch_tokens, total_steps=cfg.trainer.max_steps)
+                    micro_batch_tokens=cfg.trainer.micro_batch_tokens, total_steps=cfg.trainer.max_steps,
+                    packing=cfg.trainer.packing)
     _load_initial_weights(cfg, policy, ctx)
     engine = EngineHost(cfg, ctx, policy.raw_chunks)
     dataset = build_dataset(cfg.data, tokenizer, seed=cfg.seed)

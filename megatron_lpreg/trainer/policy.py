@@ -23,7 +23,13 @@ from megatron_lpreg.models.qwen import build_model_chunks
 from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob_stats
 from megatron_lpreg.parallel import collectives as coll
 from megatron_lpreg.parallel.bootstrap import ParallelContext
-from megatron_lpreg.trainer.batch import TrainBatch, micro_batch_size_for, split_micro_batches
+from megatron_lpreg.trainer.batch import (
+    PackedMicroBatch,
+    TrainBatch,
+    micro_batch_size_for,
+    pack_micro_batches,
+    split_micro_batches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +49,7 @@ class Policy:
 
     def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, optim_cfg: OptimizerConfig,
                  algo_cfg: AlgoConfig, ctx: ParallelContext, *, temperature: float, micro_batch_tokens: int,
-                 total_steps: int) -> None:
+                 total_steps: int, packing: bool = False) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
@@ -54,6 +60,13 @@ class Policy:
         self.temperature = temperature
         self.loss_generator: torch.Generator | None = None
         self.micro_batch_tokens = micro_batch_tokens
+        self.packing = packing  # trainer.packing: token-balanced packed micro-batches (trainer/batch.py)
+        if packing and model_cfg.transformer_impl == "transformer_engine":
+            from megatron_lpreg.models.qwen import use_transformer_engine
+
+            if use_transformer_engine(model_cfg):
+                raise ValueError("trainer.packing=true runs on the local layer spec only (block-diagonal mask); "
+                                 "set model.transformer_impl=local or trainer.packing=false")
         raw_chunks = build_model_chunks(model_cfg, parallel_cfg)
         for chunk in raw_chunks:
             if model_cfg.params_dtype == "bfloat16":
@@ -91,7 +104,10 @@ class Policy:
         )
 
     # ---- forward/backward ---------------------------------------------------------------------------------
-    def _micro_batches(self, batch: TrainBatch) -> tuple[list[TrainBatch], int]:
+    def _micro_batches(self, batch: TrainBatch) -> tuple[list[Any], int]:
+        if self.packing:  # one packed row per micro-batch; all the same width so pipeline p2p shapes match
+            packs = pack_micro_batches(batch, self.micro_batch_tokens, uniform=self.ctx.pp_size > 1)
+            return [_packed_on_device(p, self.ctx) for p in packs], 1
         batch = _on_device(batch, self.ctx)  # the rollout builds batches on the host; the model reads them here
         mbs = micro_batch_size_for(batch.seq_len, self.micro_batch_tokens)
         mbs = min(mbs, batch.num_sequences)
@@ -110,11 +126,25 @@ class Policy:
         return split_micro_batches(batch, mbs), mbs
 
     def _forward_step(self, loss_fn, data_iterator, model):
-        mb: TrainBatch = next(data_iterator)
+        mb = next(data_iterator)
+        if isinstance(mb, PackedMicroBatch):
+            with _per_sequence_rope(model, mb.position_ids):
+                output = model(mb.tokens, mb.position_ids, mb.attention_mask())
+            return output, partial(loss_fn, mb)
         seq = mb.tokens.shape[1]
         position_ids = coll.arange(seq, self.ctx).unsqueeze(0).expand_as(mb.tokens)
         output = model(mb.tokens, position_ids, None)
         return output, partial(loss_fn, mb)
+
+    def _row_stats(self, mb, logits_shard: torch.Tensor, with_proxy_kl: bool = False):
+        """``(stats, rows)``: per-token stats as ``[n, L]`` sequence rows and the micro-batch's ``TrainBatch``
+        (a packed micro-batch's stats are computed on the packed row, then gathered back into its rows)."""
+        stats = self._stats(mb, logits_shard, with_proxy_kl)
+        if not isinstance(mb, PackedMicroBatch):
+            return stats, mb
+        rows = {f.name: mb.unpack(getattr(stats, f.name)) for f in dataclasses.fields(stats)
+                if isinstance(getattr(stats, f.name), torch.Tensor)}
+        return dataclasses.replace(stats, **rows), mb.batch
 
     def _stats(self, mb: TrainBatch, logits_shard: torch.Tensor, with_proxy_kl: bool = False):
         direction = loss_requirements(self.algo_cfg).proxy_kl_direction or "proxy_to_policy"
@@ -147,9 +177,12 @@ class Policy:
             chunk.eval()
         micro_batches, mbs = self._micro_batches(batch)
 
-        def loss_fn(mb: TrainBatch, logits: torch.Tensor):
-            stats = self._stats(mb, logits)
-            return coll.zeros((), self.ctx), {"logprobs": stats.logprobs.float(), "proxy": stats.proxy_logprobs.float()}
+        def loss_fn(mb, logits: torch.Tensor):
+            stats, rows = self._row_stats(mb, logits)
+            out = {"logprobs": stats.logprobs.float(), "proxy": stats.proxy_logprobs.float()}
+            if isinstance(mb, PackedMicroBatch):
+                out["index"] = mb.indices
+            return coll.zeros((), self.ctx), out
 
         outputs = self._run(micro_batches, mbs, loss_fn, forward_only=True)
         old, proxy = self._gather_from_last_stage(outputs, batch)
@@ -160,7 +193,13 @@ class Policy:
     def _gather_from_last_stage(self, outputs: list[dict], batch: TrainBatch):
         """Concatenate per-micro-batch tensors on the last stage and broadcast them over the PP group."""
         shape = batch.tokens.shape
-        if self.ctx.is_last_pp_stage:
+        if self.ctx.is_last_pp_stage and self.packing:  # micro-batches hold index subsets: put rows back
+            old, proxy = coll.zeros(shape, self.ctx), coll.zeros(shape, self.ctx)
+            for o in outputs:
+                rows, width = torch.tensor(o["index"], device=old.device), o["logprobs"].shape[1]
+                old[rows, :width] = o["logprobs"]
+                proxy[rows, :width] = o["proxy"]
+        elif self.ctx.is_last_pp_stage:
             n = batch.num_sequences  # drop pipeline filler rows
             old = torch.cat([o["logprobs"] for o in outputs])[:n].contiguous()
             proxy = torch.cat([o["proxy"] for o in outputs])[:n].contiguous()
@@ -188,9 +227,9 @@ class Policy:
         n_micro = len(micro_batches)
         dp = self.ctx.dp_size
 
-        def loss_fn(mb: TrainBatch, logits: torch.Tensor):
+        def loss_fn(mb, logits: torch.Tensor):
             exact_kl = loss_requirements(self.algo_cfg).proxy_kl_direction is not None
-            stats = self._stats(mb, logits, with_proxy_kl=exact_kl)
+            stats, mb = self._row_stats(mb, logits, with_proxy_kl=exact_kl)
             logprobs = stats.logprobs.float()
             old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
             proxy = mb.proxy_logprobs if mb.proxy_logprobs is not None else stats.proxy_logprobs.detach().float()
@@ -267,6 +306,35 @@ def _on_device(batch: TrainBatch, ctx: ParallelContext) -> TrainBatch:
     moved = {f.name: coll.on_device(getattr(batch, f.name), ctx) for f in dataclasses.fields(batch)
              if isinstance(getattr(batch, f.name), torch.Tensor)}
     return dataclasses.replace(batch, **moved)
+
+
+def _packed_on_device(mb: PackedMicroBatch, ctx: ParallelContext) -> PackedMicroBatch:
+    moved = {f.name: coll.on_device(getattr(mb, f.name), ctx) for f in dataclasses.fields(mb)
+             if isinstance(getattr(mb, f.name), torch.Tensor)}
+    return dataclasses.replace(mb, batch=_on_device(mb.batch, ctx), **moved)
+
+
+class _per_sequence_rope:
+    """While active, the model's RoPE table is looked up at ``position_ids`` (each packed sequence restarts at 0)
+    instead of at 0..T-1: megatron's GPTModel builds RoPE from the sequence length only."""
+
+    def __init__(self, model: Any, position_ids: torch.Tensor) -> None:
+        module = model
+        while not hasattr(module, "rotary_pos_emb") and hasattr(module, "module"):
+            module = module.module
+        self.rope = module.rotary_pos_emb
+        self.positions = position_ids.transpose(0, 1)  # [T, B]
+        self.handle = None
+
+    def _hook(self, _module: Any, _args: Any, emb: torch.Tensor) -> torch.Tensor:
+        return emb[:, 0, 0, :][self.positions].unsqueeze(2)  # [T, 1, 1, D] table -> [T, B, 1, D]
+
+    def __enter__(self) -> "_per_sequence_rope":
+        self.handle = self.rope.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
 
 
 def _real_sequences(batch: TrainBatch) -> int:
