@@ -55,9 +55,9 @@ def cluster():
     os.environ.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     ray_constants.ENABLE_RAY_CLUSTER = False
     args = {"num_cpus": 8, "num_gpus": GPUS_PER_NODE, "node_ip_address": "127.0.0.1"}
-    cl = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": False})
+    cl = Cluster()
     try:
-        cl.add_node(**args)
+        _add_nodes(cl, args)
         ray.init(address=cl.address, log_to_driver=False)
         yield cl
     finally:
@@ -69,6 +69,33 @@ def cluster():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _add_nodes(cl: Cluster, args: dict, attempts: int = 3) -> None:
+    """Head + one worker. Ray gives a raylet a fixed 30 s to register; on a machine loaded by other jobs that can
+    run out, so a node that timed out is tried again."""
+    for attempt in range(attempts):
+        try:
+            if cl.head_node is None:
+                cl.add_node(**args, include_dashboard=False)
+            if not cl.worker_nodes:
+                cl.add_node(**args)
+            return
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception for the start-up timeout
+            if cl.head_node is not None and _alive_nodes(cl, wait_for=2, timeout_s=90) >= 2:
+                return  # the worker's raylet registered late: adding another one would make three nodes
+            if attempt == attempts - 1:
+                raise
+            time.sleep(5)
+
+
+def _alive_nodes(cl: Cluster, *, wait_for: int, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = sum(1 for n in cl.global_state.node_table() if n["Alive"])
+        if alive >= wait_for or time.monotonic() > deadline:
+            return alive
+        time.sleep(2)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +200,7 @@ def test_two_step_colocated_training_run(cluster, tmp_path):
                      "rollout.mode=colocated", "rollout.engine_tp=4", "rollout.num_engines=2",
                      f"rollout.sglang_launch_module={STANDIN}", "rollout.weight_sync_backend=gloo",
                      "rollout.launch_timeout_s=300", "rollout.prompts_per_step=4", "rollout.n=4",
+                     "rollout.max_batch_size=4",  # 4 chunks: both engines serve every step
                      "eval.benchmarks=[]", "reward.name=tests.support.rewards:even_length"])
     assert code == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
