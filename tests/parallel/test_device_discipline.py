@@ -83,6 +83,7 @@ LAYOUTS = {
     # off-policy updates and global Lp-Reg selection: the old-log-prob pass and the DP top-k all-gather
     "dp2": ["parallel.tp=1", "trainer.updates_per_step=2", "algo.selection=global"],
     "tp2": ["parallel.tp=2"],
+    "tp2-packed": ["parallel.tp=2", "trainer.packing=true"],  # packed micro-batches built on the host, then moved
     # pipeline: hosted engine on rank 0, weights streamed stage to rank 0, old log-probs broadcast over PP
     "pp2": ["parallel.tp=1", "parallel.pp=2", "trainer.updates_per_step=2"],
 }
