@@ -3,7 +3,6 @@ the failed engine is recovered once (not per chunk), refusals and unrecoverable 
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -19,11 +18,15 @@ def _dispatcher(send, recover=lambda k, e: False, inflight=1) -> LeastLoadedDisp
 def test_a_slow_engine_gets_less_work():
     served: dict[int, int] = {0: 0, 1: 0}
     lock = threading.Lock()
+    engine1_busy = threading.Event()
 
     def send(k, job):
-        time.sleep(0.2 if k == 0 else 0.01)
+        if k == 0:  # engine 0 is slow: its first chunk finishes only after engine 1 served 8
+            engine1_busy.wait(timeout=60)
         with lock:
             served[k] += 1
+            if served[1] >= 8:
+                engine1_busy.set()
         return (k, job[0])
 
     results = _dispatcher(send).run([(j, 1) for j in range(12)], [0, 1])
