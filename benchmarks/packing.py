@@ -35,6 +35,30 @@ def long_tailed_lengths(n: int, seed: int, short: tuple[int, int], long: int, lo
     return out
 
 
+def regularized_tokens(batch, lp: torch.Tensor, proxy: torch.Tensor, groups: list[list[int]], rho: float
+                       ) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
+    """Lp-Reg selection=reference per micro-batch ``groups`` (rows): (selected, regularised) as (row, position):
+    among valid A<0 tokens of the group the ``k = max(1, int(n * rho))`` lowest-probability ones (only if k > 1),
+    and of those the ones with lp < proxy."""
+    out: set[tuple[int, int]] = set()
+    selected: set[tuple[int, int]] = set()
+    for group in groups:
+        rows = torch.tensor(group)
+        cand = (batch.loss_mask[rows] > 0) & (batch.advantages[rows] < 0)
+        k = max(1, int(int(cand.sum()) * rho))
+        if k <= 1:
+            continue
+        pool = torch.where(cand, lp[rows], torch.full_like(lp[rows], float("inf"))).reshape(-1)
+        chosen = torch.topk(pool, k, largest=False).indices
+        width = lp.shape[1]
+        for flat in chosen.tolist():
+            r, t = group[flat // width], flat % width
+            selected.add((r, t))
+            if lp[r, t] < proxy[r, t]:
+                out.add((r, t))
+    return selected, out
+
+
 def _bench(rank: int, world: int, cfg, sequences: int, repeats: int) -> dict:
     from megatron_lpreg.models.bridge import load_hf_weights
     from megatron_lpreg.parallel.bootstrap import init_parallel
@@ -55,18 +79,32 @@ def _bench(rank: int, world: int, cfg, sequences: int, repeats: int) -> dict:
     batch = build_train_batch(prompts, responses, [[-1.0] * k for k in lengths],
                               torch.randn(sequences, generator=g).tolist(), [0.0] * sequences, pad_id=0)
     logprobs, times = {}, {False: [], True: []}
+    for packing in (False, True):  # same weights for both: before any update
+        policy.packing = packing
+        with_old = policy.compute_old_logprobs(batch)
+        logprobs[packing] = with_old.old_logprobs * batch.loss_mask
     for packing in (False, True):
         policy.packing = packing
-        logprobs[packing] = policy.compute_old_logprobs(batch).old_logprobs * batch.loss_mask
         for i in range(repeats + 1):  # first round is warm-up
             t0 = time.perf_counter()
             policy.train_step(batch)
             if i:
                 times[packing].append(time.perf_counter() - t0)
+    from megatron_lpreg.trainer.batch import balanced_partitions, micro_batch_size_for, sequence_lengths
+
+    mbs = micro_batch_size_for(batch.seq_len, cfg.trainer.micro_batch_tokens)
+    padded_groups = [list(range(i, min(i + mbs, sequences))) for i in range(0, sequences, mbs)]
+    packed_groups = balanced_partitions(sequence_lengths(batch), cfg.trainer.micro_batch_tokens)
+    sel = {name: regularized_tokens(batch, with_old.old_logprobs, with_old.proxy_logprobs, groups, cfg.algo.rho)
+           for name, groups in (("padded", padded_groups), ("packed", packed_groups))}
     real = sum(len(p) + len(r) for p, r in zip(prompts, responses))
     return {"padded": statistics.median(times[False]), "packed": statistics.median(times[True]),
             "diff": float((logprobs[True] - logprobs[False]).abs().max()), "real_tokens": real,
-            "padded_tokens": batch.num_sequences * batch.seq_len, "longest": batch.seq_len}
+            "padded_tokens": batch.num_sequences * batch.seq_len, "longest": batch.seq_len,
+            "groups": (len(padded_groups), len(packed_groups)),
+            "selected": {k: len(v[0]) for k, v in sel.items()}, "regularized": {k: len(v[1]) for k, v in sel.items()},
+            "shared": len(sel["padded"][0] & sel["packed"][0]), "candidates": int(((batch.loss_mask > 0)
+                                                                             & (batch.advantages < 0)).sum())}
 
 
 def main() -> None:
@@ -90,6 +128,10 @@ def main() -> None:
           f"median of {args.repeats}:")
     print(f"  padded micro-batches: {r['padded']:.3f} s")
     print(f"  packed micro-batches: {r['packed']:.3f} s")
+    print(f"selection=reference (rho={cfg.algo.rho}) on this batch ({r['candidates']} negative-advantage tokens): "
+          f"padded {r['groups'][0]} micro-batches select {r['selected']['padded']} tokens (regularise "
+          f"{r['regularized']['padded']}), packed {r['groups'][1]} micro-batches select {r['selected']['packed']} "
+          f"(regularise {r['regularized']['packed']}), {r['shared']} selected in both")
     print(f"packing: padded/packed = {r['padded'] / r['packed']:.2f}x, max_abs_logprob_diff={r['diff']:.2e}")
 
 
