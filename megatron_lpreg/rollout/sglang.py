@@ -240,9 +240,9 @@ class SGLangEngine:
         """
         validate_params(params)
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
-        step = self.cfg.max_batch_size
-        jobs = [(prompts, rows[start : start + step], params) for start in range(0, len(rows), step)]
         usable = [k for k in range(len(self.clients)) if k not in self._stale]
+        step = chunk_rows(len(prompts), params.n, len(usable), self.cfg.max_batch_size)
+        jobs = [(prompts, rows[start : start + step], params) for start in range(0, len(rows), step)]
         chunks = self._dispatcher.run(jobs, usable)
         return sorted((c for chunk in chunks for c in chunk), key=lambda c: (c.prompt_index, c.sample_index))
 
@@ -460,6 +460,13 @@ class SGLangEngine:
         if self.servers is not None:
             self.servers.shutdown()
         self._group = None
+
+
+def chunk_rows(num_prompts: int, n: int, num_engines: int, max_batch_size: int) -> int:
+    """Rows per generation chunk: whole prompt groups (their samples share a server's prefix cache), spread so
+    that every usable engine gets a share of the step, and never more than ``max_batch_size`` rows."""
+    groups_per_engine = -(-num_prompts // max(1, num_engines))
+    return max(1, min(max_batch_size, groups_per_engine * n))
 
 
 def sampling_payload(params: SamplingParams, prompt_index: int, sample_index: int) -> dict:

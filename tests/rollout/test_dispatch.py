@@ -66,3 +66,14 @@ def test_refused_requests_and_unrecoverable_engines_fail_the_call():
 
     with pytest.raises(SGLangError, match=r"failed after 2 restart|failed on 2 engines"):
         _dispatcher(broken, cannot).run([(0, 1), (1, 1)], [0, 1])
+
+
+def test_chunks_keep_prompt_groups_whole_and_reach_every_engine():
+    from megatron_lpreg.rollout.sglang import chunk_rows
+
+    # 16 prompts x 4 samples over 4 engines: 4 prompt groups (16 rows) per engine, not one 64-row chunk
+    assert chunk_rows(16, 4, 4, 256) == 16
+    assert chunk_rows(16, 4, 4, 8) == 8  # max_batch_size still caps a chunk
+    assert chunk_rows(3, 8, 2, 256) == 16  # uneven split: ceil(3 / 2) groups
+    assert chunk_rows(1, 8, 4, 256) == 8  # fewer prompts than engines: one group per chunk
+    assert chunk_rows(5, 2, 0, 256) == 10  # no usable engine reported: one chunk (the dispatcher raises)
