@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_lpreg.parallel.collectives import broadcast_in_group
 from megatron_lpreg.rollout.base import NamedTensor, WeightSyncError
 
 logger = logging.getLogger(__name__)
@@ -87,9 +88,7 @@ def broadcast_bucket(group: dist.ProcessGroup, tensors: list[NamedTensor], backe
         payload = tensor.detach().contiguous()
         if backend == "nccl" and not payload.is_cuda:
             payload = payload.cuda()
-        opts = dist.BroadcastOptions()
-        opts.rootRank = 0
-        group.broadcast([payload], opts).wait()
+        broadcast_in_group(group, payload, root=0)
 
 
 def first_row_sample(tensor: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,9 @@ import logging
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 
 from megatron_lpreg.config import RunConfig
+from megatron_lpreg.parallel import collectives as coll
 from megatron_lpreg.parallel.bootstrap import ParallelContext
 from megatron_lpreg.rollout.base import Completion, SamplingParams, WeightUpdate
 
@@ -52,10 +52,7 @@ class EngineHost:
         """Completions for ``prompts`` (this rank's DP slice when colocated, the whole step when hosted)."""
         if not self.hosted:
             return self.engine.generate(prompts, params)
-        box: list[Any] = [self.engine.generate(prompts, params) if self.ctx.rank == 0 else None]
-        if self.ctx.world_size > 1:
-            dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return coll.broadcast_object(self.engine.generate(prompts, params) if self.ctx.rank == 0 else None, src=0)
 
     def update_weights(self, version: int) -> None:
         """Colocated: announce the version. Hosted: stream the new weights to rank 0's engine (collective)."""
@@ -138,19 +135,16 @@ def stream_weights_to_rank0(model_chunks: list, model_cfg: Any, ctx: ParallelCon
                         checksums[name] = float(tensor.double().sum())
                     yield name, tensor
                 elif ctx.tp_rank == 0:
-                    dist.send_object_list([name, tuple(tensor.shape), tensor.dtype], dst=0)
-                    dist.send(tensor.contiguous(), dst=0)
+                    coll.send_object((name, tuple(tensor.shape), tensor.dtype), dst=0)
+                    coll.send(tensor, dst=0)
             if ctx.rank == leader and leader != 0:
-                dist.send_object_list([_END, None, None], dst=0)
+                coll.send_object((_END, None, None), dst=0)
         elif ctx.rank == 0:
             while True:
-                header: list[Any] = [None, None, None]
-                dist.recv_object_list(header, src=leader)
-                name, shape, dtype = header
+                name, shape, dtype = coll.recv_object(src=leader)
                 if name == _END:
                     break
-                tensor = torch.empty(shape, dtype=dtype)
-                dist.recv(tensor, src=leader)
+                tensor = coll.recv(coll.empty(shape, ctx, dtype), src=leader)
                 if checksums is not None:
                     checksums[name] = float(tensor.double().sum())
                 yield name, tensor
@@ -158,6 +152,5 @@ def stream_weights_to_rank0(model_chunks: list, model_cfg: Any, ctx: ParallelCon
 
 def _stage_leaders(ctx: ParallelContext) -> dict[int, int]:
     """pp stage -> global rank of its (tp 0, dp 0) member, learned from every rank (no rank-order assumption)."""
-    coords: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(coords, (ctx.pp_rank, ctx.tp_rank, ctx.dp_rank, ctx.rank))
+    coords = coll.all_gather_object((ctx.pp_rank, ctx.tp_rank, ctx.dp_rank, ctx.rank))
     return {pp: rank for pp, tp, dp, rank in coords if tp == 0 and dp == 0}
