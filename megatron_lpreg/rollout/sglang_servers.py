@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from megatron_lpreg.config.rollout import RolloutConfig
+from megatron_lpreg.parallel.spawn import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +34,6 @@ class SGLangError(RuntimeError):
         self.engine_fault = engine_fault
         self.hung = hung
         """True when the server did not answer in time (it is restarted even if /health still answers)."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def server_command(cfg: RolloutConfig, model_path: str, *, host: str, port: int, seed: int,
