@@ -8,7 +8,7 @@ References: Shao et al. 2024 (GRPO, as in the Lp-Reg authors' veRL: unbiased std
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -18,7 +18,9 @@ from megatron_lpreg.algo.aggregation import (
     masked_mean,
     metrics_to_floats,
 )
+from megatron_lpreg.algo.inputs import PolicyLossInputs
 from megatron_lpreg.algo.ppo import clipped_surrogate, surrogate_metrics
+from megatron_lpreg.config.algo import AlgoConfig
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,14 @@ def clip_cov_loss(
     return loss, metrics_to_floats(metrics)
 
 
+def clip_cov_from_inputs(inputs: PolicyLossInputs, cfg: AlgoConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """``algo.name=clip_cov``: :func:`clip_cov_loss`, drawing with ``inputs.generator``."""
+    return clip_cov_loss(inputs.logprobs, inputs.old_logprobs, inputs.advantages, inputs.response_mask,
+                         clip_cov_ratio=cfg.clip_cov_ratio, clip_cov_lb=cfg.clip_cov_lb, clip_cov_ub=cfg.clip_cov_ub,
+                         clip_low=cfg.clip_low, clip_high=cfg.clip_high, generator=inputs.generator,
+                         **inputs.aggregation(cfg))
+
+
 def kl_cov_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -117,3 +127,9 @@ def kl_cov_loss(
         "actor/approx_kl": masked_mean(ratio.detach() - 1.0 - log_ratio, response_mask),
     }
     return loss, metrics_to_floats(metrics)
+
+
+def kl_cov_from_inputs(inputs: PolicyLossInputs, cfg: AlgoConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """``algo.name=kl_cov``: :func:`kl_cov_loss`."""
+    return kl_cov_loss(inputs.logprobs, inputs.old_logprobs, inputs.advantages, inputs.response_mask,
+                       kl_cov_ratio=cfg.kl_cov_ratio, kl_cov_coef=cfg.kl_cov_coef, **inputs.aggregation(cfg))

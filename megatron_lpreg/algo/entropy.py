@@ -11,7 +11,9 @@ import logging
 import torch
 
 from megatron_lpreg.algo.aggregation import LossAgg, aggregate_loss, masked_mean, metrics_to_floats
+from megatron_lpreg.algo.inputs import PolicyLossInputs
 from megatron_lpreg.algo.ppo import clipped_surrogate, surrogate_metrics
+from megatron_lpreg.config.algo import AlgoConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,13 @@ def entropy_bonus_loss(
     metrics.update({"loss/policy": loss, "loss/pg": pg_loss, "loss/entropy_bonus": entropy_coef * entropy_term,
                     "entropy/mean": masked_mean(entropy.detach(), response_mask)})
     return loss, metrics_to_floats(metrics)
+
+
+def entropy_bonus_from_inputs(inputs: PolicyLossInputs, cfg: AlgoConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """``algo.name=entropy``: :func:`entropy_bonus_loss`; needs ``inputs.entropy`` (with grad)."""
+    return entropy_bonus_loss(inputs.logprobs, inputs.old_logprobs, inputs.require("entropy", cfg), inputs.advantages,
+                              inputs.response_mask, entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low,
+                              clip_high=cfg.clip_high, clip_ratio_c=cfg.clip_ratio_c, **inputs.aggregation(cfg))
 
 
 def top_entropy_mask(entropy: torch.Tensor, response_mask: torch.Tensor, frac: float) -> torch.Tensor:
@@ -107,3 +116,10 @@ def forking_80_20_loss(
     metrics.update({"loss/policy": loss, "entropy/top_threshold": threshold,
                     "entropy/mean": masked_mean(entropy.detach(), response_mask)})
     return loss, metrics_to_floats(metrics)
+
+
+def forking_80_20_from_inputs(inputs: PolicyLossInputs, cfg: AlgoConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """``algo.name=forking_80_20``: :func:`forking_80_20_loss`; needs ``inputs.entropy`` (its ranking only)."""
+    return forking_80_20_loss(inputs.logprobs, inputs.old_logprobs, inputs.require("entropy", cfg), inputs.advantages,
+                              inputs.response_mask, top_entropy_frac=cfg.top_entropy_frac, clip_low=cfg.clip_low,
+                              clip_high=cfg.clip_high, clip_ratio_c=cfg.clip_ratio_c, **inputs.aggregation(cfg))

@@ -17,6 +17,8 @@ from megatron_lpreg.algo.aggregation import (
     masked_mean,
     metrics_to_floats,
 )
+from megatron_lpreg.algo.inputs import PolicyLossInputs
+from megatron_lpreg.config.algo import AlgoConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,3 +71,10 @@ def gspo_policy_loss(
         "actor/approx_kl": masked_mean(importance_ratio(plain) - 1.0 - plain, response_mask),
     }
     return loss, metrics_to_floats(metrics)
+
+
+def gspo_from_inputs(inputs: PolicyLossInputs, cfg: AlgoConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """``algo.name=gspo``: :func:`gspo_policy_loss` with ``gspo_clip_low``/``gspo_clip_high`` (the config's
+    ``validate()`` requires the sequence-level ``loss_agg``)."""
+    return gspo_policy_loss(inputs.logprobs, inputs.old_logprobs, inputs.advantages, inputs.response_mask,
+                            clip_low=cfg.gspo_clip_low, clip_high=cfg.gspo_clip_high, loss_agg=cfg.loss_agg)

@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_lpreg.algo.aggregation import LossAgg, aggregate_loss, masked_mean, metrics_to_floats
+from megatron_lpreg.algo.inputs import PolicyLossInputs
 from megatron_lpreg.algo.ppo import clipped_surrogate, surrogate_metrics
+from megatron_lpreg.config.algo import AlgoConfig
 from megatron_lpreg.ops.vocab_parallel import PROXY_FILL_LOGIT
 from megatron_lpreg.parallel import collectives as coll
 
@@ -26,6 +28,9 @@ KL_TERM_CLAMP = 10.0
 # exp(d) - d - 1 exceeds KL_TERM_CLAMP for d > ~2.61 and d < -11, where value and gradient are flat. Clamping d to
 # +-50 first changes neither but keeps exp() finite in fp32, so no inf*0 = nan reaches the gradient.
 _D_SAFE = 50.0
+
+PROXY_KL_DIRECTIONS = {"exact_proxy_to_policy": "proxy_to_policy", "exact_policy_to_proxy": "policy_to_proxy"}
+"""``algo.proxy_kl`` -> the op's ``proxy_kl_direction`` for the exact KL (``k3`` is absent: no exact KL needed)."""
 
 
 def compute_proxy_logprobs(
@@ -219,3 +224,20 @@ def lpreg_policy_loss(
         "lpreg/reg_term_mean": masked_mean(reg_term.detach(), regularized),
     })
     return loss, metrics_to_floats(metrics)
+
+
+def lpreg_from_inputs(inputs: PolicyLossInputs, cfg: AlgoConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """``algo.name=lpreg``: :func:`lpreg_policy_loss` with the config's hyper-parameters.
+
+    Needs ``inputs.proxy_logprobs``; in global selection also ``inputs.lowprob_threshold``, and ``inputs.proxy_kl``
+    when ``cfg.proxy_kl`` asks for the exact KL (a given ``proxy_kl`` is ignored under ``k3``).
+    """
+    global_mode = cfg.selection == "global"
+    return lpreg_policy_loss(
+        inputs.logprobs, inputs.old_logprobs, inputs.require("proxy_logprobs", cfg), inputs.advantages,
+        inputs.response_mask, rho=cfg.rho, beta=cfg.beta, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+        selection=cfg.selection,
+        lowprob_threshold=inputs.require("lowprob_threshold", cfg) if global_mode else None,
+        proxy_kl=inputs.require("proxy_kl", cfg) if cfg.proxy_kl in PROXY_KL_DIRECTIONS else None,
+        **inputs.aggregation(cfg),
+    )

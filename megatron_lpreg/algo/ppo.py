@@ -17,6 +17,8 @@ from megatron_lpreg.algo.aggregation import (
     masked_mean,
     metrics_to_floats,
 )
+from megatron_lpreg.algo.inputs import PolicyLossInputs
+from megatron_lpreg.config.algo import AlgoConfig
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +123,11 @@ def ppo_policy_loss(
     metrics = surrogate_metrics(surrogate, logprobs, old_logprobs, response_mask)
     metrics["loss/policy"] = loss
     return loss, metrics_to_floats(metrics)
+
+
+def ppo_from_inputs(inputs: PolicyLossInputs, cfg: AlgoConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """``algo.name`` ``grpo`` (symmetric clip, 0.2 by default) and ``dapo`` (clip-higher: ``clip_high > clip_low``,
+    0.28 / 0.2 in DAPO): :func:`ppo_policy_loss` with the config's clip and aggregation."""
+    return ppo_policy_loss(inputs.logprobs, inputs.old_logprobs, inputs.advantages, inputs.response_mask,
+                           clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_ratio_c=cfg.clip_ratio_c,
+                           **inputs.aggregation(cfg))

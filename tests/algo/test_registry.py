@@ -7,8 +7,14 @@ import typing
 import pytest
 import torch
 
+from megatron_lpreg.algo.inputs import PolicyLossInputs
 from megatron_lpreg.algo.lpreg import lpreg_policy_loss
-from megatron_lpreg.algo.registry import PolicyLossInputs, compute_policy_loss, loss_requirements
+from megatron_lpreg.algo.registry import (
+    POLICY_LOSSES,
+    LossRequirements,
+    compute_policy_loss,
+    loss_requirements,
+)
 from megatron_lpreg.config.algo import AlgoConfig, AlgoName
 from megatron_lpreg.config.base import ConfigError
 
@@ -52,6 +58,21 @@ def test_every_configured_name_runs(name, loss_agg):
     assert inputs.logprobs.grad.abs().sum() > 0
     assert metrics["loss/policy"] == pytest.approx(loss.item())
     assert all(key.startswith(METRIC_NAMESPACES) for key in metrics), sorted(metrics)
+
+
+def test_registered_losses_take_the_inputs_object_and_live_in_their_loss_module():
+    cfg = AlgoConfig(name="entropy", entropy_coef=0.01)
+    x = _inputs()
+    assert POLICY_LOSSES["entropy"](x, cfg)[0].item() == compute_policy_loss(cfg, x)[0].item()
+    for name, fn in POLICY_LOSSES.items():
+        assert fn.__module__.rpartition(".")[2] in ("lpreg", "ppo", "entropy", "cov", "gspo"), name
+
+
+def test_requirements_name_only_what_costs_work():
+    assert [f.name for f in dataclasses.fields(LossRequirements)] == [
+        "proxy_logprobs", "proxy_kl_direction", "global_threshold"]
+    assert loss_requirements(AlgoConfig(name="grpo", loss_agg="global_token_mean")) == LossRequirements(
+        proxy_logprobs=False, proxy_kl_direction=None, global_threshold=False)
 
 
 def test_lpreg_dispatch_equals_direct_call_and_global_exact_kl():
