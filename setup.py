@@ -17,21 +17,18 @@ INSTALL_REQUIRES = [
     "ray[default]==2.60.0",
     "math-verify==0.9.0",
     "nltk==3.10.4",
-    "omegaconf==2.4.0",
     "pyyaml==6.0.3",
     "tqdm==4.70.1",
     "requests==2.34.2",
-    "aiohttp==3.14.5",
     "fastapi==0.136.3",
     "uvicorn==0.54.0",
     "tensorboard==2.21.0",
     "matplotlib==3.11.2",
-    "pandas==3.1.1",
-    "pyarrow==26.0.1",
+    "pyarrow==26.0.1",  # parquet prompt files (data/sources.py, data/prepare.py)
 ]
 
 EXTRAS = {
-    "test": ["pytest==9.2.0"],
+    "test": ["pytest==9.2.0", "ruff==0.17.6"],  # ruff: `make lint`, part of `make test`
     # GPU-only engines: sglang and vllm pin incompatible torch/openai/numba versions, so they are
     # separate extras (see docs/install.md).
     "sglang": ["sglang==0.5.23"],

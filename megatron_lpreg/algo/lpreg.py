@@ -1,8 +1,8 @@
 """Lp-Reg: low-probability token regularization towards a min-p filtered proxy of the old policy.
 
 Legend: B sequences, T tokens, V vocabulary; per-token tensors are ``[B, T]``.
-Reference: the Lp-Reg paper and the authors' veRL fork, as pinned down in docs/algorithms.md (spec:
-shared/notes/lpreg-algorithm.md). ``selection="reference"`` reproduces the authors' code step by step;
+Reference: the Lp-Reg paper and the authors' veRL fork (CarlanLark/Lp-Reg-dev @33b27e2), as pinned down in
+docs/algorithms.md. ``selection="reference"`` reproduces the authors' code step by step;
 ``selection="global"`` is the paper's reading (percentile over the whole global batch).
 """
 from __future__ import annotations

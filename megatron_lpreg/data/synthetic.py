@@ -2,7 +2,7 @@
 
 Prompt ``"37+48="`` (both operands zero-padded to two digits, so every prompt has the same length), reference
 response ``"\\boxed{85}"``, ground truth ``"85"``. All 10,000 problems are enumerated; a fixed data seed splits off
-a held-out set and a dev set that never appear in training (docs: shared/notes/cpu-demo-recipe.md).
+a held-out set and a dev set that never appear in training (docs/eval.md, ``synthetic``).
 """
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ LPREG_ZERO_TEMPLATE = (
     "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
     "User: {prompt}.\nAssistant: Let me solve this step by step.\n<think>"
 )
-"""The authors' ``zero_temp`` (CarlanLark/Lp-Reg-dev, verl/utils/dataset/rl_dataset.py), character for character."""
+"""The authors' ``zero_temp`` (CarlanLark/Lp-Reg-dev @33b27e2, verl/utils/dataset/rl_dataset.py), character for
+character."""
 
 ZERO_TEMPLATE = (
     "A conversation between a User and an Assistant. The User poses a math problem. The Assistant first thinks "

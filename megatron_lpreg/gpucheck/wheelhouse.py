@@ -1,6 +1,6 @@
 """The offline wheelhouse for a GPU node that has Python 3.12, torch and transformers but no network.
 
-The lent GPU nodes (notes/dependencies.md) hold Python 3.12.3, torch 2.11.0+cu130, transformers 5.17.0 and most
+The lent GPU nodes (docs/benchmarks.md, GPU check) hold Python 3.12.3, torch 2.11.0+cu130, transformers 5.17.0 and most
 common packages (numpy, tokenizers, safetensors, psutil, pyyaml, tqdm, regex, click, joblib, sympy, tensorboard,
 ...), but not megatron-core or a few of our small dependencies, and at most 64 MiB can be brought along. This
 module downloads, for CPython 3.12 on manylinux x86_64 and without dependency resolution, exactly the wheels the
@@ -31,7 +31,7 @@ GPU_NODE_REQUIREMENTS = (
     "latex2sympy2_extended==1.11.0",  # math-verify's LaTeX parser
     "antlr4-python3-runtime==4.13.2",  # latex2sympy2_extended's parser runtime
 )
-"""Wheels the project needs on the GPU node that its image lacks (the node's package list: KINDS.md)."""
+"""Wheels the project needs on the GPU node that its image lacks (what the image holds: the module docstring)."""
 PYTHON_VERSION = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 MAX_BYTES = 64 * 2**20

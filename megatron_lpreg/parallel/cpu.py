@@ -1,6 +1,6 @@
 """The one CPU/gloo compatibility layer that lets megatron-core run, multi-rank, on machines without CUDA.
 
-megatron-core assumes CUDA in a few dozen places (measured list in ``shared/notes/megatron-core-on-cpu.md``).
+megatron-core assumes CUDA in a few dozen places (docs/models.md, "Parallel bootstrap and the CPU shim").
 Two pieces bridge them, and both are inert on a CUDA machine:
 
 1. :func:`install_cpu_shim` — process-wide, idempotent, refuses to act when CUDA is present:

@@ -191,7 +191,6 @@ def test_colocated_engines_and_ranks_on_both_nodes(two_node_env, tmp_path):
     """One declared GPU per node (gres): the placement plan puts a rank and a colocated SGLang engine (the
     stand-in server, started through rollout.sglang_launch_module) on each node; the engines bind their node's
     address, and every engine takes the distributed weight sync after each step."""
-    pytest.importorskip("megatron_lpreg.trainer.ray_cluster", reason="the Ray engine fleet has not landed")
     overrides = [*OVERRIDES, "rollout.engine=sglang", "rollout.mode=colocated", "rollout.engine_tp=1",
                  "rollout.num_engines=2", "rollout.sglang_launch_module=tests.support.sglang_standin",
                  "rollout.weight_sync_backend=gloo", "rollout.launch_timeout_s=300",
