@@ -29,7 +29,7 @@ from megatron_lpreg.eval.runner import (
     math_grader,
     sampling_params,
 )
-from megatron_lpreg.reward.registry import RewardScorer
+from megatron_lpreg.reward.scorer import RewardScorer
 
 logger = logging.getLogger(__name__)
 

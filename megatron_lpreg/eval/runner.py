@@ -18,7 +18,7 @@ from megatron_lpreg.data.records import Prompt
 from megatron_lpreg.data.templates import decode, stop_token_ids
 from megatron_lpreg.eval.benchmarks import BenchmarkRequest, load_benchmark, parse_benchmarks
 from megatron_lpreg.eval.scoring import BenchmarkResult, markdown_table, summarize
-from megatron_lpreg.reward.registry import RewardScorer
+from megatron_lpreg.reward.scorer import RewardScorer
 from megatron_lpreg.rollout.base import Completion, RolloutEngine, SamplingParams
 
 logger = logging.getLogger(__name__)

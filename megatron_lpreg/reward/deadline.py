@@ -2,8 +2,10 @@
 killed (SIGKILL) and replaced, and the sample scores 0 with reason ``timeout``. Nothing a reward function does
 (hang in C code, recurse, eat memory up to the limit) can block the caller past the deadline.
 
-Workers are forked from the reward zygote (:mod:`megatron_lpreg.reward.zygote`), so a replacement is ready in
-~10 ms, they never inherit the trainer's threads or CUDA state, and pools may be used from any thread.
+Workers are forked by the reward worker forker (:mod:`megatron_lpreg.reward.forker`), so a replacement is ready
+in ~10 ms, they never inherit the trainer's threads or CUDA state, and pools may be used from any thread. The pool
+runs any reward function given by path; which function a reward name means is :mod:`megatron_lpreg.reward.registry`'s
+business, and :class:`megatron_lpreg.reward.scorer.RewardScorer` puts the two together.
 """
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Sequence
 
+from megatron_lpreg.reward.forker import WorkerForker, shared_forker
 from megatron_lpreg.reward.records import RewardResult
-from megatron_lpreg.reward.zygote import Zygote, shared_zygote
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +45,14 @@ class DeadlinePool:
         num_workers: int = 2,
         timeout_s: float = 5.0,
         memory_limit_mb: int = 4096,
-        zygote: Zygote | None = None,
+        forker: WorkerForker | None = None,
     ) -> None:
         """
         Args:
             num_workers: worker processes (>= 1).
             timeout_s: per-sample deadline, counted from when a worker receives the sample.
             memory_limit_mb: address-space limit per worker (0 = none); going over fails that sample.
-            zygote: where workers are forked from; default the process-wide :func:`shared_zygote`.
+            forker: where workers are forked from; default the process-wide :func:`shared_forker`.
 
         Raises:
             ValueError: num_workers < 1 or timeout_s <= 0.
@@ -63,16 +65,16 @@ class DeadlinePool:
         self.memory_limit_mb = memory_limit_mb
         self.killed = 0
         """Workers killed so far for running past a deadline."""
-        self._uses_shared_zygote = zygote is None
-        self._zygote = zygote or shared_zygote()
+        self._uses_shared_forker = forker is None
+        self._forker = forker or shared_forker()
         self._lock = threading.Lock()
         self._workers = [self._spawn() for _ in range(num_workers)]
 
     def _spawn(self) -> _Worker:
-        if self._uses_shared_zygote and not self._zygote.alive():
-            logger.warning("the reward zygote died; starting a new one")
-            self._zygote = shared_zygote()
-        pid, conn = self._zygote.fork_worker(self.memory_limit_mb)
+        if self._uses_shared_forker and not self._forker.alive():
+            logger.warning("the reward worker forker died; starting a new one")
+            self._forker = shared_forker()
+        pid, conn = self._forker.fork_worker(self.memory_limit_mb)
         return _Worker(pid=pid, conn=conn)
 
     def _replace(self, worker: _Worker) -> None:
@@ -164,7 +166,7 @@ class DeadlinePool:
             worker.conn.close()
         self._workers = []
 
-    def __enter__(self) -> "DeadlinePool":
+    def __enter__(self) -> DeadlinePool:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,10 +1,13 @@
-"""Typed records the reward side hands to the algorithm: one result per response, one group per prompt."""
+"""The record a reward hands back for one response (:class:`RewardResult`) and the metrics of a batch of them.
+
+Pure data: no processes, no imports from the rest of the package.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
-
-from megatron_lpreg.rollout.base import Completion
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 Reason = Literal["match", "verified", "wrong", "no_box", "unparsable", "timeout", "error"]
 """Why a response got its score:
@@ -31,24 +34,6 @@ class RewardResult:
         return self.score
 
 
-@dataclass(kw_only=True)
-class ScoredGroup:
-    """All responses to one prompt with their rewards (the unit GRPO normalises over)."""
-
-    prompt_index: int
-    ground_truth: str
-    completions: list[Completion]
-    results: list[RewardResult] = field(default_factory=list)
-
-    @property
-    def rewards(self) -> list[float]:
-        return [r.score for r in self.results]
-
-    @property
-    def reasons(self) -> list[str]:
-        return [r.reason for r in self.results]
-
-
 def clip_extracted(text: str | None, limit: int = 200) -> str | None:
     """Keep records small: an extracted answer longer than ``limit`` characters is cut with a marker."""
     if text is None or len(text) <= limit:
@@ -56,16 +41,12 @@ def clip_extracted(text: str | None, limit: int = 200) -> str | None:
     return text[:limit] + f"...(+{len(text) - limit} chars)"
 
 
-def as_result(value: Any) -> RewardResult:
-    """Normalise what a reward function returns: a RewardResult, a number, or a (number, reason) pair.
-
-    Raises:
-        TypeError: any other return type.
-    """
-    if isinstance(value, RewardResult):
-        return value
-    if isinstance(value, tuple) and len(value) == 2:
-        return RewardResult(score=float(value[0]), reason=str(value[1]))
-    if isinstance(value, (bool, int, float)):
-        return RewardResult(score=float(value), reason="scored")
-    raise TypeError(f"reward function returned {type(value).__name__}; expected float, (float, reason) or RewardResult")
+def reward_metrics(results: Sequence[RewardResult]) -> dict[str, float]:
+    """Namespaced metrics for a batch: ``reward/mean``, ``reward/reason/<reason>`` fractions, ``reward/max_s``."""
+    if not results:
+        return {}
+    counts = Counter(r.reason for r in results)
+    metrics = {"reward/mean": sum(r.score for r in results) / len(results)}
+    metrics.update({f"reward/reason/{k}": v / len(results) for k, v in sorted(counts.items())})
+    metrics["reward/max_s"] = max(r.seconds for r in results)
+    return metrics

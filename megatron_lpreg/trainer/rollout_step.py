@@ -68,7 +68,7 @@ def rollout_batch(comp: "Components", step: int) -> tuple[TrainBatch, dict[str, 
                                               sampling_params(comp, step))
     texts = [c.text or comp.tokenizer.decode(c.response_ids, skip_special_tokens=True) for c in completions]
     truths = [prompts[c.prompt_index].ground_truth for c in completions]
-    rewards = [float(r) for r in comp.reward.score_batch(texts, truths)]
+    rewards = [float(r) for r in comp.reward.score(texts, truths)]
     grouped = torch.tensor(rewards, dtype=torch.float64, device="cpu").view(len(prompts), cfg.rollout.n)
     advantages = compute_advantages(cfg.algo.advantage, grouped).reshape(-1).tolist()
     batch = build_train_batch(

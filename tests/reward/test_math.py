@@ -6,8 +6,10 @@ import time
 
 import pytest
 
+from megatron_lpreg.config.data import RewardConfig
 from megatron_lpreg.reward.deadline import DeadlinePool
-from megatron_lpreg.reward.math import MATH_REWARD_PATH, math_reward, precheck, score, score_batch, score_with_reason
+from megatron_lpreg.reward.math import MATH_REWARD_PATH, math_reward, precheck
+from megatron_lpreg.reward.scorer import RewardScorer, score, score_with_reason
 
 SLACK_S = 1.5
 """Allowed overshoot of a deadline: kill + reply + a loaded 2-core machine (measured overshoot is ~0.05 s)."""
@@ -130,7 +132,7 @@ def test_math_verify_in_charge(answer, truth, expected):
 
 @pytest.mark.parametrize("response", HANGING[:2])
 def test_single_score_returns_within_deadline(response):
-    score("\\boxed{\\frac{1}{2}}", "0.5")  # start the zygote outside the timed region
+    score("\\boxed{\\frac{1}{2}}", "0.5")  # start the worker forker outside the timed region
     start = time.monotonic()
     assert score(response, "5", timeout=1.0) == 0.0
     assert time.monotonic() - start < 1.0 + SLACK_S
@@ -151,10 +153,9 @@ def test_batch_hung_samples_time_out_and_others_still_score(pool):
     assert all(r.seconds < 1.0 + SLACK_S for r in results)
 
 
-def test_score_batch_mixes_fast_and_slow_paths():
-    results = score_batch(
-        ["\\boxed{85}", "nothing", "\\boxed{0.25}", HANGING[0]], ["85", "1", "\\frac14", "5"], timeout=1.0
-    )
+def test_scorer_mixes_fast_and_slow_paths():
+    with RewardScorer(RewardConfig(name="math", timeout_s=1.0, num_workers=2)) as scorer:
+        results = scorer.score(["\\boxed{85}", "nothing", "\\boxed{0.25}", HANGING[0]], ["85", "1", "\\frac14", "5"])
     assert [(r.score, r.reason) for r in results] == [
         (1.0, "match"), (0.0, "no_box"), (1.0, "verified"), (0.0, "timeout"),
     ]

@@ -6,30 +6,32 @@ import time
 import pytest
 
 from megatron_lpreg.config.data import RewardConfig
-from megatron_lpreg.reward.registry import RewardScorer, load_callable, resolve_reward, reward_metrics
-from megatron_lpreg.rollout.base import Completion
+from megatron_lpreg.reward.records import reward_metrics
+from megatron_lpreg.reward.registry import load_callable, resolve_reward
+from megatron_lpreg.reward.scorer import RewardScorer
 
 
-def _completion(prompt_index: int, sample_index: int, text: str) -> Completion:
-    return Completion(
-        prompt_index=prompt_index, sample_index=sample_index, prompt_ids=[1], response_ids=[2],
-        logprobs=[-0.1], finish_reason="stop", text=text,
-    )
-
-
-def test_math_scorer_groups_by_prompt():
-    completions = [
-        _completion(0, 0, "\\boxed{85}"), _completion(0, 1, "\\boxed{84}"),
-        _completion(1, 0, "\\boxed{\\frac{1}{2}}"), _completion(1, 1, "no answer"),
-    ]
+def test_math_scorer_results_in_order_with_reasons():
+    responses = ["\\boxed{85}", "\\boxed{84}", "\\boxed{\\frac{1}{2}}", "no answer"]
     with RewardScorer(RewardConfig(name="math", timeout_s=5.0, num_workers=1)) as scorer:
-        groups = scorer.score_groups(completions, ["85", "0.5"])
-    assert [g.prompt_index for g in groups] == [0, 1]
-    assert [g.rewards for g in groups] == [[1.0, 0.0], [1.0, 0.0]]
-    assert groups[1].reasons == ["verified", "no_box"]
-    metrics = reward_metrics([r for g in groups for r in g.results])
+        results = scorer.score(responses, ["85", "85", "0.5", "0.5"])
+    assert [r.score for r in results] == [1.0, 0.0, 1.0, 0.0]
+    assert [r.reason for r in results] == ["match", "wrong", "verified", "no_box"]
+    assert float(results[0]) == 1.0
+    metrics = reward_metrics(results)
     assert metrics["reward/mean"] == 0.5
     assert metrics["reward/reason/no_box"] == 0.25
+
+
+def test_scorer_starts_no_worker_for_cheap_samples_and_refuses_use_after_close():
+    scorer = RewardScorer(RewardConfig(name="math", num_workers=1))
+    assert [r.reason for r in scorer.score(["\\boxed{3}", "none"], ["3", "3"])] == ["match", "no_box"]
+    assert scorer._pool is None
+    scorer.close()
+    with pytest.raises(ValueError, match="2 responses but 1"):
+        scorer.score(["a", "b"], ["1"])
+    with pytest.raises(RuntimeError, match="after close"):
+        scorer.score(["\\boxed{1/2}"], ["0.5"])
 
 
 def test_exact_match_is_literal():

@@ -1,4 +1,4 @@
-"""The zygote outlives the (short-lived) thread that started it, and workers die with their pool."""
+"""The reward worker forker outlives the (short-lived) thread that started it, and workers die with their pool."""
 from __future__ import annotations
 
 import os
@@ -6,8 +6,8 @@ import threading
 import time
 
 from megatron_lpreg.reward.deadline import DeadlinePool
+from megatron_lpreg.reward.forker import PROCESS_MODULE, WorkerForker, shared_forker
 from megatron_lpreg.reward.math import MATH_REWARD_PATH
-from megatron_lpreg.reward.zygote import Zygote
 
 
 def _alive(pid: int) -> bool:
@@ -18,68 +18,66 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_zygote_survives_its_starting_thread_and_cleans_up():
-    holder: dict[str, Zygote] = {}
-    thread = threading.Thread(target=lambda: holder.setdefault("z", Zygote()))
+def test_forker_survives_its_starting_thread_and_cleans_up():
+    holder: dict[str, WorkerForker] = {}
+    thread = threading.Thread(target=lambda: holder.setdefault("f", WorkerForker()))
     thread.start()
     thread.join()
-    zygote = holder["z"]
+    forker = holder["f"]
     time.sleep(0.2)
-    assert zygote.alive()
-    pool = DeadlinePool(num_workers=2, timeout_s=5.0, zygote=zygote)
+    assert forker.alive()
+    pool = DeadlinePool(num_workers=2, timeout_s=5.0, forker=forker)
     pids = [w.pid for w in pool._workers]
     assert pool.map(MATH_REWARD_PATH, [("\\boxed{1/2}", "0.5"), ("\\boxed{3}", "4")])[0].score == 1.0
     pool.close()
-    zygote.close()
+    forker.close()
     deadline = time.monotonic() + 5
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(_alive(p) for p in pids) and not zygote.alive()
+    assert not any(_alive(p) for p in pids) and not forker.alive()
 
 
-def test_pool_survives_the_death_of_the_shared_zygote():
-    from megatron_lpreg.reward.zygote import shared_zygote
-
+def test_pool_survives_the_death_of_the_shared_forker():
     with DeadlinePool(num_workers=1, timeout_s=0.5) as pool:
-        zygote = shared_zygote()
-        zygote._proc.kill()
-        zygote._proc.wait()
+        forker = shared_forker()
+        forker._proc.kill()
+        forker._proc.wait()
         worker_pid = pool._workers[0].pid
         deadline = time.monotonic() + 5
-        while _alive(worker_pid) and time.monotonic() < deadline:  # workers die with their zygote
+        while _alive(worker_pid) and time.monotonic() < deadline:  # workers die with their forker
             time.sleep(0.05)
         assert not _alive(worker_pid)
-        # the dead worker is noticed at dispatch and replaced from a new zygote; the sample is not lost
+        # the dead worker is noticed at dispatch and replaced from a new forker; the sample is not lost
         results = pool.map(MATH_REWARD_PATH, [("\\boxed{10^{10^{10^{10}}}}", "5"), ("\\boxed{1/2}", "0.5")])
     assert [r.reason for r in results] == ["timeout", "verified"]
-    assert shared_zygote() is not zygote and shared_zygote().alive()
+    assert shared_forker() is not forker and shared_forker().alive()
 
 
-def _start_raw_zygote():
+def _start_raw_forker():
     import socket
     import subprocess
     import sys
     from multiprocessing.connection import Connection
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_lpreg.reward.zygote", str(theirs.fileno())],
+    proc = subprocess.Popen([sys.executable, "-m", PROCESS_MODULE, str(theirs.fileno())],
                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     theirs.close()
     return proc, Connection(ours.detach())
 
 
-def test_zygote_whose_parent_dies_during_start_up_exits_quietly():
-    """D8: a rank that fails at start-up closes the control socket before the zygote is ready; the zygote must
+def test_forker_whose_parent_dies_during_start_up_exits_quietly():
+    """D8: a rank that fails at start-up closes the control socket before the forker is ready; the forker must
     exit without a stray BrokenPipeError traceback on the job's stderr."""
-    proc, conn = _start_raw_zygote()
-    conn.close()  # the parent is gone before the zygote has imported math-verify
+    proc, conn = _start_raw_forker()
+    conn.close()  # the parent is gone before the forker has imported math-verify
     _, stderr = proc.communicate(timeout=120)
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
     assert proc.returncode == 0
 
 
-def test_zygote_whose_parent_dies_during_a_fork_request_exits_quietly():
-    proc, conn = _start_raw_zygote()
+def test_forker_whose_parent_dies_during_a_fork_request_exits_quietly():
+    proc, conn = _start_raw_forker()
     assert conn.recv()[0] == "ready"
     conn.send(("fork", 0))
     conn.close()  # the parent dies before it reads the worker's pid
