@@ -33,8 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_lpreg.config.model import ModelConfig
-from megatron_lpreg.models.bridge import HFSafetensors, hf_config_dict
 from megatron_lpreg.models.convert import convert_hf_to_mcore, convert_mcore_to_hf
+from megatron_lpreg.models.families import hf_config_json
+from megatron_lpreg.models.hf_dir import HFSafetensors
 
 GIB = 2**30
 
@@ -81,7 +82,7 @@ def write_synthetic(out: Path, cfg: ModelConfig, seed: int) -> tuple[int, int]:
         files[n] = {}  # drop this file's tensors before making the next
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config = hf_config_dict(cfg)
+    config = hf_config_json(cfg)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return total, largest
 
@@ -112,7 +113,7 @@ class Sampler:
             self.peak_growth = max(self.peak_growth, rss - start)
         self.peak_pss = max(self.peak_pss, pss)
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         def loop() -> None:
             while not self._stop.is_set():
                 self._sample()
@@ -162,8 +163,8 @@ def main() -> int:
     try:
         start = time.monotonic()
         if (work / "hf" / "config.json").is_file():  # reuse a --workdir from an earlier run
-            with HFSafetensors(work / "hf") as hf:
-                sizes = [torch.Size(hf.shape(n)).numel() * 2 for n in hf.names()]
+            hf = HFSafetensors(work / "hf")
+            sizes = [torch.Size(hf.shape(n)).numel() * 2 for n in hf.names()]
             total, largest = sum(sizes), max(sizes)
         else:
             total, largest = write_synthetic(work / "hf", cfg, seed=0)
@@ -177,8 +178,9 @@ def main() -> int:
             tp, pp = (int(x) for x in layout.split("x"))
             mcore, back = work / f"mcore-{layout}", work / f"back-{layout}"
             for step, run in [
-                (f"hf->mcore tp{tp} pp{pp}", lambda: convert_hf_to_mcore(work / "hf", mcore, tp=tp, pp=pp)),
-                (f"mcore->hf (from {layout})", lambda: convert_mcore_to_hf(
+                (f"hf->mcore tp{tp} pp{pp}",
+                 lambda mcore=mcore, tp=tp, pp=pp: convert_hf_to_mcore(work / "hf", mcore, tp=tp, pp=pp)),
+                (f"mcore->hf (from {layout})", lambda mcore=mcore, back=back: convert_mcore_to_hf(
                     mcore, back, max_shard_bytes=args.max_shard_mb * 2**20)),
             ]:
                 t0 = time.monotonic()

@@ -12,7 +12,8 @@ of ``sum(logprobs) + sum(entropy)`` (the proxy log-probs are computed too where 
 Time is the median of ``--repeats`` runs after one warm-up (wall clock, and the rank process's CPU time, which is
 less sensitive to other load on a shared machine; slowest rank reported); peak memory is the per-rank resident
 high-water mark above the resident size just before the measured run (VmHWM after resetting it through
-/proc/self/clear_refs), so it covers every temporary including autograd's saved tensors. Each approach runs in freshly forked ranks (gloo).
+/proc/self/clear_refs), so it covers every temporary including autograd's saved tensors. Each approach runs in
+freshly forked ranks (gloo).
 CPU only: the GPU variant of this comparison is not implemented here.
 
 Usage: ``python benchmarks/vocab_parallel.py [--tokens 1024] [--tp 2] [--repeats 3]``

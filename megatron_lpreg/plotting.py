@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from megatron_lpreg.telemetry import read_jsonl, read_metrics
 

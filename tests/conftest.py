@@ -10,14 +10,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
 # Heavy imports once, here, so every forked rank starts with them loaded.
 import megatron.core.dist_checkpointing  # noqa: E402,F401
 import megatron.core.models.gpt  # noqa: E402,F401
 import megatron.core.optimizer  # noqa: E402,F401
 import megatron.core.pipeline_parallel  # noqa: E402,F401
+import pytest  # noqa: E402
+import torch  # noqa: E402
 import transformers  # noqa: E402,F401
 
 from megatron_lpreg.parallel.spawn import start_zygote  # noqa: E402

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     status = "OK" if result.ok else f"FAIL (tolerance {result.tolerance:g})"
-    print(f"{args.hf} vs megatron tp={args.tp} pp={args.pp} vpp={args.vpp} {args.dtype}, {result.tokens} tokens: {status}")
+    print(f"{args.hf} vs megatron tp={args.tp} pp={args.pp} vpp={args.vpp} {args.dtype}, {result.tokens} tokens: "
+          f"{status}")
     print(result.line())
     return 0 if result.ok else 1
 

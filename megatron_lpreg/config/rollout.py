@@ -6,7 +6,6 @@ from typing import Literal
 
 from megatron_lpreg.config.base import ConfigError
 
-
 TRAINER_GROUP_TIMEOUT_S = 1800.0
 """Collective timeout of the trainer's process groups (parallel.bootstrap.init_parallel's default)."""
 

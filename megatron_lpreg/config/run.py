@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -19,8 +20,8 @@ from megatron_lpreg.config.base import (
     set_dotted,
     to_dict,
 )
-from megatron_lpreg.config.model import ModelConfig, ParallelConfig
 from megatron_lpreg.config.data import DataConfig, EvalConfig, RewardConfig
+from megatron_lpreg.config.model import ModelConfig, ParallelConfig
 from megatron_lpreg.config.rollout import RolloutConfig
 from megatron_lpreg.config.trainer import CheckpointConfig, LoggingConfig, OptimizerConfig, TrainerConfig
 
@@ -45,17 +46,17 @@ class RunConfig:
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         cfg = from_dict(cls, data)
         cfg.validate()
         return cfg
 
     @classmethod
-    def from_yaml(cls, text: str) -> "RunConfig":
+    def from_yaml(cls, text: str) -> RunConfig:
         return cls.from_dict(yaml.safe_load(text) or {})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, overrides: Iterable[str] = ()) -> "RunConfig":
+    def load(cls, path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunConfig:
         """Load ``path`` (following its ``base:`` chain), apply dotted ``overrides``, validate."""
         data = load_yaml_tree(Path(path))
         for text in overrides:
@@ -77,7 +78,7 @@ class RunConfig:
         tmp.write_text(self.to_yaml())
         os.replace(tmp, path)
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
     # ---- validation ---------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Enough for ``"37+48="`` -> ``"\\boxed{85}</s>"``; any other character is an erro
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 SPECIALS = ("<pad>", "<s>", "</s>")
 CHARS = "0123456789+*-=%\\boxed{}"

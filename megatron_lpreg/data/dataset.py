@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from megatron_lpreg.config.data import DataConfig
 from megatron_lpreg.data.records import DatasetStats, Prompt, SourceRecord

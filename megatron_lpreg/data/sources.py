@@ -11,8 +11,9 @@ import decimal
 import json
 import logging
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from megatron_lpreg.data.records import SourceRecord
 

@@ -14,7 +14,8 @@
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 TEMPLATES = ("qwen_chat", "lpreg_zero", "zero", "plain")
 

@@ -34,8 +34,13 @@ def te_unavailable_reason(device: torch.device) -> str | None:
 
 def _one(hf_dir: Path, arch: str, impl: str, dtype: str) -> dict[str, float]:
     from megatron_lpreg.config.model import ParallelConfig
-    from megatron_lpreg.models.parity import (DEFAULT_TOLERANCE, compare_logits, hf_logits, megatron_logits,
-                                              parity_tokens)
+    from megatron_lpreg.models.parity import (
+        DEFAULT_TOLERANCE,
+        compare_logits,
+        hf_logits,
+        megatron_logits,
+        parity_tokens,
+    )
     from megatron_lpreg.models.qwen import model_config_from_hf
 
     model_cfg = dataclasses.replace(model_config_from_hf(hf_dir), params_dtype=dtype, transformer_impl=impl)

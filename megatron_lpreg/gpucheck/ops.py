@@ -4,8 +4,9 @@ Legend: N tokens, V real vocabulary, Vp = V + padding columns (megatron pads the
 
 ``op_parity`` runs :func:`~megatron_lpreg.ops.vocab_parallel.vocab_parallel_logprob_stats` at TP=1 on the chosen
 device (on CUDA at the Qwen2.5 vocabulary, large enough that the op works in several row blocks) with fp32 and
-bf16 input, and compares values and the logits gradient with :func:`~megatron_lpreg.ops.reference.reference_logprob_stats`
-(float64, same device), using the tolerances of tests/ops/test_vocab_parallel.py.
+bf16 input, and compares values and the logits gradient with
+:func:`~megatron_lpreg.ops.reference.reference_logprob_stats` (float64, same device), using the tolerances of
+tests/ops/test_vocab_parallel.py.
 
 ``op_speed`` times forward + backward of ``sum(logprobs) + sum(entropy)`` for the fused op and for megatron's
 ``vocab_parallel_cross_entropy`` plus a separate differentiable entropy pass (what a trainer without the fused op
@@ -19,8 +20,9 @@ import logging
 import statistics
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -211,7 +213,8 @@ def _speed_one(dtype: torch.dtype, n_tokens: int, vocab: int, device: torch.devi
     mega_s, mega_mib = _time(megatron, leaf, device, repeats)
     bound_s = 3 * logits.numel() * logits.element_size() / bandwidth
     return {"fused_s": fused_s, "megatron_ce_plus_entropy_s": mega_s, "speedup_vs_megatron": mega_s / fused_s,
-            "bandwidth_bound_s": bound_s, "fused_over_bound": fused_s / bound_s, "megatron_over_bound": mega_s / bound_s,
+            "bandwidth_bound_s": bound_s, "fused_over_bound": fused_s / bound_s,
+            "megatron_over_bound": mega_s / bound_s,
             "fused_peak_mib": fused_mib, "megatron_peak_mib": mega_mib,
             "logprob_max_diff": (fused_logp - mega_logp).abs().max().item(),
             "entropy_max_diff": (fused_ent - mega_ent).abs().max().item()}

@@ -21,11 +21,11 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from megatron_lpreg.gpucheck.report import (SECTION_NAMES, section_failed, section_ok, section_skipped,
-                                            write_report)
+from megatron_lpreg.gpucheck.report import SECTION_NAMES, section_failed, section_ok, section_skipped, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def environment_info(device: str) -> dict[str, Any]:
             return "not installed"
 
     info: dict[str, Any] = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "host": platform.node(), "python": platform.python_version(), "device": device,
         "torch": torch.__version__, "torch_cuda": torch.version.cuda or "none",
         "megatron_core": version("megatron-core"), "transformers": version("transformers"),
@@ -99,7 +99,8 @@ def run_section(name: str, device_name: str, work_dir: Path, config: Path) -> di
     except ops.CheckFailed as exc:
         result = section_failed(str(exc), exc.numbers)
     except Exception as exc:  # noqa: BLE001 (any error is this section's result, with its traceback)
-        result = section_failed(f"{type(exc).__name__}: {exc}", {"traceback": traceback.format_exc()[-_LOG_TAIL_CHARS:]})
+        result = section_failed(f"{type(exc).__name__}: {exc}",
+                                {"traceback": traceback.format_exc()[-_LOG_TAIL_CHARS:]})
     result["seconds"] = time.perf_counter() - start
     return result
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -123,7 +124,8 @@ class ParallelContext:
     def describe(self) -> str:
         """One line for logs: ``rank 3/4 tp 1/2 pp 1/2 dp 0/1 (gloo, cpu)``."""
         return (f"rank {self.rank}/{self.world_size} tp {self.tp_rank}/{self.tp_size} pp {self.pp_rank}/"
-                f"{self.pp_size} (vpp {self.vpp_size}) dp {self.dp_rank}/{self.dp_size} ({self.backend}, {self.device})")
+                f"{self.pp_size} (vpp {self.vpp_size}) dp {self.dp_rank}/{self.dp_size} "
+                f"({self.backend}, {self.device})")
 
 
 def check_layout(cfg: ParallelConfig, world_size: int) -> int:

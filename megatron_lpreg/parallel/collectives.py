@@ -13,7 +13,8 @@ inside a group. Object collectives pickle through tensors that torch itself plac
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist

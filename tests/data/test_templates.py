@@ -77,7 +77,8 @@ def test_prompt_cli_prints_exactly_the_trainer_prompt(tmp_path, capsys):
     assert out == AUTHORS_ZERO_TEMP.format(prompt=problem)
     assert main(["prompt", "configs/tiny_cpu.yaml", "data.template=plain", "--problem", problem]) == 0
     assert capsys.readouterr().out == problem
-    cfg = RunConfig.load("configs/tiny_cpu.yaml", ["data.template=qwen_chat", "data.instruction=Box it.", "model.hf_path="])
+    cfg = RunConfig.load("configs/tiny_cpu.yaml",
+                         ["data.template=qwen_chat", "data.instruction=Box it.", "model.hf_path="])
     # a verl row carries its own messages, so the plain-problem instruction is not appended (as in training)
     assert prompt_text(cfg, "U") == "<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
     assert main(["prompt", "configs/tiny_cpu.yaml", "data.template=bogus", "--problem", "x"]) == 2

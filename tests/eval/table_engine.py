@@ -2,7 +2,8 @@
 by answering from a function of (prompt text, sample index), and records the sampling params it was given."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from megatron_lpreg.rollout.base import Completion, EngineHealth, SamplingParams, WeightUpdate
 

@@ -6,8 +6,15 @@ import math
 
 import pytest
 
-from megatron_lpreg.gpucheck.report import (SECTION_NAMES, build_report, render_markdown, section_failed,
-                                            section_ok, section_skipped, write_report)
+from megatron_lpreg.gpucheck.report import (
+    SECTION_NAMES,
+    build_report,
+    render_markdown,
+    section_failed,
+    section_ok,
+    section_skipped,
+    write_report,
+)
 
 ENV = {"device": "cpu", "torch": "2.13.0+cpu"}
 

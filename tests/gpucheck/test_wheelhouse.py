@@ -28,7 +28,8 @@ def test_pins_match_setup_py_and_the_tested_venv():
         if _norm(name) in declared:  # a direct dependency: the same pin as setup.py
             assert declared[_norm(name)] == version, (req, declared[_norm(name)])
         assert metadata.version(name) == version, f"{req}: the venv the tests run in has {metadata.version(name)}"
-    assert {"megatron-core", "nltk", "math-verify"} <= {_norm(r.split("==")[0]) for r in wheelhouse.GPU_NODE_REQUIREMENTS}
+    names = {_norm(r.split("==")[0]) for r in wheelhouse.GPU_NODE_REQUIREMENTS}
+    assert {"megatron-core", "nltk", "math-verify"} <= names
     for heavy in ("torch", "ray", "vllm", "sglang", "transformer-engine", "transformers"):
         assert all(not _norm(r).startswith(heavy + "=") for r in wheelhouse.GPU_NODE_REQUIREMENTS)
 

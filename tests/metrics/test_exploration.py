@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from megatron_lpreg.metrics import (
-    distinct_n, entropy_stats, group_self_bleu, low_prob_token_stats, self_bleu, token_entropy, words,
+    distinct_n,
+    entropy_stats,
+    group_self_bleu,
+    low_prob_token_stats,
+    self_bleu,
+    token_entropy,
+    words,
 )
 
 

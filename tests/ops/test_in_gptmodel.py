@@ -8,10 +8,10 @@ parallelism (the trainer's schedules call the op on the last stage only) and seq
 """
 from __future__ import annotations
 
+import megatron.core.models.gpt  # noqa: F401  (imported in the parent so forked ranks start fast)
 import torch
 import torch.distributed as dist
 
-import megatron.core.models.gpt  # noqa: F401  (imported in the parent so forked ranks start fast)
 from megatron_lpreg.config.model import ModelConfig, ParallelConfig
 from megatron_lpreg.models.qwen import build_gpt_model, resolve_model_config
 from megatron_lpreg.ops.reference import reference_logprob_stats

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_lpreg.ops.reference import reference_logprob_stats
 from megatron_lpreg.ops import vocab_parallel
+from megatron_lpreg.ops.reference import reference_logprob_stats
 from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob_stats
 from megatron_lpreg.parallel.spawn import run_ranks
 
@@ -151,7 +151,7 @@ def _check(case: Case, per_rank: list[dict]) -> dict[str, float]:
             continue
         got = first[key].to(torch.float64)
         torch.testing.assert_close(
-            got, want.detach(), atol=VALUE_ATOL, rtol=VALUE_RTOL, msg=lambda m: f"{case.name} {key}: {m}"
+            got, want.detach(), atol=VALUE_ATOL, rtol=VALUE_RTOL, msg=lambda m, key=key: f"{case.name} {key}: {m}"
         )
         errors[key] = (got - want).abs().max().item() if got.numel() else 0.0
     grad = torch.cat([r["grad"] for r in per_rank], dim=-1).to(torch.float64)

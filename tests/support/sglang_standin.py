@@ -31,7 +31,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,35 +60,35 @@ class SamplingParamsIn(_Strict):
     top_k: int = -1
     min_p: float = 0.0
     n: int = 1
-    stop_token_ids: Optional[list[int]] = None
-    sampling_seed: Optional[int] = None
+    stop_token_ids: list[int] | None = None
+    sampling_seed: int | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
 
 
 class GenerateIn(_Strict):
-    input_ids: Union[list[int], list[list[int]]]
-    sampling_params: Union[SamplingParamsIn, list[SamplingParamsIn]] = SamplingParamsIn()
+    input_ids: list[int] | list[list[int]]
+    sampling_params: SamplingParamsIn | list[SamplingParamsIn] = SamplingParamsIn()
     return_logprob: bool = False
     logprob_start_len: int = -1
-    rid: Optional[Union[str, list[str]]] = None
+    rid: str | list[str] | None = None
     stream: bool = False
 
 
 class DiskIn(_Strict):
     model_path: str
-    load_format: Optional[str] = None
+    load_format: str | None = None
     abort_all_requests: bool = False
-    weight_version: Optional[str] = None
+    weight_version: str | None = None
 
 
 class TensorIn(_Strict):
     serialized_named_tensors: list[str]
-    load_format: Optional[str] = None
+    load_format: str | None = None
     flush_cache: bool = True
     abort_all_requests: bool = False
-    weight_version: Optional[str] = None
+    weight_version: str | None = None
 
 
 class GroupIn(_Strict):
@@ -107,8 +107,8 @@ class DistributedIn(_Strict):
     group_name: str = "weight_update_group"
     flush_cache: bool = True
     abort_all_requests: bool = False
-    weight_version: Optional[str] = None
-    load_format: Optional[str] = None
+    weight_version: str | None = None
+    load_format: str | None = None
 
 
 class GroupNameIn(_Strict):
@@ -121,7 +121,7 @@ class WeightsByNameIn(_Strict):
 
 
 class TagsIn(_Strict):
-    tags: Optional[list[str]] = None
+    tags: list[str] | None = None
 
 
 class EmptyIn(_Strict):
@@ -166,7 +166,7 @@ class Fault:
     count: int = -1
 
     @classmethod
-    def parse(cls, text: str) -> "Fault":
+    def parse(cls, text: str) -> Fault:
         if not text:
             return cls()
         mode, route, *count = text.split(":")
@@ -187,7 +187,7 @@ class FaultIn(_Strict):
     count: int = -1
 
 
-def _fault_middleware(app: FastAPI, state: "StandinState") -> None:
+def _fault_middleware(app: FastAPI, state: StandinState) -> None:
     """Record lifecycle calls and apply the injected fault before a route runs."""
 
     @app.middleware("http")
@@ -484,7 +484,7 @@ class StandinServer:
         self._server.should_exit = True
         self._thread.join(timeout=10)
 
-    def __enter__(self) -> "StandinServer":
+    def __enter__(self) -> StandinServer:
         self.start()
         return self
 
