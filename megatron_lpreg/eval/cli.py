@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
     from megatron_lpreg import telemetry
     from megatron_lpreg.eval.runner import evaluate
-    from megatron_lpreg.launch.runs import resolve_checkpoint
     from megatron_lpreg.rollout.factory import build_engine
+    from megatron_lpreg.rundir import resolve_checkpoint
 
     telemetry.setup(0, 1)
     out = Path(args.out)

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from megatron_lpreg.launch.manifest import ArrayManifest
-from megatron_lpreg.launch.runs import LATEST_SUFFIX, checkpoint_step, list_checkpoints
 from megatron_lpreg.launch.slurm import SlurmError
 from megatron_lpreg.launch.submit import (
     IntermixedParser,
@@ -21,6 +20,7 @@ from megatron_lpreg.launch.submit import (
     prepare_array_dir,
     submit_array,
 )
+from megatron_lpreg.rundir import LATEST_SUFFIX, checkpoint_step, list_checkpoints
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

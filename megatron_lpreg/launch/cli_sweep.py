@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sweep file (configs/sweeps/*.yaml: overrides, grid, rows); --grid axes are added")
     parser.add_argument("--out", default=None, help="sweep directory (default runs/sweeps/<config>-<time>)")
     add_submit_arguments(parser, "mlpreg-sweep")
-    parser.epilog = "Task i runs: python -m megatron_lpreg train CONFIG <overrides> <row i> trainer.output_dir=<dir>/task_i"
+    parser.epilog = ("Task i runs: python -m megatron_lpreg train CONFIG <overrides> <row i> "
+                     "trainer.output_dir=<dir>/task_i")
 
 
 def build_sweep(config: str, overrides: list[str], grids: list[str], sweep_file: str | None) -> SweepSpec:

@@ -5,7 +5,7 @@
   and exit with it (so :data:`~megatron_lpreg.launch.slurm.REQUEUE_EXIT_CODE` reaches the batch script).
 - ``run-dir CONFIG [overrides]`` / ``run-dir --array-dir DIR``: the training run directory of this job or task.
 - ``preempt RUN_DIR [--clear]``: ask the trainer writing RUN_DIR to checkpoint and exit with the requeue code
-  (megatron_lpreg.trainer.signals.request_preemption: a flag file rank 0 polls at every step boundary), or
+  (megatron_lpreg.rundir.request_preemption: a flag file rank 0 polls at every step boundary), or
   remove a stale request before the trainer starts.
 - ``ray-env``: ``export`` lines with the Ray head node, IP, port and per-node GPUs/CPUs of this allocation.
 - ``wait-ray --address A --nodes N``: block until N Ray nodes are alive (or fail after a timeout).
@@ -23,11 +23,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
+from megatron_lpreg import rundir
 from megatron_lpreg.launch.manifest import ArrayManifest, write_status
-from megatron_lpreg.launch.runs import resolve_checkpoint
 from megatron_lpreg.launch.slurm import REQUEUE_EXIT_CODE, SlurmError, SlurmJobEnv, ray_layout
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def resolve_task_argv(manifest: ArrayManifest, root: str | os.PathLike, index: i
     """
     argv = manifest.task_argv(root, index)
     if manifest.kind == "eval":
-        argv = [str(resolve_checkpoint(a)) if i and argv[i - 1] == "--checkpoint" else a
+        argv = [str(rundir.resolve_checkpoint(a)) if i and argv[i - 1] == "--checkpoint" else a
                 for i, a in enumerate(argv)]
     return argv
 
@@ -146,12 +146,10 @@ def request_preemption(run_dir: str | os.PathLike, clear: bool = False) -> None:
     A file, not a signal: with srun, Ray or forked ranks a signal would reach either one process or every process
     of the step (reward workers included); the flag reaches rank 0 whatever the launcher.
     """
-    from megatron_lpreg.trainer import signals
-
     if clear:
-        (Path(run_dir) / signals.PREEMPT_FILE).unlink(missing_ok=True)
+        rundir.clear_preemption(run_dir)
     else:
-        signals.request_preemption(run_dir)
+        rundir.request_preemption(run_dir)
         logger.warning("preemption requested for %s", run_dir)
 
 
@@ -223,9 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.info("Ray cluster at %s has %d node(s)", args.address, alive)
             return 0
         if args.step == "preempt-file":
-            from megatron_lpreg.trainer.signals import PREEMPT_FILE
-
-            sys.stdout.write(f"{PREEMPT_FILE}\n")
+            sys.stdout.write(f"{rundir.PREEMPT_FILE}\n")
             return 0
         sys.stdout.write(f"{REQUEUE_EXIT_CODE}\n")
         return 0

@@ -20,9 +20,10 @@ import math
 import os
 import shlex
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 
@@ -219,7 +220,7 @@ class ArrayManifest:
         _atomic_write(root / ARRAY_FILE, json.dumps(record, indent=2) + "\n")
 
     @classmethod
-    def read(cls, root: str | os.PathLike) -> "ArrayManifest":
+    def read(cls, root: str | os.PathLike) -> ArrayManifest:
         """Load an array directory written by :meth:`write`.
 
         Raises:

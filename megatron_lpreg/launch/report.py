@@ -11,13 +11,14 @@ import json
 import math
 import os
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from megatron_lpreg.config.base import parse_override
 from megatron_lpreg.launch.manifest import ArrayManifest, read_status
-from megatron_lpreg.launch.runs import LATEST_SUFFIX, checkpoint_step
+from megatron_lpreg.rundir import LATEST_SUFFIX, checkpoint_step
 from megatron_lpreg.telemetry import read_jsonl
 
 METRIC_KEYS: dict[str, tuple[str, ...]] = {

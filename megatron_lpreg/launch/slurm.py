@@ -19,11 +19,11 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
-from megatron_lpreg.trainer.signals import REQUEUE_EXIT_CODE  # noqa: F401  (the one definition; re-exported)
+from megatron_lpreg.rundir import REQUEUE_EXIT_CODE  # noqa: F401  (the one definition; re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ class SlurmJobEnv:
         return len(self.nodes)
 
     @classmethod
-    def from_environ(cls, env: Mapping[str, str]) -> "SlurmJobEnv":
+    def from_environ(cls, env: Mapping[str, str]) -> SlurmJobEnv:
         """Parse a job's environment (pass ``os.environ`` inside a job).
 
         Raises:

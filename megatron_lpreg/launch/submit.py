@@ -5,9 +5,9 @@ import argparse
 import os
 import shlex
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from megatron_lpreg.launch.manifest import LOG_DIR, ArrayManifest, read_status
 from megatron_lpreg.launch.slurm import (
@@ -48,7 +48,8 @@ def add_submit_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     parser.add_argument("--max-parallel", type=int, default=None, metavar="K",
                         help="run at most K tasks at once (--array=0-(N-1)%%K)")
     parser.add_argument("--dependency", default="", help="Slurm dependency, e.g. afterok:<jobid>")
-    parser.add_argument("--job-name", default=default_name, help=f"Slurm job name, the %%x of logs (default {default_name})")
+    parser.add_argument("--job-name", default=default_name,
+                        help=f"Slurm job name, the %%x of logs (default {default_name})")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="OPT",
                         help="extra sbatch option, repeatable: --sbatch-arg=--time=2:00:00 --sbatch-arg=--gpus=8")
     parser.add_argument("--site-env", default=os.environ.get("MLPREG_SITE_ENV", ""),

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from megatron_lpreg import telemetry
+from megatron_lpreg import rundir, telemetry
 from megatron_lpreg.config import ConfigError, ModelConfig, RunConfig
 
 logger = logging.getLogger(__name__)
@@ -83,11 +83,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
+    cfg.save(run_dir / rundir.CONFIG_FILE)
+    from megatron_lpreg.parallel.spawn import RankFailure
     from megatron_lpreg.trainer.launch import launch
     from megatron_lpreg.trainer.signals import forward_signals_to_run_dir
-
-    from megatron_lpreg.parallel.spawn import RankFailure
 
     try:
         # Ranks live in other processes (forked or Ray actors): a SIGUSR1/SIGTERM sent to this launcher becomes
@@ -129,7 +128,7 @@ def _check_compatible_run_dir(run_dir: Path, cfg: RunConfig) -> None:
         refuse_fresh_start_over_checkpoints(run_dir, cfg.trainer.resume)
     except FileExistsError as exc:
         raise ConfigError(str(exc)) from None
-    old = run_dir / "config.yaml"
+    old = run_dir / rundir.CONFIG_FILE
     if not old.exists() or cfg.trainer.resume == "never":
         return
     previous = RunConfig.from_yaml(old.read_text())
@@ -137,6 +136,6 @@ def _check_compatible_run_dir(run_dir: Path, cfg: RunConfig) -> None:
                  "num_query_groups", "head_dim", "tie_word_embeddings")
     diff = [f"model.{k}: {getattr(previous.model, k)} -> {getattr(cfg.model, k)}" for k in arch_keys
             if getattr(previous.model, k) != getattr(cfg.model, k)]
-    if diff and (run_dir / "checkpoints").exists():
+    if diff and rundir.checkpoints_root(run_dir).exists():
         raise ConfigError(f"{run_dir} holds checkpoints of a different model; refusing to resume "
                           f"({'; '.join(diff)}). Use a new trainer.output_dir.")

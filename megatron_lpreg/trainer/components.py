@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_lpreg import telemetry
+from megatron_lpreg import rundir, telemetry
 from megatron_lpreg.config import RunConfig
+from megatron_lpreg.eval.in_training import TrainingEvaluator
 from megatron_lpreg.parallel.bootstrap import ParallelContext, init_parallel
 from megatron_lpreg.trainer.engine_host import EngineHost
+from megatron_lpreg.trainer.evaluation import evaluate_heldout
 from megatron_lpreg.trainer.policy import Policy
-from megatron_lpreg.trainer.state import CheckpointManager
+from megatron_lpreg.trainer.state import CheckpointManager, RunState, drop_rows_after
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +31,8 @@ class Components:
     reward: Any
     checkpoints: CheckpointManager
     sinks: telemetry.MetricSinks | None
-    evaluator: Any = None
-    """The run's benchmarks (megatron_lpreg.eval.in_training.TrainingEvaluator), loaded at start."""
-    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    evaluator: TrainingEvaluator | None = None
+    """The run's benchmarks, loaded at start."""
     _step_s: float | None = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -47,30 +48,40 @@ class Components:
                         left // 60, left % 60)
 
     def metrics_truncate(self, step: int) -> None:
+        """Drop the metric rows of steps >= ``step`` from the sinks that can (rank 0)."""
         if self.sinks is not None:
             self.sinks.truncate_after(step)
 
+    def data_after_restore(self, state: RunState) -> None:
+        """Continue the prompt stream from a restored checkpoint's cursor."""
+        self.dataset.load_state_dict(state.data_state)
+
     def engine_after_restore(self, version: int) -> None:
-        """Push restored weights to an engine that keeps its own copy (no-op when colocated)."""
+        """Push restored weights to an engine that keeps its own copy (no-op when embedded). Collective."""
         if self.engine.hosted:
             self.engine.update_weights(version)
 
-    def evaluate_if_due(self, step: int, *, force: bool = False) -> None:
-        from megatron_lpreg.trainer.evaluation import evaluate_heldout
+    def forget_rows_after(self, step: int) -> None:
+        """Rank 0: drop the metric and eval rows a killed run logged after the checkpoint of ``step``."""
+        if self.ctx.rank == 0:
+            drop_rows_after(self.run_dir, step, self.metrics_truncate)
 
+    def evaluate_if_due(self, step: int, *, force: bool = False) -> None:
+        """Score the held-out benchmarks after ``step`` steps if ``eval.interval`` says so (or ``force``);
+        collective. Rank 0 appends the row to ``eval.jsonl``."""
         interval = self.cfg.eval.interval
         if self.evaluator is None or not self.evaluator.enabled or not (
                 force or (interval > 0 and step % interval == 0)):
             return
-        result = evaluate_heldout(self, step)
-        self.eval_history.append(result)
+        result = evaluate_heldout(self.evaluator, self.engine, self.ctx, seed=self.cfg.seed, step=step)
         if self.ctx.rank == 0:
-            with open(self.run_dir / "eval.jsonl", "a") as fh:
+            with open(self.run_dir / rundir.EVAL_FILE, "a") as fh:
                 fh.write(json.dumps(result) + "\n")
         if self.sinks is not None:  # eval/<benchmark>/* curves in TensorBoard / W&B
             self.sinks.log({k: v for k, v in result.items() if k != "step"}, step, jsonl=False)
 
     def close(self) -> None:
+        """Close the metric sinks, the engine and the reward workers."""
         if self.sinks is not None:
             self.sinks.close()
         self.engine.shutdown()
@@ -78,15 +89,16 @@ class Components:
 
 
 def build_components(cfg: RunConfig, run_dir: Path) -> Components:
+    """Everything this rank needs, from the config: process groups, logging, tokenizer, policy (with its initial
+    weights), engine, dataset, reward, checkpoint manager and (rank 0) metric sinks."""
     from transformers import AutoTokenizer
 
     from megatron_lpreg.data import build_dataset
-    from megatron_lpreg.eval.in_training import TrainingEvaluator
     from megatron_lpreg.reward import build_reward
 
     ctx = init_parallel(cfg.parallel, seed=cfg.seed)
     telemetry.setup(ctx.rank, ctx.world_size, level=cfg.logging.level, all_ranks=cfg.logging.all_ranks,
-                    log_file=run_dir / "logs" / f"rank{ctx.rank}.log")
+                    log_file=run_dir / rundir.LOGS_DIR / f"rank{ctx.rank}.log")
     if not cfg.model.hf_path:
         raise ValueError("model.hf_path is empty: set it to a Hugging Face model directory (config.json + "
                          "tokenizer), e.g. one made by tools/make_tiny_model.py")
@@ -99,8 +111,11 @@ def build_components(cfg: RunConfig, run_dir: Path) -> Components:
     engine = EngineHost(cfg, ctx, policy.raw_chunks)
     dataset = build_dataset(cfg.data, tokenizer, seed=cfg.seed)
     reward = build_reward(cfg.reward)
-    checkpoints = CheckpointManager(run_dir, interval=cfg.checkpoint.interval, keep_last=cfg.checkpoint.keep_last,
-                                    save_optimizer=cfg.checkpoint.save_optimizer, resume=cfg.trainer.resume)
+    checkpoints = CheckpointManager(run_dir, model=policy, stateful={"scheduler": policy.scheduler}, ctx=ctx,
+                                    model_cfg=cfg.model, config_yaml=cfg.to_yaml(),
+                                    hf_assets_dir=cfg.model.hf_path or None, interval=cfg.checkpoint.interval,
+                                    keep_last=cfg.checkpoint.keep_last, save_optimizer=cfg.checkpoint.save_optimizer,
+                                    resume=cfg.trainer.resume)
     sinks = None
     if ctx.rank == 0:
         sinks = telemetry.MetricSinks(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,

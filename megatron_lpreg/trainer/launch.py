@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from megatron_lpreg.config import RunConfig
 
@@ -17,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 def launch(cfg: RunConfig, run_dir: str) -> int:
     """Run training with the configured launcher; return the exit code (0, or REQUEUE_EXIT_CODE)."""
-    from megatron_lpreg.trainer.signals import clear_stale_request
+    from megatron_lpreg.rundir import clear_stale_request
 
     inside = _inside_distributed_env()
     if not inside or os.environ.get("RANK") == "0":

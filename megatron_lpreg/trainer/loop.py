@@ -12,10 +12,12 @@ from pathlib import Path
 
 from megatron_lpreg import telemetry
 from megatron_lpreg.config import RunConfig
+from megatron_lpreg.rundir import REQUEUE_EXIT_CODE
 from megatron_lpreg.trainer.components import Components, build_components
-from megatron_lpreg.trainer.rollout_step import rollout_batch, update_policy
-from megatron_lpreg.trainer.signals import REQUEUE_EXIT_CODE, PreemptionWatcher
+from megatron_lpreg.trainer.rollout_step import rollout_batch
+from megatron_lpreg.trainer.signals import PreemptionWatcher
 from megatron_lpreg.trainer.state import RunState
+from megatron_lpreg.trainer.update import update_policy
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +30,11 @@ def run_rank(cfg: RunConfig, run_dir: str) -> int:
     """Train on this rank until ``trainer.max_steps`` or a preemption request; return the process exit code."""
     run_path = Path(run_dir)
     comp: Components = build_components(cfg, run_path)
-    state: RunState = comp.checkpoints.restore_or_init(comp)
+    state: RunState = comp.checkpoints.restore_or_init()  # model, optimizer, LR schedule, RNG
+    if state.step > 0:  # resumed: the prompt stream and the engine's weights follow the checkpoint
+        comp.data_after_restore(state)
+        comp.engine_after_restore(state.weight_version)
+    comp.forget_rows_after(state.step)
     # Handlers live only while this rank trains: the SIGTERM with which Ray or srun ends a finished rank must not
     # leave a request that stops the next run in this directory after one step.
     with PreemptionWatcher(run_path) as watcher:
@@ -45,11 +51,12 @@ def _train(cfg: RunConfig, comp: Components, state: RunState, watcher: Preemptio
         scored, rollout_metrics = rollout_batch(comp, step)
         t1 = time.perf_counter()
         comp.engine.release_memory()  # colocated engines lend their device memory to the update
-        result = update_policy(comp, scored, step)
+        result = update_policy(comp.policy, scored, step, algo=cfg.algo, updates=cfg.trainer.updates_per_step,
+                               seed=cfg.seed, ctx=comp.ctx)
         t2 = time.perf_counter()
         comp.engine.resume_memory()
         comp.engine.update_weights(version=step + 1)
-        state = state.advance(skipped=result.skipped)
+        state = state.advance(skipped=result.skipped, data_state=comp.dataset.state_dict())
         metrics = {**rollout_metrics, **result.metrics, "actor/grad_norm": result.grad_norm,
                    "actor/lr": comp.policy.current_lr(), "actor/skipped": float(result.skipped),
                    "perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1, "perf/step_s": time.perf_counter() - t0}
@@ -70,7 +77,7 @@ def _train(cfg: RunConfig, comp: Components, state: RunState, watcher: Preemptio
         comp.evaluate_if_due(step + 1, force=step + 1 == cfg.trainer.max_steps)
         stop = watcher.should_stop(comp.ctx)
         if stop or comp.checkpoints.due(step + 1, final=step + 1 == cfg.trainer.max_steps):
-            comp.checkpoints.save(comp, state)
+            comp.checkpoints.save(state)
         if stop:
             watcher.clear()
             logger.warning("preempted after step %d/%d: checkpoint written, exiting with %d for requeue",

@@ -1,23 +1,35 @@
-"""One step's data path and update: rollout -> rewards -> advantages -> TrainBatch -> optimizer update(s)."""
+"""One step's data path: prompts -> rollout -> rewards -> advantages -> this rank's TrainBatch (and its metrics).
+The update that follows is :func:`megatron_lpreg.trainer.update.update_policy`."""
 from __future__ import annotations
 
 import logging
-import math
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from megatron_lpreg.algo.registry import compute_advantages
+from megatron_lpreg.config import RunConfig
 from megatron_lpreg.parallel import collectives as coll
+from megatron_lpreg.parallel.bootstrap import ParallelContext
 from megatron_lpreg.rollout.base import SamplingParams
-from megatron_lpreg.trainer.batch import TrainBatch, build_train_batch, split_mini_batches
-from megatron_lpreg.trainer.policy import StepResult
-from megatron_lpreg.trainer.state import derive_seed
-
-if TYPE_CHECKING:
-    from megatron_lpreg.trainer.components import Components
+from megatron_lpreg.seeding import derive_seed
+from megatron_lpreg.trainer.batch import TrainBatch, build_train_batch
+from megatron_lpreg.trainer.engine_host import EngineHost
 
 logger = logging.getLogger(__name__)
+
+
+class RolloutSources(Protocol):
+    """What a step's rollout reads (the trainer's Components provide it)."""
+
+    cfg: RunConfig
+    ctx: ParallelContext
+    engine: EngineHost
+    tokenizer: Any
+    dataset: Any
+    """Prompt source: ``next_batch(n)`` -> prompts with ``token_ids`` and ``ground_truth``."""
+    reward: Any
+    """Scorer (``reward.scorer.RewardScorer``): ``score(texts, truths)`` -> one result per text (``float(r)``)."""
 
 
 def dp_slice(items: list, dp_rank: int, dp_size: int) -> list:
@@ -29,7 +41,7 @@ def dp_slice(items: list, dp_rank: int, dp_size: int) -> list:
     return items[dp_rank * share:(dp_rank + 1) * share]
 
 
-def sampling_params(comp: "Components", step: int) -> SamplingParams:
+def sampling_params(comp: RolloutSources, step: int) -> SamplingParams:
     r = comp.cfg.rollout
     stream = 0 if comp.engine.hosted else comp.ctx.dp_rank  # hosted engines sample the whole step at once
     return SamplingParams(
@@ -39,8 +51,8 @@ def sampling_params(comp: "Components", step: int) -> SamplingParams:
     )
 
 
-def generate_for_slice(comp: "Components", prompts: list, params: SamplingParams) -> tuple[list, list]:
-    """(my prompts, their completions): colocated engines generate only this DP rank's slice; hosted engines
+def generate_for_slice(comp: RolloutSources, prompts: list, params: SamplingParams) -> tuple[list, list]:
+    """(my prompts, their completions): embedded engines generate only this DP rank's slice; hosted engines
     generate the whole list once and every rank keeps its slice (prompt_index renumbered within the slice)."""
     dp, dp_rank = comp.ctx.dp_size, comp.ctx.dp_rank
     mine = dp_slice(prompts, dp_rank, dp)
@@ -61,7 +73,7 @@ def stop_ids(tokenizer) -> list[int]:
     return stop_token_ids(tokenizer)
 
 
-def rollout_batch(comp: "Components", step: int) -> tuple[TrainBatch, dict[str, float]]:
+def rollout_batch(comp: RolloutSources, step: int) -> tuple[TrainBatch, dict[str, float]]:
     """Generate, score and turn this rank's share of the step's prompts into a TrainBatch."""
     cfg = comp.cfg
     prompts, completions = generate_for_slice(comp, comp.dataset.next_batch(cfg.rollout.prompts_per_step),
@@ -88,7 +100,7 @@ def rollout_batch(comp: "Components", step: int) -> tuple[TrainBatch, dict[str, 
     return batch, _dp_mean(comp, metrics)
 
 
-def _exploration_metrics(comp: "Components", step: int, completions: list, texts: list[str],
+def _exploration_metrics(comp: RolloutSources, step: int, completions: list, texts: list[str],
                          batch: TrainBatch) -> dict[str, float]:
     """Low-probability sampled tokens (engine log-probs) every step; self-BLEU every logging.diversity_interval."""
     from megatron_lpreg.metrics.exploration import group_self_bleu, low_prob_token_stats
@@ -108,42 +120,9 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _dp_mean(comp: "Components", metrics: dict[str, float]) -> dict[str, float]:
+def _dp_mean(comp: RolloutSources, metrics: dict[str, float]) -> dict[str, float]:
     if comp.ctx.dp_size == 1:
         return metrics
     keys = sorted(metrics)
     t = coll.all_reduce(coll.tensor([metrics[k] for k in keys], comp.ctx, torch.float64), group=comp.ctx.dp_group)
     return {k: float(v) / comp.ctx.dp_size for k, v in zip(keys, t)}
-
-
-def _dp_sum(comp: "Components", value: float) -> float:
-    if comp.ctx.dp_size == 1:
-        return value
-    t = coll.all_reduce(coll.tensor([value], comp.ctx, torch.float64), group=comp.ctx.dp_group)
-    return float(t.item())
-
-
-def update_policy(comp: "Components", batch: TrainBatch, step: int) -> StepResult:
-    """On-policy: one update, old log-probs from the same forward. Off-policy or global selection: a no-grad
-    old-log-prob pass, then ``trainer.updates_per_step`` mini-batch updates."""
-    cfg = comp.cfg
-    comp.policy.set_step_seed(derive_seed(cfg.seed, step, comp.ctx.rank, 1))
-    updates = cfg.trainer.updates_per_step
-    needs_old_pass = updates > 1 or cfg.algo.selection == "global"
-    if needs_old_pass:
-        batch = comp.policy.compute_old_logprobs(batch)
-    threshold = None
-    if cfg.algo.name == "lpreg" and cfg.algo.selection == "global":
-        from megatron_lpreg.algo.lpreg import global_lowprob_threshold
-
-        candidates = batch.old_logprobs[(batch.loss_mask > 0) & (batch.advantages < 0)]
-        threshold = global_lowprob_threshold([candidates], cfg.algo.rho, group=comp.ctx.dp_group)
-    result = None
-    for mini in split_mini_batches(batch, updates):
-        global_tokens = _dp_sum(comp, float(mini.loss_mask.sum()))
-        result = comp.policy.train_step(mini, lowprob_threshold=threshold,
-                                        global_valid_tokens=max(global_tokens, 1.0))
-    assert result is not None
-    if not math.isfinite(result.grad_norm) and not result.skipped:
-        logger.warning("step %d: grad norm is not finite", step)
-    return result

@@ -1,35 +1,33 @@
-"""Preemption: SIGUSR1/SIGTERM -> checkpoint at the next step boundary -> exit with REQUEUE_EXIT_CODE.
+"""Preemption signals: SIGUSR1/SIGTERM -> checkpoint at the next step boundary -> exit with REQUEUE_EXIT_CODE.
 
 Slurm delivers ``--signal=B:USR1@<sec>`` to the batch shell, whose trap (slurm/common.sh) writes the run
-directory's flag file ``PREEMPT_FILE``; a signal sent to a launcher or rank process is turned into the same file.
-Rank 0 polls it at every step boundary, all ranks agree through one all-reduce, save together and exit;
-slurm/train.sbatch turns the exit code into ``scontrol requeue``. Handlers are installed only while a run trains,
-and a request older than the launch is dropped as stale (:func:`clear_stale_request`).
+directory's preemption flag (:mod:`megatron_lpreg.rundir`, which owns the flag file, the requeue code and
+dropping stale requests); a signal sent to a launcher or rank process is turned into the same file here. Rank 0
+polls it at every step boundary, all ranks agree through one all-reduce, save together and exit;
+slurm/train.sbatch turns the exit code into ``scontrol requeue``. Handlers are installed only while a run trains.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from megatron_lpreg import rundir
 
 if TYPE_CHECKING:
     from megatron_lpreg.parallel.collectives import HasDevice
 
 logger = logging.getLogger(__name__)
 
-# No torch at import: the Slurm scripts read these two constants (python -m megatron_lpreg.launch.job ...) at start.
-REQUEUE_EXIT_CODE = 42
-"""Exit status meaning "checkpointed on a preemption signal; requeue me" (see slurm/train.sbatch)."""
-PREEMPT_FILE = ".preempt_requested"
-
 
 class PreemptionWatcher:
     """Turns signals (this process) or the run-dir flag file (any process) into a collective stop decision."""
 
     def __init__(self, run_dir: str | Path, *, install_handlers: bool = True) -> None:
-        self.flag_path = Path(run_dir) / PREEMPT_FILE
+        self.run_dir = Path(run_dir)
         self._signalled = False
         self._previous = _install_handler(self._on_signal) if install_handlers else {}
 
@@ -38,7 +36,7 @@ class PreemptionWatcher:
         _restore_handlers(self._previous)
         self._previous = {}
 
-    def __enter__(self) -> "PreemptionWatcher":
+    def __enter__(self) -> PreemptionWatcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -48,7 +46,7 @@ class PreemptionWatcher:
         logger.warning("received %s: will checkpoint and exit at the end of this step",
                        signal.Signals(signum).name)
         self._signalled = True
-        request_preemption(self.flag_path.parent)
+        rundir.request_preemption(self.run_dir)
 
     def should_stop(self, ctx: HasDevice | None = None) -> bool:
         """True on every rank if any rank saw a signal or the flag file exists (collective when distributed).
@@ -61,7 +59,7 @@ class PreemptionWatcher:
         """
         from megatron_lpreg.parallel import collectives as coll
 
-        local = self._signalled or self.flag_path.exists()
+        local = self._signalled or rundir.preemption_requested(self.run_dir)
         if coll.world_size() == 1:
             return local
         if ctx is None:
@@ -69,29 +67,8 @@ class PreemptionWatcher:
         return bool(coll.all_reduce(coll.tensor([1.0 if local else 0.0], ctx), op="max").item() > 0)
 
     def clear(self) -> None:
-        self.flag_path.unlink(missing_ok=True)
-
-
-def request_preemption(run_dir: str | Path) -> None:
-    """Ask a running trainer (any launcher) to checkpoint and exit with REQUEUE_EXIT_CODE."""
-    path = Path(run_dir) / PREEMPT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
-
-
-def clear_stale_request(run_dir: str | Path, started_at: float) -> bool:
-    """Remove a preemption request older than ``started_at`` (epoch seconds): it was meant for an earlier attempt
-    (one that crashed, or finished just as it was asked) and would stop this one after its first step. A request
-    made after ``started_at`` (Slurm's warning during start-up) is kept. Returns whether one was removed."""
-    path = Path(run_dir) / PREEMPT_FILE
-    try:
-        if path.stat().st_mtime >= started_at:
-            return False
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    logger.warning("removed a stale preemption request from an earlier run in %s", path.parent)
-    return True
+        """Consume the request (the checkpoint it asked for is written)."""
+        rundir.clear_preemption(self.run_dir)
 
 
 @contextlib.contextmanager
@@ -102,7 +79,7 @@ def forward_signals_to_run_dir(run_dir: str | Path) -> Iterator[None]:
     def handler(signum: int, frame: object) -> None:
         logger.warning("launcher received %s: asking the ranks to checkpoint and exit",
                        signal.Signals(signum).name)
-        request_preemption(run_dir)
+        rundir.request_preemption(run_dir)
 
     previous = _install_handler(handler)
     try:

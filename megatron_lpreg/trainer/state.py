@@ -1,15 +1,18 @@
 """Resumable run state and the checkpoint manager (atomic dist checkpoints, keep-last-N, ``latest`` pointer).
 
-A checkpoint holds the model (megatron dist checkpoint, reshardable to another TP/PP), the optimizer and LR
-schedule, and a :class:`RunState` (step, data cursor, NaN streak, engine weight version). Sampling seeds derive
-from (run seed, step, rank), so no generator state needs saving for rollouts; the torch/python RNG states of
-every rank are saved anyway for anything else that draws from them.
+A checkpoint holds the model (megatron dist checkpoint, reshardable to another TP/PP) and optimizer, handed to
+the manager as a :class:`ModelState` (the policy), the ``state_dict()`` of each named :class:`Stateful` it is
+given (the LR schedule), and a :class:`RunState` (step, data cursor, NaN streak, engine weight version), which a
+restore returns: bringing the dataset, the engine and the metric sinks in line with it is the loop's business.
+Sampling seeds derive from (run seed, step, rank) (:mod:`megatron_lpreg.seeding`), so no generator state needs
+saving for rollouts; the torch/python RNG states of every rank are saved anyway for anything else that draws
+from them.
 
 A save survives a kill at any moment: everything (shards, per-rank RNG files, manifest) goes into a hidden temp
 dir that is renamed to ``step_N`` once complete, and only then does ``latest`` move. A restore resumes from the
 newest *complete* checkpoint (:func:`plan_resume`) and clears away what a killed run left after it: temp dirs,
 incomplete step dirs (set aside, not deleted), and metric/eval rows of the steps it will redo; each with a log
-line. The layout itself (names, pointer) belongs to :mod:`megatron_lpreg.launch.runs`.
+line. The layout itself (names, pointer, pruning) belongs to :mod:`megatron_lpreg.rundir`.
 """
 from __future__ import annotations
 
@@ -18,19 +21,17 @@ import os
 import random
 import shutil
 import time
-import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from megatron_lpreg.launch import runs
+from megatron_lpreg import rundir
 from megatron_lpreg.parallel import collectives
+from megatron_lpreg.parallel.bootstrap import ParallelContext
 from megatron_lpreg.parallel.faults import arm_timer, fault_point
-
-if TYPE_CHECKING:
-    from megatron_lpreg.trainer.components import Components
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +50,26 @@ class RunState:
     data_state: dict[str, Any] = field(default_factory=dict)
     """Prompt dataset cursor (``PromptDataset.state_dict()``)."""
 
-    def advance(self, *, skipped: bool) -> "RunState":
+    def advance(self, *, skipped: bool, data_state: dict[str, Any]) -> RunState:
+        """The state after this step: the weights pushed as version ``step + 1``, the dataset at ``data_state``."""
         return replace(self, step=self.step + 1, nan_streak=self.nan_streak + 1 if skipped else 0,
-                       weight_version=self.step + 1)
+                       weight_version=self.step + 1, data_state=data_state)
 
 
-def derive_seed(root: int, *parts: int) -> int:
-    """The one seed helper: a stable 31-bit seed from the run seed and (step, rank, ...)."""
-    value = root & 0xFFFFFFFF
-    for part in parts:
-        value = (value * 1_000_003 + (part & 0xFFFFFFFF) + 0x9E3779B9) & 0xFFFFFFFF
-    return value & 0x7FFFFFFF
+class Stateful(Protocol):
+    """Something a checkpoint saves by value (an LR scheduler, a data loader): plain, picklable state."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ModelState(Protocol):
+    """The model part of a checkpoint (the trainer's Policy): megatron model chunks and their optimizer, saved as
+    a dist checkpoint that reshards to another TP/PP."""
+
+    raw_chunks: list[torch.nn.Module]
+    optimizer: Any
 
 
 def refuse_fresh_start_over_checkpoints(run_dir: Path, resume: str) -> None:
@@ -68,7 +78,7 @@ def refuse_fresh_start_over_checkpoints(run_dir: Path, resume: str) -> None:
     Raises:
         FileExistsError: there are checkpoints; the message names them and the ways out.
     """
-    found = runs.list_checkpoints(run_dir) if resume == "never" else []
+    found = rundir.list_checkpoints(run_dir) if resume == "never" else []
     if found:
         raise FileExistsError(
             f"trainer.resume=never, but {found[0].parent} already holds {len(found)} checkpoint(s) "
@@ -106,17 +116,17 @@ def plan_resume(run_dir: str | os.PathLike) -> ResumePlan:
     """
     from megatron_lpreg.models.checkpoint import CheckpointError, checkpoint_problems
 
-    root = runs.checkpoints_root(run_dir)
+    root = rundir.checkpoints_root(run_dir)
     if not root.is_dir():
         return ResumePlan(checkpoint=None)
     leftovers = tuple(sorted(p for p in root.iterdir() if p.name.startswith(".step_")
-                             or p.name == runs.LATEST_POINTER + ".tmp"))
-    dirs = runs.list_checkpoints(run_dir)
+                             or p.name == rundir.LATEST_POINTER + ".tmp"))
+    dirs = rundir.list_checkpoints(run_dir)
     problems = {d: checkpoint_problems(d) for d in dirs}
     complete = [d for d in dirs if not problems[d]]
     chosen = complete[-1] if complete else None
-    pointer = root / runs.LATEST_POINTER
-    name = runs.read_latest_pointer(run_dir)
+    pointer = root / rundir.LATEST_POINTER
+    name = rundir.read_latest_pointer(run_dir)
     pointed = root / name if name else None
     notes = []
     if pointed is not None and not pointed.is_dir():
@@ -124,7 +134,7 @@ def plan_resume(run_dir: str | os.PathLike) -> ResumePlan:
         pointed = None
     elif pointed is None and dirs:
         notes.append(f"{pointer} is {'empty' if pointer.exists() else 'missing'}")
-    step = runs.checkpoint_step
+    step = rundir.checkpoint_step
     if pointed is not None and problems.get(pointed) and (chosen is None or step(chosen) < step(pointed)):
         raise CheckpointError(
             f"{pointer} names {pointed}, which is damaged: {'; '.join(problems[pointed])}. It was complete when "
@@ -148,7 +158,7 @@ def plan_resume(run_dir: str | os.PathLike) -> ResumePlan:
 
 def apply_resume_plan(run_dir: str | os.PathLike, plan: ResumePlan) -> None:
     """Rank 0: remove the leftovers, set incomplete newer step dirs aside, point ``latest`` at the checkpoint."""
-    root = runs.checkpoints_root(run_dir)
+    root = rundir.checkpoints_root(run_dir)
     for note in plan.notes:
         logger.warning("%s", note)
     for path in plan.leftovers:
@@ -160,56 +170,74 @@ def apply_resume_plan(run_dir: str | os.PathLike, plan: ResumePlan) -> None:
         logger.warning("removed %d leftover(s) of interrupted checkpoint saves in %s: %s", len(plan.leftovers),
                        root, ", ".join(p.name for p in plan.leftovers))
     for path, why in plan.set_aside:
-        target = root / runs.SET_ASIDE / f"{path.name}.{int(time.time())}"
+        target = root / rundir.SET_ASIDE / f"{path.name}.{int(time.time())}"
         target.parent.mkdir(exist_ok=True)
         os.replace(path, target)
         logger.warning("set aside %s (newer than the checkpoint resumed from, and incomplete: %s) as %s",
                        path.name, why, target)
     if plan.repoint and plan.checkpoint is not None:
-        runs.write_latest_pointer(run_dir, plan.checkpoint.name)
-        logger.warning("%s now names %s", root / runs.LATEST_POINTER, plan.checkpoint.name)
+        rundir.write_latest_pointer(run_dir, plan.checkpoint.name)
+        logger.warning("%s now names %s", root / rundir.LATEST_POINTER, plan.checkpoint.name)
 
 
-def drop_rows_after(run_dir: str | os.PathLike, step: int, metrics_truncate: Any) -> None:
+def drop_rows_after(run_dir: str | os.PathLike, step: int, metrics_truncate: Callable[[int], None]) -> None:
     """Rank 0: forget what a killed run logged after the checkpoint it resumes from (step ``step``): metric rows
     of steps >= ``step`` (the resumed run redoes them) and eval rows after ``step`` (the eval at ``step`` was
     written before that checkpoint; a fresh start, ``step`` 0, evaluates step 0 again)."""
     from megatron_lpreg.telemetry import read_jsonl
 
     run_dir = Path(run_dir)
-    stale = sum(1 for row in read_jsonl(run_dir / runs.METRICS_FILE) if row.get("step", -1) >= step)
+    stale = sum(1 for row in read_jsonl(run_dir / rundir.METRICS_FILE) if row.get("step", -1) >= step)
     metrics_truncate(step)
     if stale:
-        logger.warning("%s: dropped %d row(s) of step >= %d, logged after the checkpoint", run_dir / runs.METRICS_FILE,
-                       stale, step)
+        logger.warning("%s: dropped %d row(s) of step >= %d, logged after the checkpoint",
+                       run_dir / rundir.METRICS_FILE, stale, step)
     keep_eval = (lambda row: row.get("step", step + 1) <= step) if step > 0 else (lambda row: False)
-    dropped = runs.rewrite_jsonl(run_dir / runs.EVAL_FILE, keep_eval)
+    dropped = rundir.rewrite_jsonl(run_dir / rundir.EVAL_FILE, keep_eval)
     if dropped:
-        logger.warning("%s: dropped %d row(s) after step %d, logged after the checkpoint", run_dir / runs.EVAL_FILE,
+        logger.warning("%s: dropped %d row(s) after step %d, logged after the checkpoint", run_dir / rundir.EVAL_FILE,
                        dropped, step)
 
 
 class CheckpointManager:
-    """Save/restore checkpoints under ``run_dir/checkpoints/step_<7-digit step>`` with a ``latest`` pointer file."""
+    """Save/restore checkpoints under ``run_dir/checkpoints/step_<7-digit step>`` with a ``latest`` pointer file.
 
-    def __init__(self, run_dir: Path, *, interval: int, keep_last: int, save_optimizer: bool, resume: str) -> None:
+    Args:
+        run_dir: the run directory.
+        model: model chunks and optimizer (the Policy), saved as a dist checkpoint.
+        stateful: named objects saved by ``state_dict()`` (each under its name in the checkpoint's ``extra``).
+        ctx: this rank's parallel context (the saves and restores are collective).
+        model_cfg: the model config the dist checkpoint is checked against.
+        config_yaml: the resolved run config, stored in every checkpoint.
+        hf_assets_dir: tokenizer/config files copied into every checkpoint (None: none).
+        interval, keep_last, save_optimizer: ``checkpoint.*``; resume: ``trainer.resume``.
+    """
+
+    def __init__(self, run_dir: Path, *, model: ModelState, stateful: Mapping[str, Stateful], ctx: ParallelContext,
+                 model_cfg: Any, config_yaml: str, hf_assets_dir: str | None, interval: int, keep_last: int,
+                 save_optimizer: bool, resume: str) -> None:
         self.run_dir = Path(run_dir)
-        self.root = runs.checkpoints_root(run_dir)
+        self.root = rundir.checkpoints_root(run_dir)
+        self.model, self.stateful, self.ctx, self.model_cfg = model, dict(stateful), ctx, model_cfg
+        self.config_yaml, self.hf_assets_dir = config_yaml, hf_assets_dir
         self.interval, self.keep_last, self.save_optimizer, self.resume = interval, keep_last, save_optimizer, resume
 
     def due(self, step: int, *, final: bool) -> bool:
+        """Whether to save after ``step`` completed steps (every ``interval``, and the last one)."""
         return final or (self.interval > 0 and step % self.interval == 0)
 
-    def restore_or_init(self, comp: "Components") -> RunState:
-        """Resume from the newest complete checkpoint (``trainer.resume`` auto/must), or start at step 0; either
-        way clear away what an interrupted run left after that point (see :func:`plan_resume`). Collective.
+    def restore_or_init(self) -> RunState:
+        """Resume from the newest complete checkpoint (``trainer.resume`` auto/must): load the model, optimizer,
+        the named stateful objects and this rank's RNG states, and return its :class:`RunState`; or return a fresh
+        one (step 0). Either way clear away what an interrupted run left after that point (see
+        :func:`plan_resume`). Collective.
 
         Raises:
             FileExistsError: ``resume=never`` over existing checkpoints.
             FileNotFoundError: ``resume=must`` and no checkpoint.
             CheckpointError: damaged checkpoints (see :func:`plan_resume`) or a failed verification on load.
         """
-        from megatron_lpreg.models.checkpoint import load_checkpoint
+        from megatron_lpreg.models.checkpoint import CheckpointError, load_checkpoint
 
         arm_timer()  # fault-injection tests only (MLPREG_FAULT=after:<seconds>)
         refuse_fresh_start_over_checkpoints(self.run_dir, self.resume)
@@ -217,24 +245,22 @@ class CheckpointManager:
         if self.resume == "must" and plan.checkpoint is None:
             raise FileNotFoundError(f"trainer.resume=must but no checkpoint under {self.root}")
         collectives.barrier()  # every rank has read the directory before rank 0 changes it
-        if comp.ctx.rank == 0:
+        if self.ctx.rank == 0:
             apply_resume_plan(self.run_dir, plan)
-        state = RunState()
-        if plan.checkpoint is not None:
-            path = plan.checkpoint
-            logger.info("resuming from %s", path)
-            extra = load_checkpoint(str(path), comp.policy.raw_chunks, comp.cfg.model, comp.ctx,
-                                    optimizer=comp.policy.optimizer if self.save_optimizer else None)
-            state = RunState(**extra["run_state"])
-            comp.policy.scheduler.load_state_dict(extra["scheduler"])
-            comp.dataset.load_state_dict(state.data_state)
-            _set_rng_state(path, comp.ctx.rank)
-            comp.engine_after_restore(state.weight_version)
-        if comp.ctx.rank == 0:
-            drop_rows_after(self.run_dir, state.step, comp.metrics_truncate)
-        return state
+        if plan.checkpoint is None:
+            return RunState()
+        path = plan.checkpoint
+        logger.info("resuming from %s", path)
+        extra = load_checkpoint(str(path), self.model.raw_chunks, self.model_cfg, self.ctx,
+                                optimizer=self.model.optimizer if self.save_optimizer else None)
+        for name, obj in self.stateful.items():
+            if name not in extra:
+                raise CheckpointError(f"{path} holds no '{name}' state (found {sorted(extra)})")
+            obj.load_state_dict(extra[name])
+        _set_rng_state(path, self.ctx.rank)
+        return RunState(**extra["run_state"])
 
-    def save(self, comp: "Components", state: RunState) -> Path:
+    def save(self, state: RunState) -> Path:
         """Write the checkpoint of ``state.step`` (collective), then move ``latest`` to it and prune.
 
         Raises:
@@ -243,43 +269,31 @@ class CheckpointManager:
         """
         from megatron_lpreg.models.checkpoint import CheckpointError, save_checkpoint, write_failure
 
-        state = replace(state, data_state=comp.dataset.state_dict())
-        name = runs.step_dir_name(state.step)
+        name = rundir.step_dir_name(state.step)
         path = self.root / name
         if path.exists():  # restore set aside everything newer than the checkpoint it resumed from
             raise CheckpointError(f"{path} already exists, although this run resumed from an older checkpoint: is "
                                   f"another run writing to {self.run_dir}? Give each run its own trainer.output_dir")
-        extra = {"run_state": asdict(state), "scheduler": comp.policy.scheduler.state_dict(),
-                 "config_yaml": comp.cfg.to_yaml()}
+        extra = {"run_state": asdict(state), **{k: obj.state_dict() for k, obj in self.stateful.items()},
+                 "config_yaml": self.config_yaml}
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        save_checkpoint(str(path), comp.policy.raw_chunks, comp.cfg.model, comp.ctx,
-                        optimizer=comp.policy.optimizer if self.save_optimizer else None, extra=extra,
-                        rank_files={RNG_FILE.format(rank=comp.ctx.rank): rng},
-                        hf_assets_dir=comp.cfg.model.hf_path or None,
+        save_checkpoint(str(path), self.model.raw_chunks, self.model_cfg, self.ctx,
+                        optimizer=self.model.optimizer if self.save_optimizer else None, extra=extra,
+                        rank_files={RNG_FILE.format(rank=self.ctx.rank): rng}, hf_assets_dir=self.hf_assets_dir,
                         on_progress=lambda point: fault_point(point, step=state.step))
-        if comp.ctx.rank == 0:
+        if self.ctx.rank == 0:
             try:
-                runs.write_latest_pointer(self.run_dir, name)
+                rundir.write_latest_pointer(self.run_dir, name)
             except OSError as exc:
-                raise write_failure(exc, path, where=self.root / runs.LATEST_POINTER, consequence=(
-                    f"{name} is complete, {runs.LATEST_POINTER} still names the one before; a rerun resumes "
+                raise write_failure(exc, path, where=self.root / rundir.LATEST_POINTER, consequence=(
+                    f"{name} is complete, {rundir.LATEST_POINTER} still names the one before; a rerun resumes "
                     f"from {name}")) from exc
             fault_point("pointer_written", step=state.step)
-            self._prune(keep=name)
+            rundir.prune_checkpoints(self.run_dir, self.keep_last, keep=name)
             fault_point("pruned", step=state.step)
             logger.info("checkpoint %s written", path)
         collectives.barrier()
         return path
-
-    def _prune(self, keep: str) -> None:
-        """Delete all but the newest ``keep_last`` checkpoints; each is renamed to a hidden name first, so a kill
-        mid-delete leaves a leftover for the next restore to remove, never a half-deleted ``step_N``."""
-        ckpts = runs.list_checkpoints(self.run_dir)
-        for old in ckpts[: max(0, len(ckpts) - self.keep_last)]:
-            if old.name != keep:
-                trash = old.parent / f".{old.name}.deleting-{uuid.uuid4().hex[:8]}"
-                os.replace(old, trash)
-                shutil.rmtree(trash, ignore_errors=True)
 
 
 def _set_rng_state(path: Path, rank: int) -> None:

@@ -33,10 +33,10 @@ def _exe(path: Path, body: str) -> Path:
     return path
 
 
-def test_requeue_code_matches_the_trainer():
-    from megatron_lpreg.trainer.signals import REQUEUE_EXIT_CODE as trainer_code
+def test_requeue_code_is_the_run_directory_contract():
+    from megatron_lpreg.rundir import REQUEUE_EXIT_CODE as contract_code
 
-    assert REQUEUE_EXIT_CODE == trainer_code == 42
+    assert REQUEUE_EXIT_CODE == contract_code == 42
 
 
 @pytest.mark.parametrize("expr, hosts", [

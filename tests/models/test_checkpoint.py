@@ -303,7 +303,7 @@ def test_existing_output_is_refused_without_naming_a_cli_option(tmp_path):
 
 
 def test_layout_module_and_checkpoint_agree_on_the_manifest_name():
-    from megatron_lpreg.launch.runs import MANIFEST_FILE
+    from megatron_lpreg.rundir import MANIFEST_FILE
 
     assert MANIFEST_FILE == MANIFEST
 

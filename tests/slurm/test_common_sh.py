@@ -104,7 +104,7 @@ POLLING_TRAINER = ("import os, pathlib, sys, time\n"
 
 
 def test_usr1_with_a_run_dir_goes_through_the_trainers_flag_file(tmp_path):
-    from megatron_lpreg.trainer.signals import PREEMPT_FILE
+    from megatron_lpreg.rundir import PREEMPT_FILE
 
     assert PREEMPT_FILE == ".preempt_requested"
     run_dir = tmp_path / "run"

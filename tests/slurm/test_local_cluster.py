@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lpreg.launch.runs import latest_checkpoint
+from megatron_lpreg.rundir import latest_checkpoint
 from megatron_lpreg.telemetry import read_jsonl
 from megatron_lpreg.launch.slurm import SbatchRequest, array_task_states, queued_tasks, submit
 
@@ -136,7 +136,6 @@ def test_failed_task_makes_the_sweep_fail(slurm_env, tmp_path):
 
 
 def test_eval_array_waits_for_the_training_job(slurm_env, tmp_path):
-    pytest.importorskip("megatron_lpreg.eval.cli", reason="the eval CLI (megatron-lpreg eval) has not landed")
     run_dir = tmp_path / "run"
     start = time.monotonic()
     train_id = _submit_train(slurm_env, run_dir, tmp_path / "logs", FAST)

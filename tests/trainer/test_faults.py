@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megatron_lpreg.cli import main as cli_main
-from megatron_lpreg.launch.runs import EVAL_FILE, METRICS_FILE, read_latest_pointer
+from megatron_lpreg.rundir import EVAL_FILE, METRICS_FILE, read_latest_pointer
 from megatron_lpreg.models.checkpoint import checkpoint_problems
 from megatron_lpreg.parallel.faults import ENV
 

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from megatron_lpreg import rundir
 from megatron_lpreg.config.model import ModelConfig
-from megatron_lpreg.launch import runs
 from megatron_lpreg.models.checkpoint import CheckpointError, write_manifest
 from megatron_lpreg.parallel import faults
 from megatron_lpreg.trainer.state import apply_resume_plan, drop_rows_after, plan_resume
@@ -21,7 +21,7 @@ CTX = SimpleNamespace(tp_size=1, pp_size=1)
 
 
 def _checkpoint(run: Path, step: int, *, complete: bool = True) -> Path:
-    path = runs.checkpoints_root(run) / runs.step_dir_name(step)
+    path = rundir.checkpoints_root(run) / rundir.step_dir_name(step)
     (path / "dist").mkdir(parents=True)
     (path / "dist" / "__0_0.distcp").write_bytes(bytes(range(200)) * 5)
     (path / "rng_rank0.pt").write_bytes(b"r" * 300)
@@ -35,7 +35,7 @@ def _run(tmp_path: Path, steps: list[int], latest: int | None) -> Path:
     for step in steps:
         _checkpoint(run, step)
     if latest is not None:
-        runs.write_latest_pointer(run, runs.step_dir_name(latest))
+        rundir.write_latest_pointer(run, rundir.step_dir_name(latest))
     return run
 
 
@@ -49,13 +49,13 @@ def test_complete_checkpoint_newer_than_latest_wins_and_latest_is_repointed(tmp_
     assert plan.checkpoint.name == "step_0000002" and plan.repoint and not plan.set_aside
     assert any("step_0000002 is complete" in note for note in plan.notes)
     apply_resume_plan(run, plan)
-    assert runs.read_latest_pointer(run) == "step_0000002"
+    assert rundir.read_latest_pointer(run) == "step_0000002"
 
 
 @pytest.mark.parametrize("pointer", ["missing", "empty", "dangling"])
 def test_missing_empty_or_dangling_latest_falls_back_to_newest_complete(tmp_path, pointer):
     run = _run(tmp_path, [1, 2], latest=None)  # D2, D7
-    latest = runs.checkpoints_root(run) / runs.LATEST_POINTER
+    latest = rundir.checkpoints_root(run) / rundir.LATEST_POINTER
     if pointer == "empty":
         latest.write_text("\n")
     elif pointer == "dangling":
@@ -68,7 +68,7 @@ def test_missing_empty_or_dangling_latest_falls_back_to_newest_complete(tmp_path
 
 def test_leftover_temp_dirs_are_removed(tmp_path):
     run = _run(tmp_path, [1], latest=1)
-    root = runs.checkpoints_root(run)
+    root = rundir.checkpoints_root(run)
     leftovers = [root / ".step_0000002.tmp-1a2b3c4d", root / ".step_0000000.deleting-00000001"]
     for path in leftovers:
         (path / "dist").mkdir(parents=True)
@@ -76,7 +76,7 @@ def test_leftover_temp_dirs_are_removed(tmp_path):
     plan = plan_resume(run)
     assert plan.checkpoint.name == "step_0000001" and not plan.repoint
     assert set(plan.leftovers) == {*leftovers, root / "latest.tmp"}
-    assert runs.list_checkpoints(run) == [root / "step_0000001"], "a temp dir is never a checkpoint"
+    assert rundir.list_checkpoints(run) == [root / "step_0000001"], "a temp dir is never a checkpoint"
     apply_resume_plan(run, plan)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001"]
 
@@ -92,14 +92,14 @@ def test_incomplete_step_dir_newer_than_the_checkpoint_is_set_aside(tmp_path):
     assert "manifest.json is missing" in reasons["step_0000002"]
     assert "dist/__0_0.distcp: truncated (10 bytes, the manifest says 1000)" in reasons["step_0000003"]
     apply_resume_plan(run, plan)
-    root = runs.checkpoints_root(run)
-    assert [p.name for p in runs.list_checkpoints(run)] == ["step_0000001"]
-    assert sorted(p.name.split(".")[0] for p in (root / runs.SET_ASIDE).iterdir()) == ["step_0000002", "step_0000003"]
+    root = rundir.checkpoints_root(run)
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step_0000001"]
+    assert sorted(p.name.split(".")[0] for p in (root / rundir.SET_ASIDE).iterdir()) == ["step_0000002", "step_0000003"]
 
 
 def test_damaged_checkpoint_named_by_latest_is_refused_naming_file_and_cause(tmp_path):
     run = _run(tmp_path, [1, 2], latest=2)
-    rng = runs.checkpoints_root(run) / "step_0000002" / "rng_rank0.pt"
+    rng = rundir.checkpoints_root(run) / "step_0000002" / "rng_rank0.pt"
     rng.write_bytes(b"r" * 7)  # D6: truncated after the pointer moved to it
     with pytest.raises(CheckpointError) as err:
         plan_resume(run)
@@ -118,14 +118,14 @@ def test_only_incomplete_step_dirs_refuse_instead_of_restarting_at_step_0(tmp_pa
 def test_rows_after_the_checkpoint_are_dropped(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / runs.EVAL_FILE).write_text("".join(json.dumps({"step": s}) + "\n" for s in range(4)) + '{"step": 4, "he')
-    (run / runs.METRICS_FILE).write_text("".join(json.dumps({"step": s}) + "\n" for s in range(3)))
+    (run / rundir.EVAL_FILE).write_text("".join(json.dumps({"step": s}) + "\n" for s in range(4)) + '{"step": 4, "he')
+    (run / rundir.METRICS_FILE).write_text("".join(json.dumps({"step": s}) + "\n" for s in range(3)))
     truncated_at = []
     drop_rows_after(run, 2, truncated_at.append)
     assert truncated_at == [2]
-    assert [r["step"] for r in runs_rows(run / runs.EVAL_FILE)] == [0, 1, 2], "eval at step 2 precedes its checkpoint"
+    assert [r["step"] for r in runs_rows(run / rundir.EVAL_FILE)] == [0, 1, 2], "eval at step 2 precedes its checkpoint"
     drop_rows_after(run, 0, truncated_at.append)
-    assert (run / runs.EVAL_FILE).read_text() == "", "a fresh start evaluates step 0 again"
+    assert (run / rundir.EVAL_FILE).read_text() == "", "a fresh start evaluates step 0 again"
 
 
 def runs_rows(path: Path) -> list[dict]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lpreg.trainer.signals import PREEMPT_FILE, REQUEUE_EXIT_CODE
+from megatron_lpreg.rundir import PREEMPT_FILE, REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

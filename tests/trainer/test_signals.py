@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from megatron_lpreg.trainer.signals import (PREEMPT_FILE, PreemptionWatcher, clear_stale_request,
-                                            forward_signals_to_run_dir)
+from megatron_lpreg.rundir import PREEMPT_FILE, clear_stale_request
+from megatron_lpreg.trainer.signals import PreemptionWatcher, forward_signals_to_run_dir
 
 
 @pytest.fixture

@@ -1,33 +1,53 @@
-"""The run directory's layout, and reading it: checkpoints, the ``latest`` pointer, metrics and eval rows.
+"""The run directory: its layout, the ``latest`` checkpoint pointer, and the preemption flag.
 
-This module is the one owner of the layout; the trainer (``trainer/state.py``) and the launchers import it::
+The one owner of these names; the trainer (``trainer/state.py``, ``trainer/signals.py``) and the launchers
+(``launch/``, ``slurm/common.sh`` through ``python -m megatron_lpreg.launch.job``) import it, never each other::
 
     <run>/config.yaml          resolved config
     <run>/metrics.jsonl        one JSON object per completed step ({"step": s, ...}, s = 0, 1, ...)
     <run>/eval.jsonl           one JSON object per held-out evaluation ({"step": s, ...}: after s steps)
+    <run>/logs/rank<r>.log     each trainer rank's log
+    <run>/.preempt_requested   the preemption flag: a trainer that sees it checkpoints and exits with
+                               REQUEUE_EXIT_CODE (written by a signal handler, ``launch.job preempt`` or the batch
+                               shell's USR1 trap)
     <run>/checkpoints/step_<7-digit step>/   complete checkpoints (``manifest.json`` inside; models/checkpoint.py)
     <run>/checkpoints/latest   the name of the newest complete checkpoint, replaced atomically after it is written
     <run>/checkpoints/.step_<N>.tmp-<id>/    a save in progress (or killed); never a checkpoint
     <run>/checkpoints/.set_aside/            checkpoints a resume found newer than the newest complete one
+
+No torch and nothing else of the package at import: the Slurm scripts read the flag name and the requeue code
+(``python -m megatron_lpreg.launch.job preempt-file`` / ``requeue-code``) at start.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
+LOGS_DIR = "logs"
 CHECKPOINTS = "checkpoints"
 LATEST_POINTER = "latest"
 SET_ASIDE = ".set_aside"
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.jsonl"
 MANIFEST_FILE = "manifest.json"
 """Written last into a checkpoint's temp dir (``models.checkpoint.MANIFEST``, kept equal by a test)."""
 LATEST_SUFFIX = "@latest"
 """A checkpoint spec ``<run_dir>@latest`` is resolved when the eval task starts, not at submission time, so an
 eval array can be submitted with ``--dependency afterok:<train job>`` before the checkpoint exists."""
+PREEMPT_FILE = ".preempt_requested"
+"""The preemption flag file in the run directory (its name is part of the slurm/common.sh contract)."""
+REQUEUE_EXIT_CODE = 42
+"""Exit status meaning "checkpointed on a preemption request; requeue me" (see slurm/train.sbatch)."""
 
 _STEP = re.compile(r"(\d+)$")
 
@@ -44,6 +64,7 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
 
 
 def checkpoints_root(run_dir: str | os.PathLike) -> Path:
+    """``<run>/checkpoints``."""
     return Path(run_dir) / CHECKPOINTS
 
 
@@ -57,6 +78,21 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
              and checkpoint_step(p) is not None and not p.name.endswith(".tmp")]
     return sorted(found, key=lambda p: checkpoint_step(p) or 0)
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, *, keep: str) -> list[str]:
+    """Delete all but the newest ``keep_last`` checkpoints (never the one named ``keep``); each is renamed to a
+    hidden name first, so a kill mid-delete leaves a leftover for the next restore to remove, never a
+    half-deleted ``step_N``. Returns the names deleted."""
+    found = list_checkpoints(run_dir)
+    deleted = []
+    for old in found[: max(0, len(found) - keep_last)]:
+        if old.name != keep:
+            trash = old.parent / f".{old.name}.deleting-{uuid.uuid4().hex[:8]}"
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            deleted.append(old.name)
+    return deleted
 
 
 def read_latest_pointer(run_dir: str | os.PathLike) -> str | None:
@@ -142,3 +178,40 @@ def resolve_checkpoint(spec: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     return path
+
+
+def preempt_flag(run_dir: str | os.PathLike) -> Path:
+    """``<run>/.preempt_requested``: its existence asks the trainer to checkpoint and exit for requeue."""
+    return Path(run_dir) / PREEMPT_FILE
+
+
+def request_preemption(run_dir: str | os.PathLike) -> None:
+    """Ask a running trainer (any launcher) to checkpoint and exit with REQUEUE_EXIT_CODE."""
+    path = preempt_flag(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+
+
+def clear_preemption(run_dir: str | os.PathLike) -> None:
+    """Withdraw a preemption request (consumed by the trainer that acted on it, or stale)."""
+    preempt_flag(run_dir).unlink(missing_ok=True)
+
+
+def preemption_requested(run_dir: str | os.PathLike) -> bool:
+    """Whether the preemption flag is set."""
+    return preempt_flag(run_dir).exists()
+
+
+def clear_stale_request(run_dir: str | os.PathLike, started_at: float) -> bool:
+    """Remove a preemption request older than ``started_at`` (epoch seconds): it was meant for an earlier attempt
+    (one that crashed, or finished just as it was asked) and would stop this one after its first step. A request
+    made after ``started_at`` (Slurm's warning during start-up) is kept. Returns whether one was removed."""
+    path = preempt_flag(run_dir)
+    try:
+        if path.stat().st_mtime >= started_at:
+            return False
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    logger.warning("removed a stale preemption request from an earlier run in %s", path.parent)
+    return True
