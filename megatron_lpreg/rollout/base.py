@@ -5,12 +5,33 @@ sampling log-probs (so the trainer can measure engine/trainer mismatch) and fini
 """
 from __future__ import annotations
 
+import enum
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
 FinishReason = Literal["stop", "length", "abort"]
+
+
+class Colocation(enum.StrEnum):
+    """How an engine shares the trainer's processes and GPUs: the one meaning of "colocated" in this package.
+
+    The value decides what :meth:`RolloutEngine.release_memory` / :meth:`RolloutEngine.resume_memory` do and whether
+    weights move after an update. ``rollout.mode`` (``colocated`` / ``separate``) names two of these values.
+    """
+
+    EMBEDDED = "embedded"
+    """Runs inside each trainer rank's process and generates from the trainer's own parameters (the local engine
+    over the Megatron model, parallel.pp == 1): no weights move, no memory of its own to release."""
+    COLOCATED = "colocated"
+    """Keeps its own weights and KV cache on the GPUs of trainer ranks (SGLang with rollout.mode=colocated, vLLM on
+    CUDA in rank 0's process, an engine actor with a fractional GPU): it releases that memory while the trainer
+    updates and takes it back before the weight sync."""
+    SEPARATE = "separate"
+    """Has devices of its own (rollout.mode=separate, whole-GPU engine actors) or runs on CPU with its own copy of
+    the weights (the hosted local engine, vLLM on CPU): release/resume are no-ops, weights are synced."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +121,9 @@ class WeightUpdate:
 class RolloutEngine(Protocol):
     """What the trainer needs from a rollout engine."""
 
+    colocation: Colocation
+    """Where the engine runs relative to the trainer (see :class:`Colocation`)."""
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """Generate ``params.n`` responses for each prompt; result ordered by (prompt_index, sample_index)."""
         ...
@@ -109,11 +133,11 @@ class RolloutEngine(Protocol):
         ...
 
     def release_memory(self) -> None:
-        """Give the engine's device memory (weights, KV cache) back before a colocated policy update.
+        """Give the engine's device memory (weights, KV cache) back to the trainer before its policy update.
 
         Called by the trainer on every engine before each update, in order release -> update -> resume ->
-        weight sync. A no-op for engines that hold no device memory of their own (the local engine, engines on
-        GPUs of their own). SGLang: ``/release_memory_occupation``; vLLM: ``sleep``.
+        weight sync. Acts only when ``colocation`` is :attr:`Colocation.COLOCATED` (a no-op for embedded and
+        separate engines). SGLang: ``/release_memory_occupation``; vLLM: ``sleep``.
         """
         ...
 

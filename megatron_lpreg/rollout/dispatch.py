@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 from megatron_lpreg.rollout.sglang_servers import SGLangError
 

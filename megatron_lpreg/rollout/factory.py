@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
-
+from typing import Any
 
 from megatron_lpreg.config.rollout import RolloutConfig
-from megatron_lpreg.rollout.base import RolloutEngine
+from megatron_lpreg.rollout.base import Colocation, RolloutEngine
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,14 @@ def build_engine(cfg: RolloutConfig, model_path: str, *, seed: int, model: Any =
     return _build_local(cfg, model_path, model)
 
 
+def runs_embedded(cfg: RolloutConfig, *, pp_size: int, vpp_size: int) -> bool:
+    """Whether the configured engine is :attr:`~megatron_lpreg.rollout.base.Colocation.EMBEDDED`: every trainer rank
+    runs the local engine in its own process on its own parameters, which needs the whole model on each rank
+    (pp == vpp == 1). Otherwise the engine is hosted by trainer rank 0 and receives the weights after each update.
+    """
+    return cfg.engine == "local" and pp_size <= 1 and vpp_size <= 1
+
+
 def _build_local(cfg: RolloutConfig, model_path: str, model: Any) -> RolloutEngine:
     from megatron_lpreg.rollout.local import LocalEngine
     from megatron_lpreg.rollout.logits_model import HFLogitsModel
@@ -56,6 +64,7 @@ def _build_local(cfg: RolloutConfig, model_path: str, model: Any) -> RolloutEngi
                 f"parallel.vpp>1); set parallel.pp=1 and parallel.vpp=1, or use rollout.engine=sglang"
             )
         model = model[0]
+    colocation = Colocation.SEPARATE if model is None else Colocation.EMBEDDED
     if model is None:
         if not model_path:
             raise ValueError("build_engine: model_path is empty and no model given; pass an HF model directory")
@@ -70,7 +79,7 @@ def _build_local(cfg: RolloutConfig, model_path: str, model: Any) -> RolloutEngi
         adapter = MegatronLogitsModel(model, vocab_size=int(hf_config["vocab_size"]))
     return LocalEngine(
         adapter, eos_token_ids=_eos_ids(model_path, hf_config), tokenizer=_tokenizer(model_path),
-        max_batch_size=cfg.max_batch_size,
+        max_batch_size=cfg.max_batch_size, colocation=colocation,
     )
 
 

@@ -16,6 +16,7 @@ import logging
 import torch
 
 from megatron_lpreg.rollout.base import (
+    Colocation,
     Completion,
     EngineHealth,
     FinishReason,
@@ -25,6 +26,7 @@ from megatron_lpreg.rollout.base import (
 )
 from megatron_lpreg.rollout.logits_model import LogitsModel, teacher_forced_logprobs
 from megatron_lpreg.rollout.sampling import RowSampler, request_seed, row_seed, validate_params
+from megatron_lpreg.rollout.weight_sync import verify_probe
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +46,16 @@ class LocalEngine:
         eos_token_ids: tuple[int, ...] = (),
         tokenizer: object | None = None,
         max_batch_size: int = 256,
+        colocation: Colocation = Colocation.EMBEDDED,
     ) -> None:
         """Args:
             model: the adapter to decode through (shares the caller's parameters).
             eos_token_ids: ids that always end a response (added to each request's ``stop_token_ids``).
             tokenizer: optional HF tokenizer to fill ``Completion.text``.
             max_batch_size: rows (prompt x sample) per forward; larger requests run in chunks.
+            colocation: EMBEDDED when ``model`` wraps the caller's own model (the trainer's chunk), SEPARATE when
+                the engine loaded a copy of its own (an HF directory); see :class:`~megatron_lpreg.rollout.base.
+                Colocation`. The engine holds no device memory of its own either way.
         """
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
@@ -57,6 +63,7 @@ class LocalEngine:
         self.eos_token_ids = tuple(eos_token_ids)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.colocation = colocation
         self.weight_version = 0
         self._closed = False
 
@@ -151,7 +158,7 @@ class LocalEngine:
     def update_weights(self, update: WeightUpdate) -> None:
         """Install ``update`` and verify it.
 
-        Colocated (``tensors`` and ``path`` both None): the engine already reads the trainer's parameters, so only
+        Embedded (``tensors`` and ``path`` both None): the engine already reads the trainer's parameters, so only
         the version moves. Tensors/path need an adapter with ``load_named_tensors``/``load_checkpoint`` (HF).
 
         Raises:
@@ -163,7 +170,7 @@ class LocalEngine:
             if not hasattr(self.model, loader):
                 raise ValueError(
                     f"{type(self.model).__name__} shares the trainer's parameters; pass WeightUpdate(tensors=None, "
-                    f"path=None) to a colocated local engine"
+                    f"path=None) to an embedded local engine"
                 )
             if update.tensors is not None:
                 self.model.load_named_tensors(update.tensors)
@@ -190,7 +197,8 @@ class LocalEngine:
         return teacher_forced_logprobs(self.model, token_ids, prompt_len)
 
     def release_memory(self) -> None:
-        """No-op: the local engine generates from the trainer's own parameters and holds no memory of its own."""
+        """No-op: the local engine holds no device memory of its own (embedded: it reads the trainer's parameters;
+        separate: an HF copy in host memory)."""
 
     def resume_memory(self) -> None:
         """No-op (see :meth:`release_memory`)."""
@@ -216,27 +224,3 @@ def left_pad(prompts: list[list[int]], device: torch.device | str = "cpu") -> tu
         input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device="cpu")
         mask[row, width - len(prompt) :] = True
     return input_ids.to(device), mask.to(device)  # one copy each, not one per row
-
-
-def verify_probe(score_fn, probe, *, engine: str) -> float:
-    """Score ``probe`` with ``score_fn(token_ids, prompt_len)`` and compare with its expected log-probs.
-
-    Returns:
-        The largest absolute log-prob difference.
-
-    Raises:
-        WeightSyncError: length mismatch or a difference above ``probe.atol``.
-    """
-    actual = score_fn(list(probe.token_ids), probe.prompt_len)
-    if len(actual) != len(probe.expected_logprobs):
-        raise WeightSyncError(
-            f"{engine}: probe returned {len(actual)} log-probs, expected {len(probe.expected_logprobs)}"
-        )
-    max_diff = max(abs(a - e) for a, e in zip(actual, probe.expected_logprobs))
-    if max_diff > probe.atol:
-        raise WeightSyncError(
-            f"{engine}: probe log-probs differ from the trainer's by {max_diff:.3g} > atol={probe.atol:g}; the "
-            f"engine is not serving the weights just sent"
-        )
-    logger.info("%s: weight-sync probe ok (max |dlogp| = %.3g)", engine, max_diff)
-    return max_diff

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -111,7 +112,7 @@ class HFLogitsModel:
         self._was_training = model.training
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32) -> "HFLogitsModel":
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32) -> HFLogitsModel:
         """Load an HF checkpoint directory (config.json + safetensors) on CPU."""
         from transformers import AutoModelForCausalLM
 

@@ -16,6 +16,7 @@ hold bit-identical logits their seeded samplers draw identical tokens.
 from __future__ import annotations
 
 import logging
+
 import torch
 
 logger = logging.getLogger(__name__)

@@ -1,20 +1,21 @@
 """A rollout engine in its own Ray actor (``rollout.placement=actor``).
 
 The actor builds any engine with :func:`~megatron_lpreg.rollout.factory.build_engine` on the resources it was
-given: whole GPUs (engines on devices of their own) or a fraction (colocated with trainer ranks; the engine's
-memory is released while the trainer updates, when the engine supports it, e.g. SGLang's
-release/resume_memory_occupation). :class:`RayEngine` is the trainer-side handle and implements the
-RolloutEngine protocol; weights travel through the Ray object store in buckets of ``rollout.weight_bucket_mb``.
+given: whole GPUs (:attr:`~megatron_lpreg.rollout.base.Colocation.SEPARATE`) or a fraction
+(:attr:`~megatron_lpreg.rollout.base.Colocation.COLOCATED` with trainer ranks: the engine's own release/resume_memory
+run around each update). :class:`RayEngine` is the trainer-side handle and implements the RolloutEngine protocol;
+weights travel through the Ray object store in buckets of ``rollout.weight_bucket_mb``
+(:func:`~megatron_lpreg.rollout.weight_sync.iter_buckets`).
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
 
 import torch
 
 from megatron_lpreg.config.rollout import RolloutConfig
-from megatron_lpreg.rollout.base import Completion, EngineHealth, SamplingParams, WeightUpdate
+from megatron_lpreg.rollout.base import Colocation, Completion, EngineHealth, SamplingParams, WeightUpdate
+from megatron_lpreg.rollout.weight_sync import iter_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +34,11 @@ class _EngineActor:
     def load_bucket(self, version: int, tensors: list[tuple[str, torch.Tensor]], checksums: dict[str, float]) -> None:
         self.engine.update_weights(WeightUpdate(version=version, tensors=iter(tensors), checksums=checksums))
 
-    def call(self, method: str) -> Any:
-        fn = getattr(self.engine, method, None)
-        return fn() if fn is not None else None
+    def release_memory(self) -> None:
+        self.engine.release_memory()
+
+    def resume_memory(self) -> None:
+        self.engine.resume_memory()
 
     def health(self) -> EngineHealth:
         return self.engine.health()
@@ -53,7 +56,8 @@ class RayEngine:
         if not ray.is_initialized():
             raise ValueError("rollout.placement=actor needs trainer.launcher=ray (no Ray runtime in this process)")
         gpus = cfg.engine_num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        self.colocated = 0 < gpus < 1
+        self.colocation = Colocation.COLOCATED if 0 < gpus < 1 else Colocation.SEPARATE
+        """A fractional GPU shares the device with trainer ranks; a whole GPU (or none, on CPU) does not."""
         self.bucket_bytes = int(cfg.weight_bucket_mb * 2**20)
         self.actor = ray.remote(_EngineActor).options(num_cpus=0, num_gpus=gpus).remote(cfg, model_path, seed)
         self._ray = ray
@@ -67,17 +71,19 @@ class RayEngine:
         """Ship ``update.tensors`` in buckets; the engine verifies each bucket against its checksums."""
         if update.tensors is None:
             raise ValueError("an engine actor keeps its own weights: WeightUpdate.tensors is required")
-        for bucket in _buckets(update.tensors, self.bucket_bytes):
+        for bucket in iter_buckets(update.tensors, self.bucket_bytes):
             sums = {name: float(t.double().sum()) for name, t in bucket}
             self._ray.get(self.actor.load_bucket.remote(update.version, bucket, sums))
 
     def release_memory(self) -> None:
-        if self.colocated:
-            self._ray.get(self.actor.call.remote("release_memory"))
+        """The engine's own release_memory, when it shares its GPU with trainer ranks."""
+        if self.colocation is Colocation.COLOCATED:
+            self._ray.get(self.actor.release_memory.remote())
 
     def resume_memory(self) -> None:
-        if self.colocated:
-            self._ray.get(self.actor.call.remote("resume_memory"))
+        """The engine's own resume_memory (see :meth:`release_memory`)."""
+        if self.colocation is Colocation.COLOCATED:
+            self._ray.get(self.actor.resume_memory.remote())
 
     def health(self) -> EngineHealth:
         return self._ray.get(self.actor.health.remote())
@@ -87,16 +93,3 @@ class RayEngine:
             self._ray.get(self.actor.shutdown.remote(), timeout=60)
         finally:
             self._ray.kill(self.actor)
-
-
-def _buckets(tensors: Iterable[tuple[str, torch.Tensor]], limit: int) -> Iterable[list[tuple[str, torch.Tensor]]]:
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in tensors:
-        bucket.append((name, tensor))
-        size += tensor.numel() * tensor.element_size()
-        if size >= limit:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket

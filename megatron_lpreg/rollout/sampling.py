@@ -104,7 +104,7 @@ class RowSampler:
     generators: list[torch.Generator]
 
     @classmethod
-    def create(cls, params: SamplingParams, seeds: list[int]) -> "RowSampler":
+    def create(cls, params: SamplingParams, seeds: list[int]) -> RowSampler:
         """One CPU generator per row, seeded with ``seeds[row]`` (see :func:`row_seed`)."""
         validate_params(params)
         generators = []

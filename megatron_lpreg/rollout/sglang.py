@@ -35,6 +35,7 @@ import torch
 
 from megatron_lpreg.config.rollout import RolloutConfig
 from megatron_lpreg.rollout.base import (
+    Colocation,
     Completion,
     EngineHealth,
     SamplingParams,
@@ -42,7 +43,6 @@ from megatron_lpreg.rollout.base import (
     WeightUpdate,
 )
 from megatron_lpreg.rollout.dispatch import LeastLoadedDispatcher
-from megatron_lpreg.rollout.local import verify_probe
 from megatron_lpreg.rollout.logits_model import read_safetensor_rows, safetensors_files
 from megatron_lpreg.rollout.sampling import row_seed, validate_params
 from megatron_lpreg.rollout.sglang_servers import (
@@ -59,6 +59,7 @@ from megatron_lpreg.rollout.weight_sync import (
     iter_buckets,
     serialize_named_tensors,
     standalone_group,
+    verify_probe,
 )
 
 __all__ = ["SGLangClient", "SGLangEngine", "SGLangError", "parse_item", "sampling_payload"]
@@ -198,6 +199,8 @@ class SGLangEngine:
         """
         self.cfg = cfg
         self.model_path = model_path
+        self.colocation = Colocation(cfg.mode)
+        """rollout.mode: colocated servers share the trainer ranks' GPUs and release their memory around updates."""
         self.weight_version = 0
         self._group = None
         self._group_urls: tuple[str, ...] = ()
@@ -435,16 +438,16 @@ class SGLangEngine:
             except SGLangError as exc:
                 raise WeightSyncError(f"verifying {self.describe(k)} after the sync failed: {exc}") from exc
 
-    # ---- colocation, health, shutdown -------------------------------------------------------------------------
+    # ---- memory, health, shutdown -----------------------------------------------------------------------------
     def release_memory(self) -> None:
-        """Free the servers' GPU memory (weights and KV cache) while the trainer runs (rollout.mode=colocated;
+        """Free the servers' GPU memory (weights and KV cache) while the trainer updates (Colocation.COLOCATED;
         engines on GPUs of their own keep it)."""
-        if self.cfg.mode == "colocated":
+        if self.colocation is Colocation.COLOCATED:
             self._on_all(lambda c: c.post("/release_memory_occupation", {}, timeout_s=CONTROL_TIMEOUT_S))
 
     def resume_memory(self) -> None:
         """Re-allocate the servers' memory (after the trainer freed its cache, before the weight sync)."""
-        if self.cfg.mode == "colocated":
+        if self.colocation is Colocation.COLOCATED:
             self._on_all(lambda c: c.post("/resume_memory_occupation", {}, timeout_s=CONTROL_TIMEOUT_S))
 
     def flush_cache(self) -> None:

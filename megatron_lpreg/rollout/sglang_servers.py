@@ -12,9 +12,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from megatron_lpreg.config.rollout import RolloutConfig
 from megatron_lpreg.parallel.spawn import free_port
@@ -156,7 +157,7 @@ class LocalServers:
         self.processes: list[SGLangServerProcess | None] = [None] * cfg.num_engines
         self.engines = [self._launch(k, 0) for k in range(cfg.num_engines)]
         try:
-            for k, proc in enumerate(self.processes):
+            for proc in self.processes:
                 proc.wait_healthy(lambda u=proc.url: is_healthy(u), cfg.launch_timeout_s)
         except BaseException:
             self.shutdown()
@@ -240,7 +241,7 @@ class RayServers:
         self.actors, self.engines, self.max_restarts = actors, engines, max_restarts
 
     @classmethod
-    def attach(cls, prefix: str, num_engines: int, max_restarts: int) -> "RayServers":
+    def attach(cls, prefix: str, num_engines: int, max_restarts: int) -> RayServers:
         """The engine actors the launcher named ``<prefix><id>`` (they are already serving)."""
         import ray
 

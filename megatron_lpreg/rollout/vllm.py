@@ -36,13 +36,15 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from megatron_lpreg.config.base import ConfigError
 from megatron_lpreg.config.rollout import RolloutConfig
 from megatron_lpreg.rollout.base import (
+    Colocation,
     Completion,
     EngineHealth,
     LogprobProbe,
@@ -51,9 +53,8 @@ from megatron_lpreg.rollout.base import (
     WeightSyncError,
     WeightUpdate,
 )
-from megatron_lpreg.rollout.local import verify_probe
 from megatron_lpreg.rollout.sampling import is_greedy, row_seed, validate_params
-from megatron_lpreg.rollout.weight_sync import iter_buckets
+from megatron_lpreg.rollout.weight_sync import iter_buckets, verify_probe
 
 logger = logging.getLogger(__name__)
 
@@ -225,9 +226,9 @@ class VLLMEngine:
         self.weight_version = 0
         self.dtype = engine_dtype(cfg, model_path)
         self.on_cpu = current_platform.is_cpu()
-        self.colocated = not self.on_cpu
-        """In rank 0's process on the trainer's device: the trainer calls release/resume around each update."""
-        self._sleep = not self.on_cpu and current_platform.is_sleep_mode_available()
+        self.colocation = Colocation.SEPARATE if self.on_cpu else Colocation.COLOCATED
+        """In rank 0's process on the trainer's GPU (COLOCATED: released around each update); on CPU, SEPARATE."""
+        self._sleep = (self.colocation is Colocation.COLOCATED and current_platform.is_sleep_mode_available())
         self._warned: set[tuple] = set()
         kwargs: dict[str, Any] = dict(
             model=model_path, tensor_parallel_size=cfg.engine_tp, seed=seed, dtype=self.dtype,

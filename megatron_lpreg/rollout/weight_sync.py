@@ -1,4 +1,5 @@
-"""Moving trainer weights to out-of-process engines: buckets, payloads, a standalone broadcast group, spot checks.
+"""Moving trainer weights to engines and checking them there: buckets, payloads, a standalone broadcast group,
+spot checks and the teacher-forced probe (shared by every engine).
 
 The trainer side hands an engine a stream of ``(hf_name, tensor)`` pairs (``models.bridge`` converts Megatron
 TP/PP shards to HF names one tensor at a time); nothing here needs the whole model in memory at once: the stream
@@ -10,14 +11,14 @@ import base64
 import datetime
 import logging
 import pickle
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from megatron_lpreg.parallel.collectives import broadcast_in_group
-from megatron_lpreg.rollout.base import NamedTensor, WeightSyncError
+from megatron_lpreg.rollout.base import LogprobProbe, NamedTensor, WeightSyncError
 
 logger = logging.getLogger(__name__)
 
@@ -136,3 +137,32 @@ class WeightSamples:
                 f"{engine}: weight '{name}' differs from what was sent (max |diff| {diff:.3g}); the engine did not "
                 f"install this update"
             )
+
+
+def verify_probe(score_fn: Callable[[list[int], int], list[float]], probe: LogprobProbe, *, engine: str) -> float:
+    """Score ``probe`` with ``score_fn(token_ids, prompt_len)`` and compare with its expected log-probs.
+
+    Args:
+        score_fn: the engine's teacher-forced scorer (temperature 1) of ``token_ids[prompt_len:]``.
+        probe: what the trainer scored with the weights it just sent.
+        engine: name for messages.
+
+    Returns:
+        The largest absolute log-prob difference.
+
+    Raises:
+        WeightSyncError: length mismatch or a difference above ``probe.atol``.
+    """
+    actual = score_fn(list(probe.token_ids), probe.prompt_len)
+    if len(actual) != len(probe.expected_logprobs):
+        raise WeightSyncError(
+            f"{engine}: probe returned {len(actual)} log-probs, expected {len(probe.expected_logprobs)}"
+        )
+    max_diff = max(abs(a - e) for a, e in zip(actual, probe.expected_logprobs))
+    if max_diff > probe.atol:
+        raise WeightSyncError(
+            f"{engine}: probe log-probs differ from the trainer's by {max_diff:.3g} > atol={probe.atol:g}; the "
+            f"engine is not serving the weights just sent"
+        )
+    logger.info("%s: weight-sync probe ok (max |dlogp| = %.3g)", engine, max_diff)
+    return max_diff

@@ -1,17 +1,20 @@
 """Where a step's rollouts come from, and how new weights reach them.
 
-colocated: ``rollout.engine=local`` with pp == 1: every rank runs the in-process engine on its own parameter
-    shard (TP ranks of one replica in lockstep, each DP replica on its own prompt slice); no weights move.
+embedded: ``rollout.engine=local`` with pp == 1 (``Colocation.EMBEDDED``, ``rollout.factory.runs_embedded``):
+    every rank runs the in-process engine on its own parameter shard (TP ranks of one replica in lockstep, each DP
+    replica on its own prompt slice); no weights move.
 hosted:  sglang / vllm, or ``local`` with pp > 1 (the in-process engine cannot run a pipeline): global rank 0
     owns the engine(s), generates for the whole step and broadcasts the completions; after each update the
     trainer streams HF-named tensors to rank 0 (:func:`stream_weights_to_rank0`: TP shards all-gathered inside
     each stage, later pipeline stages sent tensor by tensor), which feeds them to ``engine.update_weights`` and
-    verifies per-tensor float64 checksums.
+    verifies per-tensor float64 checksums. Whether a hosted engine shares the trainer's GPUs is its own
+    ``colocation`` (``rollout.base.Colocation``); the release/resume calls below act only where it does.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -26,13 +29,13 @@ _END = "__end_of_stage__"
 
 
 class EngineHost:
-    """The step's rollout engine, colocated on every rank or hosted on global rank 0."""
+    """The step's rollout engine, embedded in every rank or hosted on global rank 0."""
 
     def __init__(self, cfg: RunConfig, ctx: ParallelContext, model_chunks: list) -> None:
-        from megatron_lpreg.rollout.factory import build_engine
+        from megatron_lpreg.rollout.factory import build_engine, runs_embedded
 
         self.cfg, self.ctx, self.chunks = cfg, ctx, model_chunks
-        self.hosted = cfg.rollout.engine != "local" or ctx.pp_size > 1 or ctx.vpp_size > 1
+        self.hosted = not runs_embedded(cfg.rollout, pp_size=ctx.pp_size, vpp_size=ctx.vpp_size)
         self.engine = None
         if not self.hosted:
             self.engine = build_engine(cfg.rollout, cfg.model.hf_path, seed=cfg.seed, model=model_chunks)
@@ -49,13 +52,13 @@ class EngineHost:
             logger.info("rollout engine '%s' hosted on rank 0 (pp=%d)", cfg.rollout.engine, ctx.pp_size)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """Completions for ``prompts`` (this rank's DP slice when colocated, the whole step when hosted)."""
+        """Completions for ``prompts`` (this rank's DP slice when embedded, the whole step when hosted)."""
         if not self.hosted:
             return self.engine.generate(prompts, params)
         return coll.broadcast_object(self.engine.generate(prompts, params) if self.ctx.rank == 0 else None, src=0)
 
     def update_weights(self, version: int) -> None:
-        """Colocated: announce the version. Hosted: stream the new weights to rank 0's engine (collective)."""
+        """Embedded: announce the version. Hosted: stream the new weights to rank 0's engine (collective)."""
         if not self.hosted:
             self.engine.update_weights(WeightUpdate(version=version))
             return
@@ -68,8 +71,8 @@ class EngineHost:
                 pass
 
     def release_memory(self) -> None:
-        """Before the update: the engines give their device memory back to the trainer (a no-op for engines that
-        have none of their own: the in-process local engine, engines on GPUs of their own)."""
+        """Before the update: the engine gives its device memory back to the trainer (acts only for a
+        ``Colocation.COLOCATED`` engine)."""
         if self.engine is not None:
             self.engine.release_memory()
 
@@ -84,12 +87,9 @@ class EngineHost:
         if self.hosted and self.ctx.world_size > 1:
             from megatron_lpreg.parallel import collectives
 
-            collectives.barrier()  # engines share GPUs with every rank: resume only when all ranks have freed
+            collectives.barrier()  # a colocated engine shares GPUs with every rank: resume once all have freed
         if self.engine is not None:
             self.engine.resume_memory()
-
-    def health(self):
-        return self.engine.health() if self.engine is not None else None
 
     def shutdown(self) -> None:
         if self.engine is not None:

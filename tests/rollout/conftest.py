@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.tiny import tiny_qwen3, tiny_vllm_qwen2  # noqa: F401  (fixtures of test_vllm.py)
+
 TINY_VOCAB = 1000
 
 

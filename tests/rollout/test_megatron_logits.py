@@ -5,20 +5,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-import pytest
-import torch
-
 # imported here, in the parent, so that forked ranks start without paying megatron's import time
 import megatron.core.inference.contexts  # noqa: F401
 import megatron.core.models.gpt  # noqa: F401
+import pytest
+import torch
+
 from megatron_lpreg.config.model import ModelConfig, ParallelConfig
 from megatron_lpreg.config.rollout import RolloutConfig
 from megatron_lpreg.models.bridge import load_hf_weights
 from megatron_lpreg.models.qwen import build_gpt_model, resolve_model_config
 from megatron_lpreg.parallel.bootstrap import init_parallel
-from megatron_lpreg.rollout.factory import build_engine
 from megatron_lpreg.parallel.spawn import run_ranks
 from megatron_lpreg.rollout.base import SamplingParams
+from megatron_lpreg.rollout.factory import build_engine
 from megatron_lpreg.rollout.local import LocalEngine
 from megatron_lpreg.rollout.logits_model import HFLogitsModel
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from megatron_lpreg.config.rollout import RolloutConfig
-from megatron_lpreg.rollout.base import LogprobProbe, SamplingParams, WeightSyncError, WeightUpdate
+from megatron_lpreg.rollout.base import Colocation, LogprobProbe, SamplingParams, WeightSyncError, WeightUpdate
 from megatron_lpreg.rollout.logits_model import HFLogitsModel, iter_safetensors, teacher_forced_logprobs
-from tests.support.tiny import tiny_model_dir, tiny_qwen3, tiny_vllm_qwen2  # noqa: F401  (fixtures)
+from tests.support.tiny import tiny_model_dir
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[2]
@@ -128,7 +128,7 @@ class TestFp32Engine:
         assert engine.health().weight_version == 1
 
     def test_release_and_resume_are_noops_on_cpu(self, engine):
-        assert not engine.colocated
+        assert engine.colocation is Colocation.SEPARATE
         engine.release_memory()
         engine.resume_memory()
         assert len(engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=3, seed=0))[0].response_ids) >= 1
