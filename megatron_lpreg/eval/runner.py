@@ -9,9 +9,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from megatron_lpreg.config.data import DataConfig, EvalConfig, RewardConfig
 from megatron_lpreg.data.records import Prompt
@@ -53,7 +54,7 @@ def sampling_params(sampled: bool, cfg: EvalConfig, stops: Sequence[int], seed: 
     return SamplingParams(n=1, top_k=1, max_new_tokens=cfg.max_new_tokens, stop_token_ids=tuple(stops), seed=seed)
 
 
-def _generate(generate: "Generate", prompts: list[Prompt], params: SamplingParams, batch_size: int,
+def _generate(generate: Generate, prompts: list[Prompt], params: SamplingParams, batch_size: int,
               label: str) -> list[Completion]:
     from tqdm import tqdm
 
