@@ -125,9 +125,11 @@ def split_mini_batches(batch: TrainBatch, num_updates: int) -> list[TrainBatch]:
 class PackedMicroBatch:
     """Several sequences concatenated without padding into one row of at most ``micro_batch_tokens`` tokens.
 
-    The model runs on the packed row (a block-diagonal causal mask keeps sequences apart, each sequence's positions
-    restart at 0); the per-token results are then gathered back into ``batch``'s per-sequence layout, so every
-    loss sees the same ``[n, L]`` rows as on the padded path (``L`` = this micro-batch's longest sequence).
+    The model runs on the packed row, sequences kept apart either by a block-diagonal causal mask (local layer
+    spec, :meth:`attention_mask`) or by THD ``cu_seqlens`` built from :attr:`segment_lengths` (Transformer Engine,
+    ``megatron_lpreg.models.packed``); each sequence's positions restart at 0. The per-token results are then
+    gathered back into ``batch``'s per-sequence layout, so every loss sees the same ``[n, L]`` rows as on the
+    padded path (``L`` = this micro-batch's longest sequence).
     """
 
     batch: TrainBatch
@@ -146,6 +148,9 @@ class PackedMicroBatch:
     """[n, L] int64 packed column of row i, position t (0 where ``batch.tokens`` is padding)."""
     valid: torch.Tensor
     """[n, L] bool, True on the rows' real tokens."""
+    segment_lengths: list[int]
+    """Lengths of the row's consecutive segments: each sequence in ``batch`` order, then the tail padding when
+    there is any (its own segment, as in ``segments``). They sum to ``T``; THD ``cu_seqlens`` are their prefix sums."""
 
     @property
     def seq_len(self) -> int:
@@ -200,8 +205,8 @@ def balanced_partitions(lengths: list[int], budget: int) -> list[list[int]]:
         k += 1
 
 
-def pack_micro_batches(batch: TrainBatch, budget: int, *, pad_id: int = 0, uniform: bool = False
-                       ) -> list[PackedMicroBatch]:
+def pack_micro_batches(batch: TrainBatch, budget: int, *, pad_id: int = 0, uniform: bool = False,
+                       multiple: int = 1) -> list[PackedMicroBatch]:
     """Token-balanced packed micro-batches of ``batch`` (see :func:`balanced_partitions`).
 
     Args:
@@ -209,6 +214,8 @@ def pack_micro_batches(batch: TrainBatch, budget: int, *, pad_id: int = 0, unifo
         pad_id: id for the tail padding.
         uniform: pad every packed row to the longest one (pipeline stages send one shape); else each row is
             exactly as long as its sequences.
+        multiple: round every row's width up to a multiple of this (sequence parallelism splits the packed
+            row over the TP ranks, so its length must divide by ``tp``).
     """
     lengths = sequence_lengths(batch)
     groups = balanced_partitions(lengths, budget)
@@ -216,6 +223,7 @@ def pack_micro_batches(batch: TrainBatch, budget: int, *, pad_id: int = 0, unifo
     out = []
     for group in groups:
         width = longest_pack if uniform else sum(lengths[i] for i in group)
+        width = math.ceil(width / multiple) * multiple
         longest = max(lengths[i] for i in group)
         sub = _trim(batch.select(torch.tensor(group)), longest)
         tokens = torch.full((1, width), pad_id, dtype=torch.long)
@@ -233,8 +241,10 @@ def pack_micro_batches(batch: TrainBatch, budget: int, *, pad_id: int = 0, unifo
             index[row, :n] = torch.arange(start, start + n)
             start += n
         valid = torch.arange(longest).expand(len(group), longest) < torch.tensor([lengths[i] for i in group])[:, None]
+        segment_lengths = [lengths[i] for i in group] + ([width - start] if width > start else [])
         out.append(PackedMicroBatch(batch=sub, indices=group, tokens=tokens, targets=targets, position_ids=positions,
-                                    segments=segments, gather_index=index, valid=valid))
+                                    segments=segments, gather_index=index, valid=valid,
+                                    segment_lengths=segment_lengths))
     return out
 
 

@@ -19,7 +19,13 @@ import torch
 
 from megatron_lpreg.algo.registry import PolicyLossInputs, compute_policy_loss, loss_requirements
 from megatron_lpreg.config import AlgoConfig, ModelConfig, OptimizerConfig, ParallelConfig
-from megatron_lpreg.models.qwen import build_model_chunks
+from megatron_lpreg.models.packed import (
+    attention_takes_packed_seq_params,
+    installed_te_version,
+    thd_packed_seq_params,
+    thd_unsupported_reason,
+)
+from megatron_lpreg.models.qwen import build_model_chunks, use_transformer_engine
 from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob_stats
 from megatron_lpreg.parallel import collectives as coll
 from megatron_lpreg.parallel.bootstrap import ParallelContext
@@ -61,13 +67,13 @@ class Policy:
         self.loss_generator: torch.Generator | None = None
         self.micro_batch_tokens = micro_batch_tokens
         self.packing = packing  # trainer.packing: token-balanced packed micro-batches (trainer/batch.py)
-        if packing and model_cfg.transformer_impl == "transformer_engine":
-            from megatron_lpreg.models.qwen import use_transformer_engine
-
-            if use_transformer_engine(model_cfg):
-                raise ValueError("trainer.packing=true runs on the local layer spec only (block-diagonal mask); "
-                                 "set model.transformer_impl=local or trainer.packing=false")
+        if packing:
+            _check_packing_supported(model_cfg)
         raw_chunks = build_model_chunks(model_cfg, parallel_cfg)
+        # How a packed row keeps its sequences apart: THD cu_seqlens where the core attention reads
+        # PackedSeqParams (Transformer Engine), else a block-diagonal mask (megatron's local attention).
+        self.packed_thd = any(attention_takes_packed_seq_params(chunk) for chunk in raw_chunks)
+        self.pack_multiple = parallel_cfg.tp if parallel_cfg.sequence_parallel else 1
         for chunk in raw_chunks:
             if model_cfg.params_dtype == "bfloat16":
                 chunk.bfloat16()
@@ -106,7 +112,8 @@ class Policy:
     # ---- forward/backward ---------------------------------------------------------------------------------
     def _micro_batches(self, batch: TrainBatch) -> tuple[list[Any], int]:
         if self.packing:  # one packed row per micro-batch; all the same width so pipeline p2p shapes match
-            packs = pack_micro_batches(batch, self.micro_batch_tokens, uniform=self.ctx.pp_size > 1)
+            packs = pack_micro_batches(batch, self.micro_batch_tokens, uniform=self.ctx.pp_size > 1,
+                                       multiple=self.pack_multiple)
             return [_packed_on_device(p, self.ctx) for p in packs], 1
         batch = _on_device(batch, self.ctx)  # the rollout builds batches on the host; the model reads them here
         mbs = micro_batch_size_for(batch.seq_len, self.micro_batch_tokens)
@@ -127,6 +134,10 @@ class Policy:
 
     def _forward_step(self, loss_fn, data_iterator, model):
         mb = next(data_iterator)
+        if isinstance(mb, PackedMicroBatch) and self.packed_thd:  # RoPE restarts at every cu_seqlens boundary
+            params = thd_packed_seq_params(mb.segment_lengths, mb.tokens.device)
+            output = model(mb.tokens, mb.position_ids, None, packed_seq_params=params)
+            return output, partial(loss_fn, mb)
         if isinstance(mb, PackedMicroBatch):
             with _per_sequence_rope(model, mb.position_ids):
                 output = model(mb.tokens, mb.position_ids, mb.attention_mask())
@@ -301,6 +312,16 @@ class Policy:
         return float(self.optimizer.param_groups[0]["lr"])
 
 
+def _check_packing_supported(model_cfg: ModelConfig) -> None:
+    """Refuse ``trainer.packing`` where the packed THD path cannot run (Transformer Engine too old)."""
+    if not use_transformer_engine(model_cfg):
+        return  # local spec: block-diagonal mask
+    reason = thd_unsupported_reason(installed_te_version())
+    if reason:
+        raise ValueError(f"trainer.packing=true with the Transformer Engine spec needs THD attention: {reason}; "
+                         f"upgrade transformer_engine, or set model.transformer_impl=local or trainer.packing=false")
+
+
 def _on_device(batch: TrainBatch, ctx: ParallelContext) -> TrainBatch:
     """``batch`` with every tensor field on the rank's device."""
     moved = {f.name: coll.on_device(getattr(batch, f.name), ctx) for f in dataclasses.fields(batch)
@@ -329,7 +350,7 @@ class _per_sequence_rope:
     def _hook(self, _module: Any, _args: Any, emb: torch.Tensor) -> torch.Tensor:
         return emb[:, 0, 0, :][self.positions].unsqueeze(2)  # [T, 1, 1, D] table -> [T, B, 1, D]
 
-    def __enter__(self) -> "_per_sequence_rope":
+    def __enter__(self) -> _per_sequence_rope:
         self.handle = self.rope.register_forward_hook(self._hook)
         return self
 
