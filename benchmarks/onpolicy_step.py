@@ -35,7 +35,7 @@ def _bench(rank: int, world: int, cfg, sequences: int, response_len: int, repeat
     prompts = [torch.randint(0, vocab, (16,), generator=g).tolist() for _ in range(sequences)]
     responses = [torch.randint(0, vocab, (response_len,), generator=g).tolist() for _ in range(sequences)]
     batch = build_train_batch(prompts, responses, [[-1.0] * response_len] * sequences,
-                              torch.randn(sequences, generator=g).tolist(), [0.0] * sequences, pad_id=0)
+                              torch.randn(sequences, generator=g).tolist(), pad_id=0)
     times = {"fast": [], "two_pass": []}
     for i in range(repeats + 1):  # first round is warm-up
         t0 = time.perf_counter()

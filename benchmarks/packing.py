@@ -77,7 +77,7 @@ def _bench(rank: int, world: int, cfg, sequences: int, repeats: int) -> dict:
                for _ in range(sequences)]
     responses = [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lengths]
     batch = build_train_batch(prompts, responses, [[-1.0] * k for k in lengths],
-                              torch.randn(sequences, generator=g).tolist(), [0.0] * sequences, pad_id=0)
+                              torch.randn(sequences, generator=g).tolist(), pad_id=0)
     logprobs, times = {}, {False: [], True: []}
     for packing in (False, True):  # same weights for both: before any update
         policy.packing = packing

@@ -30,8 +30,6 @@ class TrainBatch:
     """[N, L] log pi_old from a no-grad pass (off-policy); None = take them detached from the loss forward."""
     proxy_logprobs: torch.Tensor | None = None
     """[N, L] min-p proxy log-probs of pi_old (off-policy); None = from the loss forward."""
-    rewards: torch.Tensor | None = None
-    """[N] float32 scalar rewards (metrics only)."""
 
     @property
     def num_sequences(self) -> int:
@@ -56,7 +54,6 @@ def build_train_batch(
     response_ids: list[list[int]],
     engine_logprobs: list[list[float]],
     advantages: list[float],
-    rewards: list[float],
     *,
     pad_id: int,
     pad_to_multiple: int = 1,
@@ -65,7 +62,7 @@ def build_train_batch(
 
     Args:
         prompt_ids, response_ids, engine_logprobs: per sequence; engine_logprobs aligned with response_ids.
-        advantages, rewards: one scalar per sequence.
+        advantages: one scalar per sequence.
         pad_id: token id used for padding (its positions are masked out).
         pad_to_multiple: round L up to a multiple of this (keeps pipeline tensor shapes stable).
 
@@ -73,8 +70,8 @@ def build_train_batch(
         ValueError: on mismatched lengths or an empty response list.
     """
     n = len(prompt_ids)
-    if not (n == len(response_ids) == len(engine_logprobs) == len(advantages) == len(rewards)):
-        raise ValueError("build_train_batch: prompt/response/logprob/advantage/reward lists differ in length")
+    if not (n == len(response_ids) == len(engine_logprobs) == len(advantages)):
+        raise ValueError("build_train_batch: prompt/response/logprob/advantage lists differ in length")
     if n == 0:
         raise ValueError("build_train_batch: no sequences")
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
@@ -95,8 +92,7 @@ def build_train_batch(
         loss_mask[i, start:end] = 1.0
         adv[i, start:end] = float(advantages[i])
         elp[i, start:end] = torch.tensor(lps, dtype=torch.float32)
-    return TrainBatch(tokens=tokens, targets=targets, loss_mask=loss_mask, advantages=adv, engine_logprobs=elp,
-                      rewards=torch.tensor(rewards, dtype=torch.float32))
+    return TrainBatch(tokens=tokens, targets=targets, loss_mask=loss_mask, advantages=adv, engine_logprobs=elp)
 
 
 def micro_batch_size_for(seq_len: int, token_budget: int) -> int:

@@ -85,7 +85,7 @@ def rollout_batch(comp: RolloutSources, step: int) -> tuple[TrainBatch, dict[str
     advantages = compute_advantages(cfg.algo.advantage, grouped).reshape(-1).tolist()
     batch = build_train_batch(
         [c.prompt_ids for c in completions], [c.response_ids for c in completions],
-        [c.logprobs for c in completions], advantages, rewards, pad_id=_pad_id(comp.tokenizer),
+        [c.logprobs for c in completions], advantages, pad_id=_pad_id(comp.tokenizer),
     )
     lengths = [len(c.response_ids) for c in completions]
     metrics = _exploration_metrics(comp, step, completions, texts, batch)

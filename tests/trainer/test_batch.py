@@ -18,7 +18,6 @@ def _batch():
         response_ids=[[10, 11], [12, 13, 14]],
         engine_logprobs=[[-0.1, -0.2], [-0.3, -0.4, -0.5]],
         advantages=[1.5, -0.5],
-        rewards=[1.0, 0.0],
         pad_id=0,
     )
 
@@ -36,12 +35,12 @@ def test_targets_masks_and_advantages_line_up():
 
 
 def test_padding_to_multiple_and_errors():
-    b = build_train_batch([[1]], [[2]], [[-1.0]], [1.0], [1.0], pad_id=0, pad_to_multiple=8)
+    b = build_train_batch([[1]], [[2]], [[-1.0]], [1.0], pad_id=0, pad_to_multiple=8)
     assert b.tokens.shape == (1, 8)
     with pytest.raises(ValueError, match="log-probs for"):
-        build_train_batch([[1]], [[2, 3]], [[-1.0]], [1.0], [1.0], pad_id=0)
+        build_train_batch([[1]], [[2, 3]], [[-1.0]], [1.0], pad_id=0)
     with pytest.raises(ValueError, match="no sequences"):
-        build_train_batch([], [], [], [], [], pad_id=0)
+        build_train_batch([], [], [], [], pad_id=0)
 
 
 def test_micro_and_mini_batches_partition_rows():

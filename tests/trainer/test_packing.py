@@ -27,7 +27,7 @@ def test_balanced_partitions_respect_the_budget_and_balance():
 
 def test_packed_layout():
     b = build_train_batch([[1, 2, 3], [4, 5], [6]], [[7, 8], [9, 10, 11, 12], [13]], [[-1.0] * 2, [-1.0] * 4, [-1.0]],
-                          [1.0, -1.0, 0.5], [0, 0, 0], pad_id=0)
+                          [1.0, -1.0, 0.5], pad_id=0)
     assert sequence_lengths(b) == [5, 6, 2]
     packs = pack_micro_batches(b, 8)
     assert [p.indices for p in packs] == [[1], [0, 2]]
@@ -47,7 +47,7 @@ def _long_tailed_batch(seed=0, n=10, vocab=300):
     lens = [2, 3, 2, 40, 4, 3, 25, 2, 5, 3][:n]
     responses = [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lens]
     return build_train_batch(prompts, responses, [[-1.0] * len(r) for r in responses],
-                             torch.randn(n, generator=g).tolist(), [0.0] * n, pad_id=0)
+                             torch.randn(n, generator=g).tolist(), pad_id=0)
 
 
 def _compare(rank, world, cfg):

@@ -38,7 +38,7 @@ def _batch(seed=0, n=12, vocab=300) -> TrainBatch:
     responses = [torch.randint(0, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
                  for _ in range(n)]
     adv = torch.randn(n, generator=g).tolist()
-    return build_train_batch(prompts, responses, [[-1.0] * len(r) for r in responses], adv, [0.0] * n, pad_id=0)
+    return build_train_batch(prompts, responses, [[-1.0] * len(r) for r in responses], adv, pad_id=0)
 
 
 def _policy(cfg: RunConfig, micro_batch_tokens=40):
