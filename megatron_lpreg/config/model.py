@@ -16,7 +16,7 @@ class ModelConfig:
     mcore_path: str = ""
     """Megatron dist checkpoint to load weights from (made by tools/convert_hf_to_mcore.py). Empty: use hf_path."""
     arch: Literal["qwen2", "qwen3"] = "qwen2"
-    """Model family: qwen2 (Qwen2/Qwen2.5: QKV bias) or qwen3 (q/k RMSNorm, no QKV bias)."""
+    """Model family: qwen2 (Qwen2/Qwen2.5) or qwen3 (dense Qwen3); what each implies is in models/families.py."""
     vocab_size: int = 1024
     """Tokenizer/embedding vocabulary before Megatron padding."""
     hidden_size: int = 64
@@ -45,16 +45,6 @@ class ModelConfig:
     """Parameter/compute dtype (optimizer keeps fp32 master weights for bf16/fp16)."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """Layer spec: auto = Transformer Engine on GPU when installed, local otherwise (always local on CPU)."""
-
-    @property
-    def qkv_bias(self) -> bool:
-        """Qwen2/Qwen2.5 have biases on q/k/v projections; Qwen3 does not."""
-        return self.arch == "qwen2"
-
-    @property
-    def qk_layernorm(self) -> bool:
-        """Qwen3 applies RMSNorm to each query and key head (over head_dim) before RoPE."""
-        return self.arch == "qwen3"
 
     def padded_vocab_size(self, tp: int) -> int:
         """Embedding rows megatron allocates: vocab_size rounded up to make_vocab_size_divisible_by * tp."""

@@ -8,7 +8,6 @@ torchrun/srun).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -16,11 +15,11 @@ from typing import Any
 
 import torch
 
-from megatron_lpreg.models.bridge import finish_hf_dir, hf_config_dict, hf_dtype
+from megatron_lpreg.models import hf_dir as hf_files
 from megatron_lpreg.models.checkpoint import (
-    CheckpointError,
     DIST_DIR,
     HF_ASSETS_DIR,
+    CheckpointError,
     _verify_files,
     atomic_output_dir,
     read_manifest,
@@ -94,7 +93,7 @@ def _conversion_model_config(hf_dir: str) -> Any:
     from megatron_lpreg.config.model import ModelConfig
     from megatron_lpreg.models.qwen import model_config_from_hf
 
-    dtype = hf_dtype(json.loads((Path(hf_dir) / "config.json").read_text()))
+    dtype = hf_files.torch_dtype(hf_files.read_config(hf_dir))
     names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
     base = ModelConfig(params_dtype=names.get(dtype, "float32"), transformer_impl="local")
     return model_config_from_hf(hf_dir, base=base)
@@ -161,7 +160,8 @@ def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, asset
                       max_shard_bytes: int) -> None:
     from megatron_lpreg.config.base import from_dict
     from megatron_lpreg.config.model import ModelConfig, ParallelConfig
-    from megatron_lpreg.models.bridge import export_hf_weights_from_checkpoint, write_hf_safetensors
+    from megatron_lpreg.models.bridge import export_hf_weights_from_checkpoint
+    from megatron_lpreg.models.families import hf_config_json
     from megatron_lpreg.parallel.bootstrap import destroy_parallel, init_parallel
     from megatron_lpreg.telemetry import progress
 
@@ -171,15 +171,15 @@ def _mcore_to_hf_rank(rank: int, world: int, mcore_dir: str, out_dir: str, asset
         model_cfg = dataclasses.replace(from_dict(ModelConfig, read_manifest(mcore_dir)["model"]),
                                         transformer_impl="local")
         meta_chunks = _build_meta_chunks(model_cfg, parallel_cfg, ctx)
-        config = json.loads((Path(assets) / "config.json").read_text()) if assets else hf_config_dict(model_cfg)
+        config = hf_files.read_config(assets) if assets else hf_config_json(model_cfg)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
             stream = export_hf_weights_from_checkpoint(Path(mcore_dir) / DIST_DIR, meta_chunks, model_cfg, ctx,
-                                                       dtype=hf_dtype(config))
-            shards = write_hf_safetensors(progress(stream, desc="export hf", rank=rank), tmp,
-                                          prefix=f"part{rank:03d}", max_shard_bytes=max_shard_bytes)
+                                                       dtype=hf_files.torch_dtype(config))
+            shards = hf_files.write_safetensors(progress(stream, desc="export hf", rank=rank), tmp,
+                                                prefix=f"part{rank:03d}", max_shard_bytes=max_shard_bytes)
             gathered: list[Any] = collectives.all_gather_object(shards)
             if rank == 0:
-                finish_hf_dir(tmp, gathered, Path(assets) if assets else None, model_cfg)
+                hf_files.finish_hf_dir(tmp, gathered, Path(assets) if assets else None, config)
     finally:
         destroy_parallel(destroy_process_group=False)
 
@@ -210,7 +210,7 @@ def convert_mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike
         raise CheckpointError(f"--out {out_dir} already exists; remove it or pass overwrite")
     _verify_files(Path(mcore_dir), manifest, checksums=True)
     assets = Path(hf_config_dir) if hf_config_dir else Path(mcore_dir) / HF_ASSETS_DIR
-    assets_arg = str(assets.absolute()) if (assets / "config.json").is_file() else None
+    assets_arg = str(assets.absolute()) if (assets / hf_files.CONFIG_FILE).is_file() else None
     if hf_config_dir and assets_arg is None:
         raise CheckpointError(f"--hf-config {hf_config_dir} has no config.json")
     env = launch_env()

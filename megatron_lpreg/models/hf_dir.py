@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["CONFIG_FILE", "GENERATION_CONFIG_FILE", "HF_ASSET_FILES", "HFSafetensors", "HFShards", "INDEX_FILE",
            "TOKENIZER_FILES", "copy_assets", "declared_dtype", "eos_token_ids", "finish_hf_dir", "has_tokenizer",
            "iter_tensors", "read_config", "read_generation_config", "read_rows", "safetensors_files", "tensor_names",
-           "torch_dtype", "write_config", "write_index", "write_safetensors"]
+           "torch_dtype", "write_config", "write_index", "write_safetensors", "write_safetensors_file"]
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -263,8 +263,8 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float
                        torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def _save_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    """Write one safetensors file straight from the tensors' memory.
+def write_safetensors_file(tensors: dict[str, torch.Tensor], file: str | os.PathLike) -> None:
+    """Write one safetensors file straight from the tensors' memory, in the dict's order.
 
     Format (safetensors spec): u64 little-endian header size, a JSON header naming each tensor's dtype, shape
     and ``[begin, end)`` byte range in the data section (contiguous, in order), padded with spaces to 8 bytes,
@@ -308,7 +308,7 @@ def write_safetensors(stream: Iterable[tuple[str, torch.Tensor]], out_dir: str |
         nonlocal pending, pending_bytes
         if pending:
             file_name = f"{prefix}-{len(set(weight_map.values())) + 1:05d}.safetensors"
-            _save_safetensors(pending, out_dir / file_name)
+            write_safetensors_file(pending, out_dir / file_name)
             weight_map.update(dict.fromkeys(pending, file_name))
             pending, pending_bytes = {}, 0
 

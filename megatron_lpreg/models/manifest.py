@@ -12,14 +12,13 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_lpreg.models.bridge import HF_ASSET_FILES
+from megatron_lpreg.models.hf_dir import copy_assets
 
 FORMAT = "megatron_lpreg.dist_ckpt"
 FORMAT_VERSION = 1
@@ -199,9 +198,7 @@ def write_manifest(tmp: Path, model_cfg: Any, ctx: Any, *, vpp: int, has_optimiz
     if hf_assets_dir is not None:
         assets = tmp / HF_ASSETS_DIR
         assets.mkdir()
-        for name in HF_ASSET_FILES:
-            if (Path(hf_assets_dir) / name).is_file():
-                shutil.copy2(Path(hf_assets_dir) / name, assets / name)
+        copy_assets(hf_assets_dir, assets)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "created_unix": time.time(),
         "model": dataclasses.asdict(model_cfg), "parallel": {"tp": ctx.tp_size, "pp": ctx.pp_size, "vpp": vpp},

@@ -28,10 +28,13 @@ from __future__ import annotations
 import enum
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
+
+from megatron_lpreg.models.families import FAMILIES
 
 LAYER = "*"
 
@@ -104,18 +107,25 @@ QWEN_BASE: tuple[Mapping, ...] = (
 )
 """Shared by every Qwen decoder: embeddings, pre-norms, GQA attention, SwiGLU MLP, final norm, untied head."""
 
+QKV_BIAS = Delta(add=(
+    _row(_L + "self_attention.linear_qkv.bias",
+         (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias", _H + "self_attn.v_proj.bias"),
+         0, fuse=Fuse.QKV),
+))
+"""Biases on q/k/v (``QwenFamily.qkv_bias``: Qwen2/2.5)."""
+
+QK_LAYERNORM = Delta(add=(
+    _row(_L + "self_attention.q_layernorm.weight", _H + "self_attn.q_norm.weight", None),
+    _row(_L + "self_attention.k_layernorm.weight", _H + "self_attn.k_norm.weight", None),
+))
+"""Per-head q/k RMSNorm (``QwenFamily.qk_layernorm``: Qwen3)."""
+
 FAMILY_DELTAS: dict[str, Delta] = {
-    "qwen2": Delta(add=(
-        _row(_L + "self_attention.linear_qkv.bias",
-             (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias", _H + "self_attn.v_proj.bias"),
-             0, fuse=Fuse.QKV),
-    )),
-    "qwen3": Delta(add=(
-        _row(_L + "self_attention.q_layernorm.weight", _H + "self_attn.q_norm.weight", None),
-        _row(_L + "self_attention.k_layernorm.weight", _H + "self_attn.k_norm.weight", None),
-    )),
+    arch: Delta(add=(QKV_BIAS.add if fam.qkv_bias else ()) + (QK_LAYERNORM.add if fam.qk_layernorm else ()))
+    for arch, fam in FAMILIES.items()
 }
-"""Per-family differences: Qwen2/2.5 add the QKV bias, Qwen3 adds per-head q/k RMSNorm."""
+"""Per-family differences, selected by the family facts (``models/families.py``): Qwen2/2.5 add the QKV bias,
+Qwen3 adds per-head q/k RMSNorm."""
 
 TIED_EMBEDDINGS = Delta(
     remove=("output_layer.weight",),

@@ -54,7 +54,8 @@ class ParityResult:
 
     def line(self) -> str:
         """The summary line tools print last: ``parity: max_abs_logit_diff=<x> max_abs_logprob_diff=<y>``."""
-        return f"parity: max_abs_logit_diff={self.max_abs_logit_diff:.3e} max_abs_logprob_diff={self.max_abs_logprob_diff:.3e}"
+        return (f"parity: max_abs_logit_diff={self.max_abs_logit_diff:.3e} "
+                f"max_abs_logprob_diff={self.max_abs_logprob_diff:.3e}")
 
 
 def parity_tokens(vocab_size: int, batch: int = 2, seq_len: int = 16, seed: int = 0) -> torch.Tensor:

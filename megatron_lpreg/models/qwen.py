@@ -1,12 +1,7 @@
 """Qwen2 / Qwen2.5 / Qwen3 as megatron-core GPTModels: HF config -> ModelConfig -> TransformerConfig + layer spec.
 
-Differences between the families, all read from the HF ``config.json``:
-
-- Qwen2/Qwen2.5 (``model_type: qwen2``): bias on q/k/v, ``head_dim = hidden / heads``, usually untied.
-- Qwen3 (``model_type: qwen3``): no q/k/v bias, RMSNorm over ``head_dim`` on every query and key head before
-  RoPE (``qk_layernorm``), ``head_dim`` set explicitly (may differ from hidden / heads), tied for small sizes.
-
-Both: RMSNorm, SwiGLU MLP without biases, GQA, RoPE (non-interleaved halves) with base ``rope_theta``.
+What differs between the families (QKV bias, QK-norm, explicit ``head_dim``) is read from
+:mod:`megatron_lpreg.models.families`; the ``config.json`` itself through :mod:`megatron_lpreg.models.hf_dir`.
 On CPU the local layer spec is used with every fusion off; on GPU the Transformer Engine spec when TE imports.
 The embedding/output vocabulary is padded as Megatron-LM does (see :func:`padded_vocab_size`); the padded rows'
 logits must be sliced off (``logits[..., :vocab_size]``) before any softmax.
@@ -14,22 +9,21 @@ logits must be sliced off (``logits[..., :vocab_size]``) before any softmax.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from megatron_lpreg.config.base import ConfigError
 from megatron_lpreg.config.model import ModelConfig, ParallelConfig, padded_vocab_size, uneven_pipeline_fields
+from megatron_lpreg.models import hf_dir
+from megatron_lpreg.models.families import FAMILIES, HF_FIELDS, family, family_of_model_type
 from megatron_lpreg.parallel import cpu
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3"}
-"""HF ``model_type`` -> our ``arch`` (Qwen2.5 checkpoints say ``qwen2``)."""
 
 __all__ = ["build_gpt_model", "build_model_chunks", "layer_spec", "model_config_from_hf", "padded_vocab_size",
            "resolve_model_config", "transformer_config", "use_transformer_engine"]
@@ -41,14 +35,7 @@ def _read_hf_config(src: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[st
     if isinstance(src, Mapping):
         return dict(src), "<config dict>"
     path = Path(src)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"no HF config at {path}; pass a model directory containing config.json")
-    try:
-        return json.loads(path.read_text()), str(path)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    return hf_dir.read_config(path), str(path / hf_dir.CONFIG_FILE if path.is_dir() else path)
 
 
 def _rope_theta(hf: Mapping[str, Any], where: str) -> float:
@@ -82,27 +69,27 @@ def model_config_from_hf(src: str | os.PathLike | Mapping[str, Any], base: Model
             a non-SiLU activation, Qwen3 with attention bias, or missing/inconsistent fields.
     """
     hf, where = _read_hf_config(src)
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"{where}: model_type={model_type!r} is not supported; supported: qwen2 (Qwen2, Qwen2.5) "
-                          f"and qwen3 (dense Qwen3)")
-    arch = SUPPORTED_MODEL_TYPES[model_type]
+    fam = family_of_model_type(hf.get("model_type"))
+    if fam is None:
+        supported = ", ".join(f"{f.model_type} ({f.models})" for f in FAMILIES.values())
+        raise ConfigError(f"{where}: model_type={hf.get('model_type')!r} is not supported; supported: {supported}")
     if hf.get("use_sliding_window"):
         raise ConfigError(f"{where}: use_sliding_window=true is not supported; set it false")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (Qwen uses silu)")
-    if arch == "qwen3" and hf.get("attention_bias"):
-        raise ConfigError(f"{where}: attention_bias=true is not supported for qwen3")
+    if not fam.qkv_bias and hf.get("attention_bias"):
+        raise ConfigError(f"{where}: attention_bias=true is not supported for {fam.arch}")
+    key = HF_FIELDS
     try:
-        hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        hidden, heads = int(hf[key["hidden_size"]]), int(hf[key["num_attention_heads"]])
         fields = dict(
-            arch=arch, vocab_size=int(hf["vocab_size"]), hidden_size=hidden,
-            ffn_hidden_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
-            num_attention_heads=heads, num_query_groups=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hidden // heads),
-            max_position_embeddings=int(hf["max_position_embeddings"]), rope_theta=_rope_theta(hf, where),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            arch=fam.arch, vocab_size=int(hf[key["vocab_size"]]), hidden_size=hidden,
+            ffn_hidden_size=int(hf[key["ffn_hidden_size"]]), num_layers=int(hf[key["num_layers"]]),
+            num_attention_heads=heads, num_query_groups=int(hf.get(key["num_query_groups"]) or heads),
+            head_dim=int(hf.get(key["head_dim"]) or hidden // heads),
+            max_position_embeddings=int(hf[key["max_position_embeddings"]]), rope_theta=_rope_theta(hf, where),
+            rms_norm_eps=float(hf.get(key["rms_norm_eps"], 1e-6)),
+            tie_word_embeddings=bool(hf.get(key["tie_word_embeddings"], False)),
         )
     except KeyError as exc:
         raise ConfigError(f"{where}: required field {exc.args[0]!r} is missing") from exc
@@ -165,13 +152,14 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> 
     if parallel_cfg.sequence_parallel and not te:
         raise ConfigError("parallel.sequence_parallel=true needs the Transformer Engine spec (GPU); set it false")
     dtype = _DTYPES[model_cfg.params_dtype]
+    fam = family(model_cfg.arch)
     return TransformerConfig(
         num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size,
         ffn_hidden_size=model_cfg.ffn_hidden_size, num_attention_heads=model_cfg.num_attention_heads,
         num_query_groups=model_cfg.num_query_groups, kv_channels=model_cfg.head_dim,
         normalization="RMSNorm", layernorm_epsilon=model_cfg.rms_norm_eps, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=model_cfg.qkv_bias,
-        qk_layernorm=model_cfg.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=fam.qkv_bias,
+        qk_layernorm=fam.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
         attention_softmax_in_fp32=True, apply_query_key_layer_scaling=False,
         tensor_model_parallel_size=parallel_cfg.tp, pipeline_model_parallel_size=parallel_cfg.pp,
         virtual_pipeline_model_parallel_size=parallel_cfg.vpp if parallel_cfg.vpp > 1 else None,
@@ -201,9 +189,10 @@ def layer_spec(model_cfg: ModelConfig) -> Any:
     """
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    qk_layernorm = family(model_cfg.arch).qk_layernorm
     if use_transformer_engine(model_cfg):
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm, normalization="RMSNorm")
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
 
 
 def build_gpt_model(

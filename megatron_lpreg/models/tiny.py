@@ -16,22 +16,26 @@ The output directory is written atomically: a temp dir next to it, then a rename
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+from megatron_lpreg.config.model import ModelConfig
+from megatron_lpreg.models import hf_dir
+from megatron_lpreg.models.families import FAMILIES, family, hf_config_json
 
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 """Appended after the BPE vocabulary in this order (ids n, n+1, n+2), as in Qwen2.5."""
 PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
+_TIED_BY_DEFAULT = {"qwen2": False, "qwen3": True}
+"""Default ``tie_word_embeddings`` per arch: one tied and one untied tiny model cover both code paths."""
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # Qwen2-style ChatML template (system / user / assistant turns, optional generation prompt). Written for this
@@ -75,66 +79,15 @@ Tokens, logits, probabilities and entropy: low-probability tokens keep explorati
 """
 
 
-@dataclass(frozen=True, kw_only=True)
-class TinyShape:
-    """Architecture of the tiny model (the fields of ``config.json`` that matter)."""
-
-    arch: Literal["qwen2", "qwen3"]
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_attention_heads: int
-    num_kv_heads: int
-    head_dim: int
-    ffn_hidden_size: int
-    max_position_embeddings: int
-    rope_theta: float
-    rms_norm_eps: float
-    tie_word_embeddings: bool
-
-
-def _hf_config(shape: TinyShape, dtype: str, special_ids: dict[str, int]) -> dict:
-    """``config.json`` contents in the published Qwen2.5/Qwen3 layout."""
-    qwen3 = shape.arch == "qwen3"
-    config = {
-        "architectures": ["Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"],
-        "model_type": shape.arch,
-        "attention_dropout": 0.0,
-        "bos_token_id": special_ids[PAD_TOKEN],
-        "eos_token_id": special_ids[EOS_TOKEN],
-        "pad_token_id": special_ids[PAD_TOKEN],
-        "hidden_act": "silu",
-        "hidden_size": shape.hidden_size,
-        "initializer_range": 0.02,
-        "intermediate_size": shape.ffn_hidden_size,
-        "max_position_embeddings": shape.max_position_embeddings,
-        "max_window_layers": shape.num_layers,
-        "num_attention_heads": shape.num_attention_heads,
-        "num_hidden_layers": shape.num_layers,
-        "num_key_value_heads": shape.num_kv_heads,
-        "rms_norm_eps": shape.rms_norm_eps,
-        "rope_scaling": None,
-        "rope_theta": shape.rope_theta,
-        "sliding_window": None,
-        "tie_word_embeddings": shape.tie_word_embeddings,
-        "torch_dtype": dtype,
-        "use_cache": True,
-        "use_sliding_window": False,
-        "vocab_size": shape.vocab_size,
-    }
-    if qwen3:
-        config.update(head_dim=shape.head_dim, attention_bias=False)
-    return config
-
-
-def _param_shapes(shape: TinyShape) -> dict[str, tuple[int, ...]]:
+def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF parameter names -> shapes of a Qwen2/Qwen3 causal LM (``lm_head`` absent when tied)."""
-    h, d = shape.hidden_size, shape.head_dim
-    q_out, kv_out = shape.num_attention_heads * d, shape.num_kv_heads * d
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape.vocab_size, h), "model.norm.weight": (h,)}
-    if not shape.tie_word_embeddings:
-        shapes["lm_head.weight"] = (shape.vocab_size, h)
-    for i in range(shape.num_layers):
+    fam = family(cfg.arch)
+    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
+    q_out, kv_out = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         shapes.update({
             p + "input_layernorm.weight": (h,),
@@ -143,13 +96,14 @@ def _param_shapes(shape: TinyShape) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (kv_out, h),
             p + "self_attn.v_proj.weight": (kv_out, h),
             p + "self_attn.o_proj.weight": (h, q_out),
-            p + "mlp.gate_proj.weight": (shape.ffn_hidden_size, h),
-            p + "mlp.up_proj.weight": (shape.ffn_hidden_size, h),
-            p + "mlp.down_proj.weight": (h, shape.ffn_hidden_size),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
         })
-        if shape.arch == "qwen2":
-            shapes.update({p + f"self_attn.{x}_proj.bias": (n,) for x, n in (("q", q_out), ("k", kv_out), ("v", kv_out))})
-        else:
+        if fam.qkv_bias:
+            shapes.update({p + f"self_attn.{x}_proj.bias": (n,) for x, n in (("q", q_out), ("k", kv_out),
+                                                                               ("v", kv_out))})
+        if fam.qk_layernorm:
             shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
     return shapes
 
@@ -167,25 +121,23 @@ def _random_tensor(name: str, size: tuple[int, ...], gen: torch.Generator) -> to
     return torch.randn(size, generator=gen, dtype=torch.float32) / size[-1] ** 0.5
 
 
-def _write_weights(out: Path, shape: TinyShape, seed: int, dtype: torch.dtype, num_shards: int) -> None:
-    from safetensors.torch import save_file
-
+def _write_weights(out: Path, cfg: ModelConfig, seed: int, num_shards: int) -> None:
     gen = torch.Generator().manual_seed(seed)
-    tensors = {name: _random_tensor(name, size, gen).to(dtype) for name, size in sorted(_param_shapes(shape).items())}
+    dtype = getattr(torch, cfg.params_dtype)
+    tensors = {name: _random_tensor(name, size, gen).to(dtype) for name, size in sorted(_param_shapes(cfg).items())}
     names = list(tensors)
     if num_shards == 1:
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        hf_dir.write_safetensors_file(tensors, out / "model.safetensors")
         return
     # Round-robin over sorted names so each shard holds some of every layer, as real multi-shard checkpoints do.
     weight_map, total = {}, 0
     for k in range(num_shards):
         file = f"model-{k + 1:05d}-of-{num_shards:05d}.safetensors"
         part = {n: tensors[n] for n in names[k::num_shards]}
-        save_file(part, str(out / file), metadata={"format": "pt"})
-        weight_map.update({n: file for n in part})
+        hf_dir.write_safetensors_file(part, out / file)
+        weight_map.update(dict.fromkeys(part, file))
         total += sum(t.numel() * t.element_size() for t in part.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    hf_dir.write_index(out, weight_map, total)
 
 
 def _train_tokenizer(bpe_vocab_size: int):
@@ -222,9 +174,9 @@ def _write_tokenizer(out: Path, vocab_size: int) -> dict[str, int]:
     fast.save_pretrained(str(out))
     # Some loaders read the template only from tokenizer_config.json, others from chat_template.jinja: write both.
     cfg_path = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
+    cfg = hf_dir.read_config(cfg_path)
     cfg.update(chat_template=CHAT_TEMPLATE, tokenizer_class="PreTrainedTokenizerFast", bos_token=None)
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    hf_dir.write_config(out, cfg, cfg_path.name)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     if max(ids.values()) >= vocab_size:
@@ -276,27 +228,28 @@ def make_tiny_model(
         ValueError: for an unknown arch, inconsistent head counts or too small a vocabulary.
         FileExistsError: if ``out_dir`` exists and ``overwrite`` is false.
     """
-    if arch not in ("qwen2", "qwen3"):
-        raise ValueError(f"arch={arch!r} is not supported; use 'qwen2' or 'qwen3'")
+    if arch not in FAMILIES:
+        raise ValueError(f"arch={arch!r} is not supported; use one of {sorted(FAMILIES)}")
+    fam = family(arch)
     if vocab_size < 300:
         raise ValueError(f"vocab_size={vocab_size} must be >= 300 (256 byte tokens + merges + 3 special tokens)")
     if num_attention_heads % num_kv_heads:
         raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_attention_heads={num_attention_heads}")
     if hidden_size % num_attention_heads:
         raise ValueError(f"num_attention_heads={num_attention_heads} must divide hidden_size={hidden_size}")
-    if head_dim is None:
-        head_dim = hidden_size // num_attention_heads * (2 if arch == "qwen3" else 1)
-    if arch == "qwen2" and head_dim != hidden_size // num_attention_heads:
-        raise ValueError(f"head_dim={head_dim}: qwen2 needs head_dim = hidden_size / num_attention_heads")
+    if head_dim is None:  # a family with its own head_dim gets one != hidden/heads, so that path is exercised
+        head_dim = hidden_size // num_attention_heads * (2 if fam.explicit_head_dim else 1)
+    if not fam.explicit_head_dim and head_dim != hidden_size // num_attention_heads:
+        raise ValueError(f"head_dim={head_dim}: {arch} needs head_dim = hidden_size / num_attention_heads")
     if num_shards < 1:
         raise ValueError(f"num_shards={num_shards} must be >= 1")
     if tie_word_embeddings is None:
-        tie_word_embeddings = arch == "qwen3"
-    shape = TinyShape(
+        tie_word_embeddings = _TIED_BY_DEFAULT[arch]
+    cfg = ModelConfig(
         arch=arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
-        num_attention_heads=num_attention_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        num_attention_heads=num_attention_heads, num_query_groups=num_kv_heads, head_dim=head_dim,
         ffn_hidden_size=ffn_hidden_size, max_position_embeddings=max_position_embeddings, rope_theta=rope_theta,
-        rms_norm_eps=rms_norm_eps, tie_word_embeddings=tie_word_embeddings,
+        rms_norm_eps=rms_norm_eps, tie_word_embeddings=tie_word_embeddings, params_dtype=dtype,
     )
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
@@ -305,14 +258,15 @@ def make_tiny_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         special_ids = _write_tokenizer(tmp, vocab_size)
-        config = _hf_config(shape, dtype, special_ids)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        token_ids = {"bos_token_id": special_ids[PAD_TOKEN], "eos_token_id": special_ids[EOS_TOKEN],
+                     "pad_token_id": special_ids[PAD_TOKEN]}
+        hf_dir.write_config(tmp, hf_config_json(cfg, token_ids=token_ids))
         generation = {
             "bos_token_id": special_ids[PAD_TOKEN], "eos_token_id": [special_ids[EOS_TOKEN], special_ids[PAD_TOKEN]],
             "pad_token_id": special_ids[PAD_TOKEN], "do_sample": True, "temperature": 1.0, "top_p": 1.0,
         }
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
-        _write_weights(tmp, shape, seed, getattr(torch, dtype), num_shards)
+        hf_dir.write_config(tmp, generation, hf_dir.GENERATION_CONFIG_FILE)
+        _write_weights(tmp, cfg, seed, num_shards)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

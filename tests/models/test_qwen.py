@@ -15,6 +15,7 @@ import torch
 from megatron_lpreg.config.base import ConfigError
 from megatron_lpreg.config.model import ModelConfig, ParallelConfig
 from megatron_lpreg.config.run import RunConfig, load_yaml_tree
+from megatron_lpreg.models.families import family
 from megatron_lpreg.models.qwen import (
     build_gpt_model,
     layer_spec,
@@ -52,7 +53,8 @@ def test_real_configs_match_shipped_yaml(hf: dict, yaml_name: str) -> None:
     shipped = RunConfig.from_dict(load_yaml_tree(REPO / "configs" / "model" / yaml_name)).model
     assert shipped == from_hf
     assert from_hf.head_dim == 128 and from_hf.num_query_groups == 8 and not from_hf.tie_word_embeddings
-    assert from_hf.qkv_bias == (hf["model_type"] == "qwen2") and from_hf.qk_layernorm == (hf["model_type"] == "qwen3")
+    fam = family(from_hf.arch)
+    assert fam.qkv_bias == (hf["model_type"] == "qwen2") and fam.qk_layernorm == (hf["model_type"] == "qwen3")
 
 
 def test_transformers5_rope_parameters_and_tiny_dirs(tiny_qwen2: Path, tiny_qwen3: Path) -> None:
