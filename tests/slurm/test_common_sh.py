@@ -110,8 +110,8 @@ def test_usr1_with_a_run_dir_goes_through_the_trainers_flag_file(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / PREEMPT_FILE).touch()  # a stale request from an earlier attempt must not stop this one
-    script = SCRIPT.replace('mlpreg_run "$MLPREG_PYTHON" -c "$TRAINER" "$READY" "$SLEEP" "$CODE"',
-                            'MLPREG_PREEMPT_DIR=$RUN_DIR\nmlpreg_run "$MLPREG_PYTHON" -c "$POLLING" "$RUN_DIR" "$READY"')
+    polling = 'MLPREG_PREEMPT_DIR=$RUN_DIR\nmlpreg_run "$MLPREG_PYTHON" -c "$POLLING" "$RUN_DIR" "$READY"'
+    script = SCRIPT.replace('mlpreg_run "$MLPREG_PYTHON" -c "$TRAINER" "$READY" "$SLEEP" "$CODE"', polling)
     proc, ready, calls = _start(tmp_path, script=script, POLLING=POLLING_TRAINER, RUN_DIR=str(run_dir))
     _wait_ready(ready)
     time.sleep(0.3)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from megatron_lpreg.launch.slurm import SbatchRequest, array_task_states, queued_tasks, submit
 from megatron_lpreg.rundir import latest_checkpoint
 from megatron_lpreg.telemetry import read_jsonl
-from megatron_lpreg.launch.slurm import SbatchRequest, array_task_states, queued_tasks, submit
 
 pytestmark = pytest.mark.slurm
 
