@@ -50,8 +50,9 @@ class TrainerConfig:
     packing: bool = False
     """Packed, token-balanced micro-batches (verl's dynamic batch size): sequences concatenated without padding
     into micro-batches of at most micro_batch_tokens, assigned by balanced partitioning, so Lp-Reg's
-    selection=reference pools the authors' tokens. Local (CPU) layer spec only for now: a block-diagonal causal
-    mask and per-sequence RoPE positions. false = padded micro-batches of consecutive sequences."""
+    selection=reference pools the authors' tokens. Local spec: a block-diagonal causal mask and per-sequence RoPE
+    positions; Transformer Engine spec: megatron's THD layout (PackedSeqParams, TE >= 1.7). false = padded
+    micro-batches of consecutive sequences."""
     nan_policy: Literal["skip", "stop"] = "skip"
     """What to do on a non-finite loss or grad norm."""
     max_consecutive_nan: int = 3

@@ -45,6 +45,20 @@ def test_packed_seq_params_for_lengths():
             thd_packed_seq_params(bad, "cpu")
 
 
+def _cu_seqlens_placement(rank, world):
+    from tests.parallel.test_device_discipline import _simulated_ctx
+    from tests.support.device_check import on_host
+
+    ctx = _simulated_ctx()  # ctx.device says cuda:0; host-built tensors are tagged
+    return on_host(thd_packed_seq_params([3, 4], ctx.device).cu_seqlens_q), on_host(
+        thd_packed_seq_params([3, 4], "cpu").cu_seqlens_q)
+
+
+def test_cu_seqlens_are_built_on_the_given_device():
+    on_device_host, on_cpu_host = run_ranks(_cu_seqlens_placement, 1, timeout_s=120)[0]
+    assert not on_device_host and on_cpu_host  # TE reads cu_seqlens on the GPU; the checker would catch a host one
+
+
 def test_te_version_rule():
     assert thd_unsupported_reason(None) == "transformer_engine is not importable"
     assert "older than 1.7.0" in thd_unsupported_reason("1.6.0")
