@@ -1,4 +1,4 @@
-"""Reward functions loaded by 'module:function' path in tests/reward/test_registry.py (run inside workers)."""
+"""Reward functions loaded by 'module:function' path in tests/reward/test_scorer.py and test_registry.py."""
 from __future__ import annotations
 
 import os
