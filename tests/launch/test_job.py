@@ -41,7 +41,8 @@ def test_array_task_runs_its_row_and_records_the_exit_code(tmp_path):
     assert run_array_task(tmp_path, env) == 3
     assert json.loads((tmp_path / "task_1" / "argv.json").read_text()) == ["3", f"trainer.output_dir={tmp_path}/task_1"]
     status = read_status(tmp_path, 1)
-    assert (status["exit_code"], status["job_id"], status["array_job_id"], status["restart_count"]) == (3, "11", "10", 0)
+    got = (status["exit_code"], status["job_id"], status["array_job_id"], status["restart_count"])
+    assert got == (3, "11", "10", 0)
     assert read_status(tmp_path, 0) is None
 
 
@@ -54,7 +55,8 @@ def test_requeued_train_task_resumes_and_gets_extra_args(tmp_path):
 
 def test_eval_task_resolves_latest_checkpoint_at_start(tmp_path):
     run = tmp_path / "run"
-    manifest = ArrayManifest(kind="eval", command=["eval"], tasks=[["--checkpoint", f"{run}@latest", "--benchmarks", "b"]],
+    manifest = ArrayManifest(kind="eval", command=["eval"],
+                             tasks=[["--checkpoint", f"{run}@latest", "--benchmarks", "b"]],
                              task_args=["--out", "{task_dir}"])
     manifest.write(tmp_path / "ev")
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):
@@ -93,7 +95,8 @@ def test_usr1_is_forwarded_to_the_child(tmp_path):
 
 
 def test_killed_child_reports_128_plus_signal():
-    assert run_forwarding_signals([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]) == 137
+    kill_self = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    assert run_forwarding_signals([sys.executable, "-c", kill_self]) == 137
 
 
 def test_main_requeue_code_and_errors(capsys, monkeypatch):

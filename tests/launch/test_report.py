@@ -73,7 +73,8 @@ def test_table_joins_evals_to_their_runs(tmp_path):
     assert columns == ["run", "algo.rho", "status", "steps", "loss", "reward_mean", "entropy", "reward_mean_last5",
                        "eval_step", "eval/aime24", "eval/math500"]
     assert [(r["run"], r["algo.rho"], r["status"], r["steps"], r.get("eval_step"), r.get("eval/math500"))
-            for r in rows] == [("task_0", "0.005", "ok", 3, 3, 0.75), ("task_1", "0.01", "failed (exit 1)", 2, None, None)]
+            for r in rows] == [("task_0", "0.005", "ok", 3, 3, 0.75),
+                               ("task_1", "0.01", "failed (exit 1)", 2, None, None)]
     assert to_markdown(["a", "b"], [{"a": 0.123456, "b": "x|y"}, {"a": 2.0}]) == (
         "| a | b |\n|---|---|\n| 0.1235 | x\\|y |\n| 2 |  |\n")
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from megatron_lpreg.cli import main as cli_main
-from megatron_lpreg.rundir import EVAL_FILE, METRICS_FILE, read_latest_pointer
 from megatron_lpreg.models.checkpoint import checkpoint_problems
 from megatron_lpreg.parallel.faults import ENV
+from megatron_lpreg.rundir import EVAL_FILE, METRICS_FILE, read_latest_pointer
 
 pytestmark = pytest.mark.slow
 
