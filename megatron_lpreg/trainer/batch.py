@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+
 import torch
 
 
@@ -39,7 +40,7 @@ class TrainBatch:
     def seq_len(self) -> int:
         return int(self.tokens.shape[1])
 
-    def select(self, index: torch.Tensor | slice) -> "TrainBatch":
+    def select(self, index: torch.Tensor | slice) -> TrainBatch:
         """Rows ``index`` of every tensor field."""
         changes = {}
         for f in fields(self):
