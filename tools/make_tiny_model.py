@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_lpreg.models.families import FAMILIES
 from megatron_lpreg.models.tiny import make_tiny_model
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["qwen2", "qwen3"], default="qwen2")
+    parser.add_argument("--arch", choices=sorted(FAMILIES), default="qwen2")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=1000, help="embedding rows (need not be a multiple of 128)")
@@ -19,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=None, help="default: hidden/heads (qwen2), 2*hidden/heads (qwen3)")
+    parser.add_argument("--head-dim", type=int, default=None,
+                        help="default: hidden/heads (qwen2), 2*hidden/heads (qwen3)")
     parser.add_argument("--ffn", type=int, default=128)
     parser.add_argument("--tie", choices=["auto", "yes", "no"], default="auto", help="auto: qwen3 tied, qwen2 untied")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")

@@ -4,7 +4,6 @@ each HF name is yielded by exactly one pipeline stage, and bad HF directories ar
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -58,7 +57,7 @@ def _check_roundtrip(hf_dir: Path, layouts: list[tuple[int, int, int]], world: i
     original = hf_tensors(hf_dir)
     for i, (tp, pp, vpp) in enumerate(layouts):
         by_stage: dict[int, dict[str, torch.Tensor]] = {}
-        for tp_rank, pp_rank, exported in (r[i] for r in per_rank):
+        for _tp_rank, pp_rank, exported in (r[i] for r in per_rank):
             reference = by_stage.setdefault(pp_rank, exported)  # TP peers and DP replicas yield the same stream
             assert exported.keys() == reference.keys()
             assert all(torch.equal(t, reference[n]) for n, t in exported.items())

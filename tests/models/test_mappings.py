@@ -105,7 +105,8 @@ def test_describe_lists_every_row():
 
 def test_qkv_layout_matches_hand_loop():
     state = hf_state("qwen2", tied=False)
-    row = mapping_table("qwen2", tie_word_embeddings=False).resolve("decoder.layers.0.self_attention.linear_qkv.weight").row
+    table = mapping_table("qwen2", tie_word_embeddings=False)
+    row = table.resolve("decoder.layers.0.self_attention.linear_qkv.weight").row
     (fused,) = to_shards(mapping_table("qwen2", tie_word_embeddings=False), state, 1)[row.mcore, 0]
     q, k, v = (state[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "qkv")
     expected = []

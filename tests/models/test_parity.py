@@ -15,10 +15,10 @@ import megatron.core.pipeline_parallel  # noqa: F401
 import pytest
 
 from megatron_lpreg.config.base import ConfigError
+from megatron_lpreg.config.model import ParallelConfig
 from megatron_lpreg.models.parity import check_parity, compare_logits, hf_logits, megatron_logits, parity_tokens
 from megatron_lpreg.models.qwen import model_config_from_hf
-from megatron_lpreg.config.model import ParallelConfig
-from tests.support.tiny import tiny_model_dir, tiny_qwen2, tiny_qwen3  # noqa: F401  (fixtures)
+from tests.support.tiny import tiny_model_dir
 
 FP32_TOLERANCE = 1e-4
 """The issue's bound; measured differences are ~3e-6 (TP changes the reduction order) or exactly 0."""

@@ -24,7 +24,7 @@ from megatron_lpreg.models.qwen import (
     transformer_config,
 )
 from megatron_lpreg.parallel.spawn import run_ranks
-from tests.support.tiny import tiny_model_dir, tiny_qwen2, tiny_qwen3  # noqa: F401  (fixtures)
+from tests.support.tiny import tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
 

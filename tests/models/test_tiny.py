@@ -10,7 +10,6 @@ import torch
 from safetensors import safe_open
 
 from megatron_lpreg.models.tiny import make_tiny_model
-from tests.support.tiny import tiny_qwen2, tiny_qwen3  # noqa: F401  (fixtures)
 
 
 def _digests(path: Path) -> dict[str, str]:
