@@ -21,6 +21,10 @@ import transformers  # noqa: E402,F401
 
 from megatron_lpreg.parallel.spawn import start_zygote  # noqa: E402
 
+# The tiny-model session fixtures (tiny_qwen2, tiny_qwen3, tiny_vllm_qwen2) for every test: a test names them as
+# arguments, without importing them (an import would shadow the fixture name, ruff F811).
+pytest_plugins = ("tests.support.tiny",)
+
 # Ranks are forked from a helper made now, before this process runs any (multi-threaded) torch op: GNU OpenMP
 # does not survive fork, and a rank forked from a process that already used its thread pool hangs.
 start_zygote()

@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 from megatron_lpreg.cli import main
-from tests.support.tiny import tiny_qwen2  # noqa: F401  (session fixture)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"
 
 
-def test_eval_cli_with_local_engine(tiny_qwen2, tmp_path, capsys):  # noqa: F811
+def test_eval_cli_with_local_engine(tiny_qwen2, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["eval", "--model", str(tiny_qwen2), "--benchmarks", "synthetic,aime24", "--data-dir", str(FIXTURES),
                  "--samples", "2", "--out", str(out), "eval.max_new_tokens=4", "data.heldout_size=3",

@@ -1,8 +1,9 @@
 """Tiny offline Qwen checkpoints for tests, built once per session and per distinct set of arguments.
 
 Use the fixtures (``tiny_qwen2``, ``tiny_qwen3``: default shapes, vocab 1000 = not a multiple of 128, GQA with
-2 KV heads; qwen3 tied with head_dim 32 != hidden/heads; ``tiny_vllm_qwen2``: head_dim 32 for vLLM) by importing
-them into a test module, or call :func:`tiny_model_dir` for other shapes. Directories are read-only by convention:
+2 KV heads; qwen3 tied with head_dim 32 != hidden/heads; ``tiny_vllm_qwen2``: head_dim 32 for vLLM) by naming
+them as test arguments (tests/conftest.py registers this module as a plugin; do not import them), or call
+:func:`tiny_model_dir` for other shapes. Directories are read-only by convention:
 copy before modifying.
 """
 from __future__ import annotations
