@@ -50,7 +50,7 @@ class ModelConfig:
         """Embedding rows megatron allocates: vocab_size rounded up to make_vocab_size_divisible_by * tp."""
         return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp)
 
-    def validate(self, parallel: "ParallelConfig | None" = None) -> None:
+    def validate(self, parallel: ParallelConfig | None = None) -> None:
         """Check the architecture (and, given ``parallel``, that it can be split that way).
 
         Raises:
