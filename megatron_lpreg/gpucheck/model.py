@@ -3,7 +3,8 @@
 For a tiny random Qwen2 (QKV bias) and Qwen3 (QK-norm) made by :mod:`megatron_lpreg.models.tiny`, the HF model's
 logits (the reference, computed on the CPU) are compared with the megatron model's (on the checked device) at
 TP=PP=1 in fp32 and bf16, with the local layer spec and, when ``transformer_engine`` imports on a CUDA machine,
-the Transformer Engine spec. Tolerances are :data:`megatron_lpreg.models.parity.DEFAULT_TOLERANCE`.
+the Transformer Engine spec; with TE also the packed THD layout against the padded one (``trainer.packing``,
+:mod:`megatron_lpreg.gpucheck.packing`). Tolerances are :data:`megatron_lpreg.models.parity.DEFAULT_TOLERANCE`.
 """
 from __future__ import annotations
 
@@ -52,6 +53,28 @@ def _one(hf_dir: Path, arch: str, impl: str, dtype: str) -> dict[str, float]:
             "tolerance": DEFAULT_TOLERANCE[dtype]}
 
 
+def _packed_thd(hf_dir: Path, arch: str, te_reason: str | None, numbers: dict[str, Any]) -> list[str]:
+    """THD-packed vs padded log-probs on the TE spec (into ``numbers``); the failures found."""
+    from megatron_lpreg.gpucheck.packing import packed_thd_parity
+
+    if te_reason is not None:
+        numbers["packed_thd"] = f"skipped: {te_reason}"
+        return []
+    failures = []
+    for dtype in DTYPES:
+        key = f"{arch}_packed_thd_{dtype}"
+        try:
+            result = numbers[key] = packed_thd_parity(hf_dir, dtype)
+        except Exception as exc:  # noqa: BLE001 (a TE refusal of THD input in this dtype is the finding)
+            numbers[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            failures.append(f"{key}: {type(exc).__name__}: {exc}")
+            continue
+        logger.info("model_parity %s: %s", key, result)
+        if "error" in result or result["max_abs_logprob_diff"] > result["tolerance"]:
+            failures.append(f"{key}: {result}")
+    return failures
+
+
 def model_parity(device: torch.device, work_dir: Path) -> dict[str, Any]:
     """Section ``model_parity``; raises CheckFailed (with every measured difference) when one exceeds tolerance."""
     from megatron_lpreg.models.tiny import make_tiny_model
@@ -75,6 +98,7 @@ def model_parity(device: torch.device, work_dir: Path) -> dict[str, Any]:
                 if max(result["max_abs_logit_diff"], result["max_abs_logprob_diff"]) > result["tolerance"]:
                     failures.append(f"{key}: logits differ by {result['max_abs_logit_diff']:.3g} "
                                     f"> {result['tolerance']:g}")
+        failures += _packed_thd(hf_dir, arch, te_reason, numbers)
     if failures:
         raise CheckFailed("; ".join(failures), numbers)
     return numbers

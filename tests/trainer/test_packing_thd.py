@@ -222,3 +222,27 @@ def test_te_spec_packing_is_refused_only_without_thd(monkeypatch):
         policy_module._check_packing_supported(model)
     monkeypatch.setattr(policy_module, "installed_te_version", lambda: "2.8.0")
     policy_module._check_packing_supported(model)
+
+
+def _gpu_check_on_stand_in(rank, world, hf_dir, dtype):
+    from megatron_lpreg.gpucheck.packing import packed_thd_parity
+    from megatron_lpreg.models import qwen
+    from tests.support.thd_attention import thd_layer_spec
+
+    without = packed_thd_parity(hf_dir, dtype, impl="local")
+    local_spec = qwen.layer_spec
+    qwen.layer_spec = lambda model_cfg: thd_layer_spec(local_spec(model_cfg))
+    return without, packed_thd_parity(hf_dir, dtype, impl="local")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_gpu_check_of_the_thd_path_runs_on_the_stand_in(dtype):
+    """gpucheck's model_parity compares TE's THD path with the padded one on GPU nodes; here its code runs on the
+    stand-in (the numbers are this stand-in's, not TE's), and without a THD attention it reports so."""
+    from megatron_lpreg.models.parity import DEFAULT_TOLERANCE
+
+    without, result = run_ranks(_gpu_check_on_stand_in, 1, tiny_model_dir("qwen3"), dtype, timeout_s=300)[0]
+    assert "does not read PackedSeqParams" in without["error"]
+    bound = LOGPROB_ATOL if dtype == "float32" else DEFAULT_TOLERANCE[dtype]
+    assert result["max_abs_logprob_diff"] <= bound and result["tolerance"] == DEFAULT_TOLERANCE[dtype], result
+    print(f"gpucheck packed_thd on the stand-in ({dtype}): {result}")
