@@ -28,6 +28,7 @@ import torch
 from megatron_lpreg.config.model import ModelConfig
 from megatron_lpreg.models import hf_dir
 from megatron_lpreg.models.families import FAMILIES, family, hf_config_json
+from megatron_lpreg.models.mappings import mapping_table
 
 logger = logging.getLogger(__name__)
 
@@ -80,32 +81,20 @@ Tokens, logits, probabilities and entropy: low-probability tokens keep explorati
 
 
 def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF parameter names -> shapes of a Qwen2/Qwen3 causal LM (``lm_head`` absent when tied)."""
-    fam = family(cfg.arch)
-    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
+    """HF parameter names -> shapes: the names are the ones the mapping table expects for ``cfg`` (so the family's
+    QKV bias / QK-norm and tying decide them), the shapes follow from the last two name components."""
+    h, d, f, v = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size
     q_out, kv_out = cfg.num_attention_heads * d, cfg.num_query_groups * d
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q_out, h),
-            p + "self_attn.k_proj.weight": (kv_out, h),
-            p + "self_attn.v_proj.weight": (kv_out, h),
-            p + "self_attn.o_proj.weight": (h, q_out),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-        })
-        if fam.qkv_bias:
-            shapes.update({p + f"self_attn.{x}_proj.bias": (n,) for x, n in (("q", q_out), ("k", kv_out),
-                                                                               ("v", kv_out))})
-        if fam.qk_layernorm:
-            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
-    return shapes
+    shape_of = {
+        "embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "norm.weight": (h,),
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "q_proj.weight": (q_out, h), "k_proj.weight": (kv_out, h), "v_proj.weight": (kv_out, h),
+        "o_proj.weight": (h, q_out), "q_proj.bias": (q_out,), "k_proj.bias": (kv_out,), "v_proj.bias": (kv_out,),
+        "q_norm.weight": (d,), "k_norm.weight": (d,),
+        "gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f),
+    }
+    table = mapping_table(cfg.arch, tie_word_embeddings=cfg.tie_word_embeddings)
+    return {name: shape_of[".".join(name.split(".")[-2:])] for name in table.expected_hf_names(cfg.num_layers)}
 
 
 def _random_tensor(name: str, size: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
