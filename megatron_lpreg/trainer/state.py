@@ -41,6 +41,9 @@ RNG_FILE = "rng_rank{rank}.pt"
 
 @dataclass(frozen=True, kw_only=True)
 class RunState:
+    """The loop's resumable state, saved in every checkpoint and returned by a restore (everything else a resume
+    needs is the model, the optimizer and the manager's named stateful objects)."""
+
     step: int = 0
     """Completed RL steps."""
     nan_streak: int = 0
