@@ -262,7 +262,8 @@ class Policy:
             metrics = dict(metrics)
             metrics["loss/total"] = float(loss.detach())
             metrics["entropy/mean"] = float((stats.entropy.float() * mask).sum() / ntok)
-            metrics["rollout/logprob_mismatch"] = float(((logprobs.detach() - mb.engine_logprobs).abs() * mask).sum() / ntok)
+            mismatch = (logprobs.detach() - mb.engine_logprobs).abs()
+            metrics["rollout/logprob_mismatch"] = float((mismatch * mask).sum() / ntok)
             return loss * weight, metrics
 
         outputs = self._run(micro_batches, mbs, loss_fn, forward_only=False)
