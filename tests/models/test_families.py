@@ -3,9 +3,11 @@ what the writer writes the reader reads back unchanged, and each family's flags 
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 
+from megatron_lpreg.config.base import ConfigError
 from megatron_lpreg.config.model import ModelConfig
 from megatron_lpreg.models import hf_dir
 from megatron_lpreg.models.families import FAMILIES, family, family_of_model_type, hf_config_json
@@ -40,3 +42,16 @@ def test_family_flags_are_the_weights(arch: str) -> None:
     assert ("model.layers.0.self_attn.k_norm.weight" in stored) == fam.qk_layernorm
     with pytest.raises(ValueError, match="supported: \\['qwen2', 'qwen3'\\]"):
         family("llama")
+
+
+def test_config_layer_agrees_with_the_table() -> None:
+    """config/ cannot import models/ (layering), so ``ModelConfig`` repeats two facts: the arch names and the
+    head_dim rule of families without an explicit head_dim. They must match the table."""
+    assert set(typing.get_args(typing.get_type_hints(ModelConfig)["arch"])) == set(FAMILIES)
+    for arch, fam in FAMILIES.items():
+        cfg = ModelConfig(arch=arch, hidden_size=64, num_attention_heads=4, num_query_groups=2, head_dim=32)
+        if fam.explicit_head_dim:
+            cfg.validate()
+        else:
+            with pytest.raises(ConfigError, match="needs head_dim = hidden_size / num_attention_heads"):
+                cfg.validate()
