@@ -1,10 +1,11 @@
 """The one reader and writer of Hugging Face model directories (``config.json``, generation config, tokenizer files,
 safetensors shards and their index).
 
-Nothing else in the package opens these files: the model config (``models/qwen.py``), the weight bridge
-(``models/bridge.py``), conversion (``models/convert.py``) and the rollout engines all come through here. No Qwen
-knowledge lives here: what a ``config.json`` *says* is read in ``models/qwen.py``; what it must contain for each
-family is written by ``models/families.py``.
+Nothing else in the package parses these files (transformers and the engines load directories by path): the
+model config (``models/qwen.py``), the weight bridge (``models/bridge.py``), conversion (``models/convert.py``),
+the tiny model and the rollout engines all come through here. No Qwen knowledge lives here: what a
+``config.json`` *says* is read in ``models/qwen.py``; what it must contain for each family is written by
+``models/families.py``.
 
 Layout of a directory: ``config.json``; optional ``generation_config.json``; tokenizer files; weights as a single
 ``model.safetensors`` or as shards listed by ``model.safetensors.index.json`` (``{"weight_map": {name: file}}``).
