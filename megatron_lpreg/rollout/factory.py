@@ -1,13 +1,12 @@
 """Build the configured rollout engine (``rollout.engine``: local, sglang or vllm)."""
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from megatron_lpreg.config.rollout import RolloutConfig
+from megatron_lpreg.models import hf_dir
 from megatron_lpreg.rollout.base import Colocation, RolloutEngine
 
 logger = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ def _build_local(cfg: RolloutConfig, model_path: str, model: Any) -> RolloutEngi
     from megatron_lpreg.rollout.local import LocalEngine
     from megatron_lpreg.rollout.logits_model import HFLogitsModel
 
-    hf_config = _read_hf_config(model_path)
+    hf_config = hf_dir.read_config(model_path, missing_ok=True)
     if isinstance(model, Sequence):
         if len(model) != 1:
             raise ValueError(
@@ -78,32 +77,14 @@ def _build_local(cfg: RolloutConfig, model_path: str, model: Any) -> RolloutEngi
             raise ValueError(f"{model_path}/config.json lacks vocab_size; the local engine needs the real vocab size")
         adapter = MegatronLogitsModel(model, vocab_size=int(hf_config["vocab_size"]))
     return LocalEngine(
-        adapter, eos_token_ids=_eos_ids(model_path, hf_config), tokenizer=_tokenizer(model_path),
+        adapter, eos_token_ids=hf_dir.eos_token_ids(model_path, hf_config), tokenizer=_tokenizer(model_path),
         max_batch_size=cfg.max_batch_size, colocation=colocation,
     )
 
 
-def _read_hf_config(model_path: str) -> dict:
-    path = Path(model_path) / "config.json" if model_path else None
-    return json.loads(path.read_text()) if path is not None and path.exists() else {}
-
-
-def _eos_ids(model_path: str, hf_config: dict) -> tuple[int, ...]:
-    """EOS ids from config.json and generation_config.json (an int or a list in either)."""
-    ids: set[int] = set()
-    sources = [hf_config]
-    gen = Path(model_path) / "generation_config.json" if model_path else None
-    if gen is not None and gen.exists():
-        sources.append(json.loads(gen.read_text()))
-    for source in sources:
-        eos = source.get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
-    return tuple(sorted(ids))
-
-
 def _tokenizer(model_path: str) -> Any:
     """The directory's tokenizer, or None when it has none (text is then left empty)."""
-    if not model_path or not any((Path(model_path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if not hf_dir.has_tokenizer(model_path):
         return None
     from transformers import AutoTokenizer
 

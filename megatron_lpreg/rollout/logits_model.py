@@ -11,7 +11,6 @@ server and to evaluate HF checkpoints) and can also load new weights by HF name,
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from megatron_lpreg.models import hf_dir
 from megatron_lpreg.rollout.base import LogprobProbe, NamedTensor
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class HFLogitsModel:
         Raises:
             ValueError: if the directory has no safetensors, or some model weight is missing from it.
         """
-        names = self.load_named_tensors(iter_safetensors(path))
+        names = self.load_named_tensors(hf_dir.iter_tensors(path))
         missing = set(self.named_weights()) - set(names) - _tied_names(self.model)
         if missing:
             raise ValueError(f"checkpoint {path} lacks weights {sorted(missing)[:5]} ({len(missing)} in all)")
@@ -211,36 +211,3 @@ class HFLogitsModel:
 def _tied_names(model: torch.nn.Module) -> set[str]:
     return {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
 
-
-def safetensors_files(path: str | Path) -> list[Path]:
-    """The safetensors shards of an HF directory, in index order."""
-    root = Path(path)
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [root / shard for shard in shards]
-    files = sorted(root.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors under {root}; expected an HF checkpoint directory")
-    return files
-
-
-def iter_safetensors(path: str | Path) -> Iterable[NamedTensor]:
-    """Stream ``(name, tensor)`` from an HF directory one tensor at a time."""
-    from safetensors import safe_open
-
-    for file in safetensors_files(path):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
-
-
-def read_safetensor_rows(path: str | Path, name: str, rows: int) -> torch.Tensor:
-    """The first ``rows`` entries along dim 0 of one tensor of an HF directory, without loading the rest."""
-    from safetensors import safe_open
-
-    for file in safetensors_files(path):
-        with safe_open(str(file), framework="pt") as handle:
-            if name in handle.keys():
-                return handle.get_slice(name)[:rows]
-    raise ValueError(f"weight '{name}' not found in the safetensors files of {path}")

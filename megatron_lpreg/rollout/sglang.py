@@ -34,6 +34,7 @@ import requests
 import torch
 
 from megatron_lpreg.config.rollout import RolloutConfig
+from megatron_lpreg.models import hf_dir
 from megatron_lpreg.rollout.base import (
     Colocation,
     Completion,
@@ -43,7 +44,6 @@ from megatron_lpreg.rollout.base import (
     WeightUpdate,
 )
 from megatron_lpreg.rollout.dispatch import LeastLoadedDispatcher
-from megatron_lpreg.rollout.logits_model import read_safetensor_rows, safetensors_files
 from megatron_lpreg.rollout.sampling import row_seed, validate_params
 from megatron_lpreg.rollout.sglang_servers import (
     AttachedServers,
@@ -317,9 +317,9 @@ class SGLangEngine:
         except SGLangError as exc:
             raise WeightSyncError(f"update_weights_from_disk({path}) failed: {exc}") from exc
         samples = WeightSamples()
-        names = _safetensor_names(path)
+        names = hf_dir.tensor_names(path)
         for name in WeightSamples(samples=dict.fromkeys(names)).pick(self.cfg.verify_tensors):
-            samples.samples[name] = first_row_sample(read_safetensor_rows(path, name, 1))
+            samples.samples[name] = first_row_sample(hf_dir.read_rows(path, name, 1))
         return samples
 
     def _sync_tensors(self, update: WeightUpdate, mode: str) -> WeightSamples:
@@ -505,12 +505,3 @@ def parse_item(item: dict, prompt: list[int], prompt_index: int, sample_index: i
         text=item.get("text", ""),
     )
 
-
-def _safetensor_names(path: str) -> list[str]:
-    from safetensors import safe_open
-
-    names: list[str] = []
-    for file in safetensors_files(path):
-        with safe_open(str(file), framework="pt") as handle:
-            names.extend(handle.keys())
-    return names

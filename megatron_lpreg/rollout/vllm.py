@@ -7,7 +7,7 @@ to ``row_seed(seed, prompt, sample)``, so outputs are seeded like the local engi
 whose own ``auto`` runs an fp32 checkpoint in bf16 (log-prob mismatch 1e-2 instead of 1e-6 on the tiny model).
 
 **Log-probs** (docs/rollout.md: ``log_softmax(logits / T)`` before top-k/top-p/min-p; greedy: ``log_softmax
-(logits)``). vLLM's ``logprobs_mode`` is fixed per engine (vllm 0.32, ``v1/sample/sampler.py``): ``raw_logprobs``
+(logits)``). vLLM's ``logprobs_mode`` is fixed per engine (in the v1 sampler of vllm 0.32): ``raw_logprobs``
 is ``log_softmax(logits)`` before temperature and truncation; ``processed_logprobs`` is taken after temperature,
 min-p and top-k/top-p (renormalised over the kept tokens). The engine picks ``raw_logprobs`` when
 ``rollout.temperature == 1`` (then exact under any truncation) and ``processed_logprobs`` otherwise (exact only
@@ -31,10 +31,8 @@ After every sync the engine checks (``WeightSyncError`` otherwise):
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from typing import Any
 
 from megatron_lpreg.config.base import ConfigError
 from megatron_lpreg.config.rollout import RolloutConfig
+from megatron_lpreg.models import hf_dir
 from megatron_lpreg.rollout.base import (
     Colocation,
     Completion,
@@ -54,7 +53,7 @@ from megatron_lpreg.rollout.base import (
     WeightUpdate,
 )
 from megatron_lpreg.rollout.sampling import is_greedy, row_seed, validate_params
-from megatron_lpreg.rollout.weight_sync import iter_buckets, verify_probe
+from megatron_lpreg.rollout.weight_sync import verify_probe
 
 logger = logging.getLogger(__name__)
 
@@ -87,21 +86,11 @@ def _import_vllm() -> Any:
     return vllm
 
 
-def model_dtype(model_path: str | os.PathLike) -> str | None:
-    """The dtype config.json declares (``torch_dtype``, or ``dtype`` as transformers 5 writes it), or None."""
-    path = Path(model_path) / "config.json"
-    if not path.exists():
-        return None
-    config = json.loads(path.read_text())
-    dtype = config.get("torch_dtype") or config.get("dtype")
-    return str(dtype).removeprefix("torch.") if dtype else None
-
-
 def engine_dtype(cfg: RolloutConfig, model_path: str | os.PathLike) -> str:
     """``rollout.dtype``, or for ``auto`` the model's own dtype (vLLM's ``auto`` would run fp32 weights in bf16)."""
     if cfg.dtype != "auto":
         return cfg.dtype
-    dtype = model_dtype(model_path)
+    dtype = hf_dir.declared_dtype(hf_dir.read_config(model_path, missing_ok=True))
     return {"float": "float32", "half": "float16"}.get(dtype, dtype) if dtype else "auto"
 
 
@@ -241,8 +230,7 @@ class VLLMEngine:
             kwargs["enforce_eager"] = True
         else:
             kwargs["gpu_memory_utilization"] = cfg.vllm_gpu_memory_utilization
-        config_path = Path(model_path) / "config.json"
-        self._hf_config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        self._hf_config = hf_dir.read_config(model_path, missing_ok=True)
         logger.info("starting vLLM %s on %s (dtype %s, logprobs_mode %s)", vllm.__version__,
                     "CPU" if self.on_cpu else current_platform.device_name, self.dtype, self.logprobs_mode)
         self.llm = vllm.LLM(**kwargs)
@@ -321,10 +309,8 @@ class VLLMEngine:
         ledger = WeightLedger(dtype=self.torch_dtype)
         with tempfile.TemporaryDirectory(prefix="vllm_weights_") as tmp:
             if update.path is not None:
-                from megatron_lpreg.rollout.logits_model import iter_safetensors
-
                 path = Path(update.path)
-                for _ in ledger.watch(iter_safetensors(path)):
+                for _ in ledger.watch(hf_dir.iter_tensors(path)):
                     pass
             else:
                 path = write_safetensors_dir(ledger.watch(update.tensors), tmp)
@@ -364,9 +350,9 @@ class VLLMEngine:
         token_ids = list(_PROBE_PROMPT) + greedy[0].response_ids
         with tempfile.TemporaryDirectory(prefix="vllm_probe_") as ref_dir:
             for name in os.listdir(weights_dir):
-                if name.endswith((".safetensors", ".json")) and name != "config.json":
+                if name.endswith((".safetensors", ".json")) and name != hf_dir.CONFIG_FILE:
                     os.symlink(Path(weights_dir, name).resolve(), Path(ref_dir, name))
-            shutil.copy(Path(self.model_path) / "config.json", Path(ref_dir) / "config.json")
+            hf_dir.write_config(ref_dir, self._hf_config)
             reference = HFLogitsModel.from_pretrained(ref_dir, dtype=torch.float32)
             atol = PROBE_ATOL[str(self.torch_dtype).removeprefix("torch.")]
             probe = make_probe(reference, token_ids, len(_PROBE_PROMPT), atol=atol)
@@ -403,14 +389,8 @@ class VLLMEngine:
 
 
 def write_safetensors_dir(tensors: Iterable[NamedTensor], out_dir: str, shard_bytes: int = 2**30) -> Path:
-    """Write a tensor stream as safetensors shards plus ``model.safetensors.index.json``; return the directory."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    weight_map: dict[str, str] = {}
-    for k, bucket in enumerate(iter_buckets(tensors, shard_bytes)):
-        shard = f"model-{k:05d}.safetensors"
-        save_file({name: t.detach().contiguous().cpu() for name, t in bucket}, str(out / shard))
-        weight_map.update(dict.fromkeys((name for name, _ in bucket), shard))
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return out
+    """Write a tensor stream (any device) as safetensors shards plus their index in ``out_dir``; return it."""
+    shards = hf_dir.write_safetensors(((name, t.detach().cpu()) for name, t in tensors), out_dir,
+                                      max_shard_bytes=shard_bytes)
+    hf_dir.write_index(out_dir, shards.weight_map, shards.total_bytes)
+    return Path(out_dir)

@@ -24,8 +24,9 @@ import torch
 
 from megatron_lpreg.config import RunConfig
 from megatron_lpreg.config.rollout import RolloutConfig
+from megatron_lpreg.models import hf_dir
 from megatron_lpreg.rollout.base import SamplingParams, WeightUpdate
-from megatron_lpreg.rollout.logits_model import HFLogitsModel, iter_safetensors
+from megatron_lpreg.rollout.logits_model import HFLogitsModel
 from megatron_lpreg.rollout.sglang import SGLangEngine
 from megatron_lpreg.rollout.sglang_servers import RayServers
 from tests.rollout.conftest import make_hf_qwen2
@@ -153,7 +154,7 @@ def test_placement_serving_sync_and_recovery(cluster, weights, tmp_path):
                 assert "/generate" in _info(info.url)["events"]
 
             start = time.perf_counter()
-            engine.update_weights(WeightUpdate(version=1, tensors=iter_safetensors(w1)))
+            engine.update_weights(WeightUpdate(version=1, tensors=hf_dir.iter_tensors(w1)))
             sync_s = time.perf_counter() - start
             (tmp_path / "sync.json").write_text(json.dumps({"engines": 4, "sync_s": sync_s}))
             print(f"\nweight sync: {sync_s:.2f} s for 4 engines ({sync_s / 4:.2f} s per engine), tiny model")
@@ -172,7 +173,7 @@ def test_placement_serving_sync_and_recovery(cluster, weights, tmp_path):
             assert [c.response_ids for c in again] == [c.response_ids for c in trained]
             assert servers.engines[1].restarts == 1 and servers.engines[1].pid != 0
             assert 1 in engine._stale  # restarted with the initial checkpoint: out of rotation until the next sync
-            engine.update_weights(WeightUpdate(version=2, tensors=iter_safetensors(w1)))
+            engine.update_weights(WeightUpdate(version=2, tensors=hf_dir.iter_tensors(w1)))
             _assert_identical(servers, w1)
             assert not engine._stale
             assert [c.response_ids for c in engine.generate(PROMPTS, PARAMS)] == [c.response_ids for c in trained]

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_lpreg.models import hf_dir
 from megatron_lpreg.rollout.base import LogprobProbe, SamplingParams, WeightSyncError, WeightUpdate
 from megatron_lpreg.rollout.local import LocalEngine, left_pad
-from megatron_lpreg.rollout.logits_model import HFLogitsModel, iter_safetensors, teacher_forced_logprobs
+from megatron_lpreg.rollout.logits_model import HFLogitsModel, teacher_forced_logprobs
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [42]]
 LOGP_ATOL = 1e-4
@@ -123,7 +124,7 @@ def test_update_from_tensors_and_disk_changes_generation(tiny_hf_dir, tiny_hf_di
     want = LocalEngine(HFLogitsModel.from_pretrained(tiny_hf_dir_b)).generate(PROMPTS, params)
     old = LocalEngine(HFLogitsModel.from_pretrained(tiny_hf_dir)).generate(PROMPTS, params)
     assert [c.response_ids for c in want] != [c.response_ids for c in old]
-    updates = (WeightUpdate(version=1, tensors=iter_safetensors(tiny_hf_dir_b)),
+    updates = (WeightUpdate(version=1, tensors=hf_dir.iter_tensors(tiny_hf_dir_b)),
                WeightUpdate(version=1, path=str(tiny_hf_dir_b)))
     for update in updates:
         engine = LocalEngine(HFLogitsModel.from_pretrained(tiny_hf_dir))

@@ -16,12 +16,12 @@ import time
 import pytest
 
 from megatron_lpreg.config.rollout import RolloutConfig
+from megatron_lpreg.models import hf_dir
 from megatron_lpreg.parallel.spawn import free_port
 from megatron_lpreg.rollout.base import LogprobProbe, SamplingParams, WeightSyncError, WeightUpdate
 from megatron_lpreg.rollout.local import LocalEngine
 from megatron_lpreg.rollout.logits_model import (
     HFLogitsModel,
-    iter_safetensors,
     make_probe,
     teacher_forced_logprobs,
 )
@@ -126,7 +126,7 @@ def test_weight_sync_changes_generation_and_verifies(mode, tiny_hf_dir, tiny_hf_
         assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir_b))
         assert engine.health().weight_version == 1
         if mode == "distributed":  # the broadcast group is reused by later syncs
-            engine.update_weights(WeightUpdate(version=2, tensors=iter_safetensors(tiny_hf_dir)))
+            engine.update_weights(WeightUpdate(version=2, tensors=hf_dir.iter_tensors(tiny_hf_dir)))
             assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir))
     finally:
         engine.shutdown()
@@ -139,7 +139,7 @@ def test_sync_verification_catches_a_server_that_ignores_updates(mode, tiny_hf_d
     engine = SGLangEngine(attach_cfg(server.url, weight_sync=mode), str(tiny_hf_dir))
     try:
         update = WeightUpdate(version=1, path=str(tiny_hf_dir_b)) if mode == "disk" else WeightUpdate(
-            version=1, tensors=iter_safetensors(tiny_hf_dir_b))
+            version=1, tensors=hf_dir.iter_tensors(tiny_hf_dir_b))
         with pytest.raises(WeightSyncError, match="differs from what was sent"):
             engine.update_weights(update)
         assert engine.weight_version == 0
@@ -271,7 +271,7 @@ def test_failing_end_weight_update_does_not_hide_the_sync_error(tiny_hf_dir, tin
     engine = SGLangEngine(attach_cfg(server.url, weight_sync="tensor"), str(tiny_hf_dir))
     try:
         with pytest.raises(WeightSyncError) as info:
-            engine.update_weights(WeightUpdate(version=1, tensors=iter_safetensors(tiny_hf_dir_b)))
+            engine.update_weights(WeightUpdate(version=1, tensors=hf_dir.iter_tensors(tiny_hf_dir_b)))
         text = str(info.value)
         assert "/update_weights_from_tensor" in text and "/end_weight_update also failed" in text
         assert isinstance(info.value.__cause__, SGLangError)

