@@ -74,6 +74,9 @@ class Policy:
         # PackedSeqParams (Transformer Engine), else a block-diagonal mask (megatron's local attention).
         self.packed_thd = any(attention_takes_packed_seq_params(chunk) for chunk in raw_chunks)
         self.pack_multiple = parallel_cfg.tp if parallel_cfg.sequence_parallel else 1
+        if packing:
+            logger.info("trainer.packing: packed rows kept apart by %s", "THD cu_seqlens (PackedSeqParams)"
+                        if self.packed_thd else "a block-diagonal causal mask (local attention)")
         for chunk in raw_chunks:
             if model_cfg.params_dtype == "bfloat16":
                 chunk.bfloat16()
