@@ -6,13 +6,18 @@ sampling log-probs (so the trainer can measure engine/trainer mismatch) and fini
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
 FinishReason = Literal["stop", "length", "abort"]
+
+
+def finish_reason(raw: str | None) -> FinishReason:
+    """An engine's own finish reason in this vocabulary: ``stop`` and ``length`` kept, anything else ``abort``."""
+    return raw if raw in ("stop", "length") else "abort"
 
 
 class Colocation(enum.StrEnum):
@@ -150,14 +155,3 @@ class RolloutEngine(Protocol):
 
     def shutdown(self) -> None: ...
 
-
-def iter_groups(completions: list[Completion]) -> Iterator[list[Completion]]:
-    """Yield completions grouped by prompt_index (input sorted as generate() returns it)."""
-    group: list[Completion] = []
-    for comp in completions:
-        if group and comp.prompt_index != group[0].prompt_index:
-            yield group
-            group = []
-        group.append(comp)
-    if group:
-        yield group

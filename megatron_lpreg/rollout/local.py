@@ -30,14 +30,12 @@ from megatron_lpreg.rollout.base import (
 )
 from megatron_lpreg.rollout.logits_model import LogitsModel, teacher_forced_logprobs
 from megatron_lpreg.rollout.sampling import RowSampler, request_seed, row_seed, validate_params
-from megatron_lpreg.rollout.weight_sync import verify_probe
+from megatron_lpreg.rollout.weight_sync import checksum, checksum_matches, verify_probe
 
 logger = logging.getLogger(__name__)
 
 PAD_ID = 0
 """Filler for left padding; masked out, so its value never matters."""
-CHECKSUM_RTOL = 1e-9
-"""float64 sums of identical float32 tensors agree to rounding of the summation order."""
 
 
 _F = TypeVar("_F", bound=Callable)
@@ -217,8 +215,8 @@ class LocalEngine:
             for name, expected in update.checksums.items():
                 if name not in weights:
                     raise WeightSyncError(f"checksum for '{name}' but the engine has no such weight")
-                actual = float(weights[name].detach().double().sum())
-                if abs(actual - expected) > CHECKSUM_RTOL * max(1.0, abs(expected)):
+                actual = checksum(weights[name])
+                if not checksum_matches(actual, expected):
                     raise WeightSyncError(f"weight '{name}': engine sum {actual!r} != expected {expected!r}")
         if update.probe is not None:
             verify_probe(self.score, update.probe, engine="local")

@@ -56,10 +56,6 @@ class PlacementPlan:
     trainers: tuple[TrainerSlot, ...]
     engines: tuple[EngineSlot, ...]
 
-    def bundle_index(self, node: int, gpu: int) -> int:
-        """Index of GPU ``gpu`` of node ``node`` in the job's placement group (node-major)."""
-        return node * self.gpus_per_node + gpu
-
     def lines(self) -> list[str]:
         """The plan as ``megatron-lpreg plan`` prints it: one line per trainer rank, then one per engine."""
         out = [f"role=trainer rank={t.rank} node={t.node} gpus={t.gpu}" for t in self.trainers]

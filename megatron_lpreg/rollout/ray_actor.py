@@ -15,7 +15,7 @@ import torch
 
 from megatron_lpreg.config.rollout import RolloutConfig
 from megatron_lpreg.rollout.base import Colocation, Completion, EngineHealth, SamplingParams, WeightUpdate
-from megatron_lpreg.rollout.weight_sync import iter_buckets
+from megatron_lpreg.rollout.weight_sync import checksum, iter_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class RayEngine:
         if update.tensors is None:
             raise ValueError("an engine actor keeps its own weights: WeightUpdate.tensors is required")
         for bucket in iter_buckets(update.tensors, self.bucket_bytes):
-            sums = {name: float(t.double().sum()) for name, t in bucket}
+            sums = {name: checksum(t) for name, t in bucket}
             self._ray.get(self.actor.load_bucket.remote(update.version, bucket, sums))
 
     def release_memory(self) -> None:

@@ -42,6 +42,7 @@ from megatron_lpreg.rollout.base import (
     SamplingParams,
     WeightSyncError,
     WeightUpdate,
+    finish_reason,
 )
 from megatron_lpreg.rollout.dispatch import LeastLoadedDispatcher
 from megatron_lpreg.rollout.sampling import row_seed, validate_params
@@ -498,10 +499,9 @@ def parse_item(item: dict, prompt: list[int], prompt_index: int, sample_index: i
     response_ids = [int(e[1]) for e in entries]
     if "output_ids" in item and list(item["output_ids"]) != response_ids:
         raise SGLangError("output_ids and output_token_logprobs token ids disagree")
-    finish = (meta.get("finish_reason") or {}).get("type", "abort")
     return Completion(
         prompt_index=prompt_index, sample_index=sample_index, prompt_ids=list(prompt), response_ids=response_ids,
-        logprobs=[float(e[0]) for e in entries], finish_reason=finish if finish in ("stop", "length") else "abort",
-        text=item.get("text", ""),
+        logprobs=[float(e[0]) for e in entries], text=item.get("text", ""),
+        finish_reason=finish_reason((meta.get("finish_reason") or {}).get("type")),
     )
 

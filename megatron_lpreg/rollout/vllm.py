@@ -51,9 +51,10 @@ from megatron_lpreg.rollout.base import (
     SamplingParams,
     WeightSyncError,
     WeightUpdate,
+    finish_reason,
 )
 from megatron_lpreg.rollout.sampling import is_greedy, row_seed, validate_params
-from megatron_lpreg.rollout.weight_sync import verify_probe
+from megatron_lpreg.rollout.weight_sync import checksum, checksum_matches, verify_probe
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,6 @@ SELF_PROBE_MAX_PARAMS = 1_500_000_000
 ``WeightUpdate.probe``."""
 PROBE_ATOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 """Self-probe tolerance by engine dtype (measured on the tiny models: fp32 ~2e-6, bf16 up to ~3e-2)."""
-CHECKSUM_RTOL = 1e-9
-"""Sum comparisons: allowed difference relative to the tensor's float64 sum of absolute values."""
 _PROBE_PROMPT = (3, 4, 5, 6, 7, 8)
 _PROBE_NEW_TOKENS = 8
 _FUSED = {".q_proj.": ".qkv_proj.", ".k_proj.": ".qkv_proj.", ".v_proj.": ".qkv_proj.",
@@ -148,7 +147,7 @@ class WeightLedger:
             t64 = tensor.detach().double()
             self.sent[name] = float(t64.sum())
             self.abs_sum[name] = float(t64.abs().sum())
-            self.engine_sum[name] = float(tensor.detach().to(self.dtype).double().sum())
+            self.engine_sum[name] = checksum(tensor.detach().to(self.dtype))
             self.numel[name] = tensor.numel()
             yield name, tensor
 
@@ -157,7 +156,7 @@ class WeightLedger:
         for name, expected in checksums.items():
             if name not in self.sent:
                 raise WeightSyncError(f"vllm: checksum for '{name}' but the weight stream had no such tensor")
-            if abs(self.sent[name] - expected) > CHECKSUM_RTOL * max(1.0, self.abs_sum[name]):
+            if not checksum_matches(self.sent[name], expected, self.abs_sum[name]):
                 raise WeightSyncError(f"vllm: weight '{name}' arrived with sum {self.sent[name]!r} != {expected!r}")
 
     def check_engine(self, worker_sums: list[dict[str, list[float]]], *, tied: bool) -> int:
@@ -183,7 +182,7 @@ class WeightLedger:
             else:  # e.g. KV heads replicated across TP ranks, or a bucket holding part of a fused tensor
                 unclear.append(param)
                 continue
-            if abs(actual - expected) > CHECKSUM_RTOL * max(1.0, sum(self.abs_sum[n] for n in names)):
+            if not checksum_matches(actual, expected, sum(self.abs_sum[n] for n in names)):
                 raise WeightSyncError(
                     f"vllm: engine weight '{param}' sums to {actual!r}, expected {expected!r} (from {names}): the "
                     f"engine does not hold the weights that were sent"
@@ -264,10 +263,9 @@ class VLLMEngine:
             sample = out.outputs[0]
             token_ids = list(sample.token_ids)
             logprobs = [float(step[tok].logprob) for step, tok in zip(sample.logprobs, token_ids)]
-            finish = sample.finish_reason if sample.finish_reason in ("stop", "length") else "abort"
             completions.append(Completion(
                 prompt_index=i, sample_index=j, prompt_ids=list(prompts[i]), response_ids=token_ids,
-                logprobs=logprobs, finish_reason=finish, text=sample.text or "",
+                logprobs=logprobs, finish_reason=finish_reason(sample.finish_reason), text=sample.text or "",
             ))
         return completions
 

@@ -22,6 +22,10 @@ from megatron_lpreg.rollout.base import LogprobProbe, NamedTensor, WeightSyncErr
 
 logger = logging.getLogger(__name__)
 
+CHECKSUM_RTOL = 1e-9
+"""Allowed difference of two float64 checksums of the same tensor, relative to max(1, scale) where scale is the
+tensor's float64 sum of absolute values (or |expected| where that is not known): identical float32 tensors differ
+only by the rounding of the summation order."""
 SAMPLE_ELEMENTS = 64
 """Elements of each tensor's first row kept for the post-sync spot check (cheap for any model size)."""
 
@@ -39,6 +43,16 @@ def iter_buckets(tensors: Iterable[NamedTensor], bucket_bytes: int) -> Iterator[
         size += nbytes
     if bucket:
         yield bucket
+
+
+def checksum(tensor: torch.Tensor) -> float:
+    """The float64 sum of ``tensor``: what ``WeightUpdate.checksums`` holds and engines compare after a sync."""
+    return float(tensor.detach().double().sum())
+
+
+def checksum_matches(actual: float, expected: float, scale: float | None = None) -> bool:
+    """Whether two checksums agree within :data:`CHECKSUM_RTOL` (``scale`` defaults to ``|expected|``)."""
+    return abs(actual - expected) <= CHECKSUM_RTOL * max(1.0, abs(expected) if scale is None else scale)
 
 
 def serialize_named_tensors(tensors: list[NamedTensor]) -> str:

@@ -22,6 +22,7 @@ from megatron_lpreg.config import RunConfig
 from megatron_lpreg.parallel import collectives as coll
 from megatron_lpreg.parallel.bootstrap import ParallelContext
 from megatron_lpreg.rollout.base import Completion, SamplingParams, WeightUpdate
+from megatron_lpreg.rollout.weight_sync import checksum
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def stream_weights_to_rank0(model_chunks: list, model_cfg: Any, ctx: ParallelCon
             for name, tensor in export_hf_weights(model_chunks, model_cfg, ctx):
                 if ctx.rank == 0:
                     if checksums is not None:
-                        checksums[name] = float(tensor.double().sum())
+                        checksums[name] = checksum(tensor)
                     yield name, tensor
                 elif ctx.tp_rank == 0:
                     coll.send_object((name, tuple(tensor.shape), tensor.dtype), dst=0)
@@ -146,7 +147,7 @@ def stream_weights_to_rank0(model_chunks: list, model_cfg: Any, ctx: ParallelCon
                     break
                 tensor = coll.recv(coll.empty(shape, ctx, dtype), src=leader)
                 if checksums is not None:
-                    checksums[name] = float(tensor.double().sum())
+                    checksums[name] = checksum(tensor)
                 yield name, tensor
 
 

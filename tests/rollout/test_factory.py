@@ -8,8 +8,8 @@ import torch
 
 from megatron_lpreg.config.base import ConfigError
 from megatron_lpreg.config.rollout import RolloutConfig
-from megatron_lpreg.rollout.base import RolloutEngine, SamplingParams
-from megatron_lpreg.rollout.factory import build_engine
+from megatron_lpreg.rollout.base import Colocation, RolloutEngine, SamplingParams
+from megatron_lpreg.rollout.factory import build_engine, runs_embedded
 from megatron_lpreg.rollout.local import LocalEngine
 from megatron_lpreg.rollout.logits_model import HFLogitsModel
 from megatron_lpreg.rollout.sglang import SGLangEngine
@@ -28,6 +28,7 @@ def test_local_engine_from_hf_dir_reads_eos_and_tokenizer(tiny_dirs):
     out = engine.generate([prompt], SamplingParams(n=2, max_new_tokens=5, seed=0))
     assert [c.text for c in out] == [tokenizer.decode(c.response_ids, skip_special_tokens=True) for c in out]
     assert engine.max_batch_size == 3
+    assert engine.colocation is Colocation.SEPARATE  # its own copy of the weights, loaded from the directory
 
 
 def test_local_engine_wraps_a_given_transformers_model_without_copy(tiny_hf_dir):
@@ -37,6 +38,14 @@ def test_local_engine_wraps_a_given_transformers_model_without_copy(tiny_hf_dir)
     engine = build_engine(RolloutConfig(), str(tiny_hf_dir), seed=0, model=model)
     assert isinstance(engine.model, HFLogitsModel) and engine.model.model is model
     assert engine.eos_token_ids == (2,)
+    assert engine.colocation is Colocation.EMBEDDED  # generates from the caller's parameters
+
+
+def test_only_the_local_engine_over_a_whole_model_runs_embedded():
+    assert runs_embedded(RolloutConfig(), pp_size=1, vpp_size=1)
+    assert not runs_embedded(RolloutConfig(), pp_size=2, vpp_size=1)
+    assert not runs_embedded(RolloutConfig(), pp_size=1, vpp_size=2)
+    assert not runs_embedded(RolloutConfig(engine="sglang"), pp_size=1, vpp_size=1)
 
 
 def test_local_engine_rejects_several_chunks(tiny_hf_dir):

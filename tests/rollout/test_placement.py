@@ -26,7 +26,6 @@ def test_colocated_engines_tile_every_node():
         (0, 0, (0, 1)), (1, 0, (2, 3)), (2, 1, (0, 1)), (3, 1, (2, 3))]
     assert plan.lines()[0] == "role=trainer rank=0 node=0 gpus=0"
     assert plan.lines()[-1] == "role=engine id=3 node=1 gpus=2,3"
-    assert plan.bundle_index(1, 2) == 6
 
 
 def test_separate_engines_after_the_trainer_and_never_across_nodes():

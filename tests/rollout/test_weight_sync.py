@@ -9,13 +9,16 @@ import pytest
 import torch
 
 from megatron_lpreg.parallel.spawn import free_port
-from megatron_lpreg.rollout.base import WeightSyncError
+from megatron_lpreg.rollout.base import LogprobProbe, WeightSyncError, finish_reason
 from megatron_lpreg.rollout.weight_sync import (
     WeightSamples,
     broadcast_bucket,
+    checksum,
+    checksum_matches,
     iter_buckets,
     serialize_named_tensors,
     standalone_group,
+    verify_probe,
 )
 
 
@@ -26,6 +29,34 @@ def test_buckets_respect_the_byte_budget():
     # 40+40 fits, +120 does not; 120 alone; 20 then 400 does not fit; 400 alone (too big for any bucket); 4
     assert buckets == [["t0", "t1"], ["t2"], ["t3"], ["t4"], ["t5"]]
     assert list(iter_buckets([], 100)) == []
+
+
+def test_checksums_agree_up_to_summation_order_only():
+    t = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert checksum_matches(checksum(t.flip(0)), checksum(t), scale=checksum(t.abs()))
+    assert not checksum_matches(checksum(t) + 1e-3, checksum(t), scale=checksum(t.abs()))
+    assert checksum_matches(1.0 + 5e-10, 1.0) and not checksum_matches(1.0 + 2e-9, 1.0)  # scale = |expected|
+
+
+def test_probe_passes_within_atol_and_names_the_engine_otherwise():
+    probe = LogprobProbe(token_ids=(1, 2, 3, 4), prompt_len=2, expected_logprobs=(-0.5, -1.0), atol=1e-3)
+    calls = []
+
+    def score(token_ids, prompt_len):
+        calls.append((token_ids, prompt_len))
+        return [-0.5, -1.0005]
+
+    assert verify_probe(score, probe, engine="e0") == pytest.approx(5e-4)
+    assert calls == [([1, 2, 3, 4], 2)]
+    with pytest.raises(WeightSyncError, match=r"e1: probe log-probs differ .* by 0\.01"):
+        verify_probe(lambda ids, n: [-0.5, -1.01], probe, engine="e1")
+    with pytest.raises(WeightSyncError, match="e2: probe returned 1 log-probs, expected 2"):
+        verify_probe(lambda ids, n: [-0.5], probe, engine="e2")
+
+
+def test_engine_finish_reasons_map_to_stop_length_or_abort():
+    assert [finish_reason(r) for r in ("stop", "length", "abort", "cancelled", None)] == [
+        "stop", "length", "abort", "abort", "abort"]
 
 
 def test_payload_round_trips_cpu_tensors_inline():
