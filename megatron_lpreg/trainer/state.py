@@ -214,11 +214,17 @@ class CheckpointManager:
         config_yaml: the resolved run config, stored in every checkpoint.
         hf_assets_dir: tokenizer/config files copied into every checkpoint (None: none).
         interval, keep_last, save_optimizer: ``checkpoint.*``; resume: ``trainer.resume``.
+
+    Raises:
+        ValueError: a ``stateful`` name is one the checkpoint uses itself (``run_state``, ``config_yaml``).
     """
 
     def __init__(self, run_dir: Path, *, model: ModelState, stateful: Mapping[str, Stateful], ctx: ParallelContext,
                  model_cfg: Any, config_yaml: str, hf_assets_dir: str | None, interval: int, keep_last: int,
                  save_optimizer: bool, resume: str) -> None:
+        reserved = sorted(set(stateful) & {"run_state", "config_yaml"})
+        if reserved:
+            raise ValueError(f"CheckpointManager: stateful names {reserved} are reserved for the checkpoint itself")
         self.run_dir = Path(run_dir)
         self.root = rundir.checkpoints_root(run_dir)
         self.model, self.stateful, self.ctx, self.model_cfg = model, dict(stateful), ctx, model_cfg
