@@ -11,11 +11,7 @@ seeded samplers (``sampling.py``) make every rank draw the same tokens.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
-from collections.abc import Callable
-from typing import TypeVar
 
 import torch
 
@@ -29,39 +25,13 @@ from megatron_lpreg.rollout.base import (
     WeightUpdate,
 )
 from megatron_lpreg.rollout.logits_model import LogitsModel, teacher_forced_logprobs
-from megatron_lpreg.rollout.sampling import RowSampler, request_seed, row_seed, validate_params
+from megatron_lpreg.rollout.sampling import RowSampler, request_seed, row_seed, sample_rows, validate_params
 from megatron_lpreg.rollout.weight_sync import checksum, checksum_matches, verify_probe
 
 logger = logging.getLogger(__name__)
 
 PAD_ID = 0
 """Filler for left padding; masked out, so its value never matters."""
-
-
-_F = TypeVar("_F", bound=Callable)
-
-
-def _skip_cpu_device_mode(fn: _F) -> _F:
-    """Run ``fn`` without the CPU shim's torch-function mode while that mode is the only one active.
-
-    On a machine without CUDA, :class:`~megatron_lpreg.parallel.cpu.CpuDeviceMode` sends every torch call through
-    Python to rewrite CUDA device requests. Generation makes tens of thousands of small torch calls per step and
-    none of them names a CUDA device (inputs and the KV cache are built on ``model.device``; the shim already
-    answers ``torch.cuda.current_device()`` with the CPU), so the mode only costs time here: skipping it gives the
-    same tokens and log-probs, bit for bit, with about 15% less CPU time per rollout (``make demo``,
-    docs/benchmarks.md). With CUDA, or with any other mode active (a test's device checks), nothing changes.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from megatron_lpreg.parallel.cpu import CpuDeviceMode
-
-        modes = torch.overrides._get_current_function_mode_stack()
-        only_shim = bool(modes) and all(isinstance(mode, CpuDeviceMode) for mode in modes)
-        with torch._C.DisableTorchFunction() if only_shim else contextlib.nullcontext():
-            return fn(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 class LocalEngine:
@@ -115,7 +85,7 @@ class LocalEngine:
                     f"model's {self.model.max_length} positions; shorten the prompt or lower max_new_tokens"
                 )
         seed = request_seed(params)
-        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        rows = sample_rows(len(prompts), params.n)
         completions: list[Completion] = []
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start : start + self.max_batch_size]
@@ -128,7 +98,6 @@ class LocalEngine:
         return completions
 
     @torch.no_grad()
-    @_skip_cpu_device_mode
     def generate_rows(self, row_prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Completion]:
         """Generate one response per row in a single batch (``params.n`` is ignored).
 

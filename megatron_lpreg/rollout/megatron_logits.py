@@ -19,14 +19,9 @@ import logging
 
 import torch
 
+from megatron_lpreg.models.bridge import unwrap
+
 logger = logging.getLogger(__name__)
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers (each keeps the wrapped module as ``.module``)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
 
 
 class MegatronLogitsModel:
@@ -40,7 +35,7 @@ class MegatronLogitsModel:
         Raises:
             ValueError: the chunk is not a whole model (pipeline parallelism) or vocab_size exceeds the model's.
         """
-        inner = unwrap_model(model)
+        inner = unwrap(model)
         if not (getattr(inner, "pre_process", False) and getattr(inner, "post_process", False)):
             raise ValueError(
                 "the local rollout engine needs the whole model on each rank (parallel.pp=1, parallel.vpp=1); "

@@ -1,4 +1,5 @@
-"""Token sampling shared by every in-process engine: logit filters, seeded per-row draws, sampling log-probs.
+"""Sampling shared by the engines: request rows, per-row seeds and parameter checks (every engine); logit filters,
+seeded per-row draws and sampling log-probs (the in-process engine).
 
 Shapes: B rows (one row = one (prompt, sample) pair), V vocabulary (already sliced to the real vocab).
 
@@ -38,6 +39,11 @@ def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     """
     digest = hashlib.blake2b(f"{seed}:{prompt_index}:{sample_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def sample_rows(num_prompts: int, n: int) -> list[tuple[int, int]]:
+    """``(prompt_index, sample_index)`` of every response of a request, in the order ``generate`` returns them."""
+    return [(i, j) for i in range(num_prompts) for j in range(n)]
 
 
 def request_seed(params: SamplingParams) -> int:

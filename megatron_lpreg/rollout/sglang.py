@@ -45,7 +45,7 @@ from megatron_lpreg.rollout.base import (
     finish_reason,
 )
 from megatron_lpreg.rollout.dispatch import LeastLoadedDispatcher
-from megatron_lpreg.rollout.sampling import row_seed, validate_params
+from megatron_lpreg.rollout.sampling import row_seed, sample_rows, validate_params
 from megatron_lpreg.rollout.sglang_servers import (
     AttachedServers,
     LocalServers,
@@ -243,7 +243,7 @@ class SGLangEngine:
                 its node and log file), or an answer in an unexpected shape.
         """
         validate_params(params)
-        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        rows = sample_rows(len(prompts), params.n)
         usable = [k for k in range(len(self.clients)) if k not in self._stale]
         step = chunk_rows(len(prompts), params.n, len(usable), self.cfg.max_batch_size)
         jobs = [(prompts, rows[start : start + step], params) for start in range(0, len(rows), step)]

@@ -53,7 +53,7 @@ from megatron_lpreg.rollout.base import (
     WeightUpdate,
     finish_reason,
 )
-from megatron_lpreg.rollout.sampling import is_greedy, row_seed, validate_params
+from megatron_lpreg.rollout.sampling import is_greedy, row_seed, sample_rows, validate_params
 from megatron_lpreg.rollout.weight_sync import checksum, checksum_matches, verify_probe
 
 logger = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class VLLMEngine:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.inputs import TokensPrompt
 
-        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        rows = sample_rows(len(prompts), params.n)
         requests = [TokensPrompt(prompt_token_ids=list(prompts[i])) for i, _ in rows]
         sampling = [
             VllmSamplingParams(
