@@ -25,7 +25,8 @@ from megatron_lpreg.rollout.logits_model import (
     make_probe,
     teacher_forced_logprobs,
 )
-from megatron_lpreg.rollout.sglang import SGLangClient, SGLangEngine, SGLangError, sampling_payload
+from megatron_lpreg.rollout.sglang import SGLangEngine, SGLangError, sampling_payload
+from megatron_lpreg.rollout.sglang_client import SGLangClient
 from tests.support.sglang_standin import SamplingParamsIn, StandinServer
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [42], [17, 18]]
