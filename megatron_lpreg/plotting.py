@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from megatron_lpreg.rundir import EVAL_FILE, METRICS_FILE
 from megatron_lpreg.telemetry import read_jsonl, read_metrics
 
 logger = logging.getLogger(__name__)
@@ -46,9 +47,9 @@ def plotted_series(run_dirs: Sequence[str | Path], keys: Sequence[str],
     """
     runs = {}
     for run_dir in map(Path, run_dirs):
-        if not (run_dir / "metrics.jsonl").exists():
+        if not (run_dir / METRICS_FILE).exists():
             raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (is it a run directory?)")
-        runs[run_dir.name or str(run_dir)] = read_metrics(run_dir) + read_jsonl(run_dir / "eval.jsonl")
+        runs[run_dir.name or str(run_dir)] = read_metrics(run_dir) + read_jsonl(run_dir / EVAL_FILE)
     series: dict[str, dict[str, Series]] = {}
     for key in keys:
         for name, rows in runs.items():

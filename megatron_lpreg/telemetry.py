@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from megatron_lpreg.rundir import METRICS_FILE
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -123,7 +125,7 @@ class MetricSinks:
                  wandb_project: str = "megatron_lpreg", run_name: str = "", config: dict | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / "metrics.jsonl"
+        self.path = self.run_dir / METRICS_FILE
         self._file = open(self.path, "a", buffering=1)
         self._tb = None
         self._wandb = None
@@ -192,4 +194,4 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of ``run_dir/metrics.jsonl`` (one per step)."""
-    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+    return read_jsonl(Path(run_dir) / METRICS_FILE)

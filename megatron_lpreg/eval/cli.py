@@ -14,6 +14,7 @@ from pathlib import Path
 
 from megatron_lpreg.config import ConfigError, RunConfig
 from megatron_lpreg.config.base import from_dict, parse_override, set_dotted, to_dict
+from megatron_lpreg.rundir import CONFIG_FILE, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def load_eval_config(config_path: str | None, overrides: list[str], checkpoint: 
     then the dotted overrides (strictly checked)."""
     path = Path(config_path) if config_path else None
     if path is None and checkpoint is not None:
-        candidate = checkpoint.parent.parent / "config.yaml"  # <run>/checkpoints/step_N -> <run>/config.yaml
+        candidate = checkpoint.parent.parent / CONFIG_FILE  # <run>/checkpoints/step_N -> <run>/config.yaml
         path = candidate if candidate.is_file() else None
     if path is not None:
         logger.info("run config: %s", path)
@@ -69,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
     from megatron_lpreg import telemetry
     from megatron_lpreg.eval.runner import evaluate
     from megatron_lpreg.rollout.factory import build_engine
-    from megatron_lpreg.rundir import resolve_checkpoint
 
     telemetry.setup(0, 1)
     out = Path(args.out)

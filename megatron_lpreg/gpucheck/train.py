@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from megatron_lpreg.gpucheck.ops import CheckFailed
+from megatron_lpreg.rundir import METRICS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def train_steps(device: torch.device, work_dir: Path, config: Path) -> dict[str,
         torch.cuda.reset_peak_memory_stats()
     code = cli_main(args)
     numbers: dict[str, Any] = {"command": "megatron-lpreg " + " ".join(args), "exit_code": code}
-    metrics_file = run_dir / "metrics.jsonl"
+    metrics_file = run_dir / METRICS_FILE
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
     numbers["steps"] = [row.get("step") for row in rows]
     for key in ("loss/policy", "actor/grad_norm", "reward_mean", "entropy", "rollout/logprob_mismatch",

@@ -18,7 +18,7 @@ from typing import Any
 
 from megatron_lpreg.config.base import parse_override
 from megatron_lpreg.launch.manifest import ArrayManifest, read_status
-from megatron_lpreg.rundir import LATEST_SUFFIX, checkpoint_step
+from megatron_lpreg.rundir import LATEST_SUFFIX, METRICS_FILE, checkpoint_step
 from megatron_lpreg.telemetry import read_jsonl
 
 METRIC_KEYS: dict[str, tuple[str, ...]] = {
@@ -67,7 +67,7 @@ def _metric(row: dict[str, Any], keys: Iterable[str]) -> float | None:
 def summarize_run(run_dir: str | os.PathLike, *, name: str = "", overrides: dict[str, str] | None = None,
                   status: str = "") -> RunSummary:
     """Final metrics and curves of one run directory (an unfinished or missing metrics.jsonl gives blanks)."""
-    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    rows = read_jsonl(Path(run_dir) / METRICS_FILE)
     curves: dict[str, list[tuple[int, float]]] = {column: [] for column in METRIC_KEYS}
     for index, row in enumerate(rows):
         step = int(row.get("step", index))
@@ -161,7 +161,7 @@ def collect(dirs: Iterable[str | os.PathLike]) -> tuple[list[RunSummary], list[E
                 runs.extend(collect_train_array(path))
             else:
                 evals.extend(collect_eval_array(path))
-        elif (path / "metrics.jsonl").is_file():
+        elif (path / METRICS_FILE).is_file():
             runs.append(summarize_run(path))
         else:
             raise ValueError(f"{path}: neither a sweep/eval array directory (array.json) nor a run (metrics.jsonl)")
