@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("megatron_lpreg.eval.cli", "evaluate a checkpoint on math benchmarks (AIME, MATH-500, ...)"),
     "sweep": ("megatron_lpreg.launch.cli_sweep", "submit a Slurm job array over a grid of overrides"),
     "eval-array": ("megatron_lpreg.launch.cli_eval_array", "submit a Slurm array over (checkpoint x benchmark)"),
-    "demo": ("megatron_lpreg.demo", "CPU demo: tiny model, warm start, Lp-Reg RL at TP2 via Ray, eval"),
+    "demo": ("megatron_lpreg.demo", "CPU demo: tiny model, warm start, Lp-Reg RL on 2 DP ranks via Ray, eval"),
     "collect": ("megatron_lpreg.launch.cli_collect", "collect a sweep/eval array into one table + plots"),
     "plan": ("megatron_lpreg.launch.cli_plan", "print where trainer ranks and rollout engines run on N x G GPUs"),
     "prompt": ("megatron_lpreg.data.cli_prompt", "print the exact prompt text the trainer feeds for --problem TEXT"),
