@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from megatron_lpreg.rundir import METRICS_FILE
+from megatron_lpreg.rundir import METRICS_FILE, rewrite_jsonl
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -143,17 +143,7 @@ class MetricSinks:
     def truncate_after(self, step: int) -> None:
         """Drop lines with step >= ``step`` (a resumed run rewrites the steps after its checkpoint)."""
         self._file.close()
-        kept = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", -1) < step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a killed run
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        rewrite_jsonl(self.path, lambda row: row.get("step", -1) < step)  # torn lines from a killed run go too
         self._file = open(self.path, "a", buffering=1)
 
     def log(self, metrics: dict[str, Any], step: int, *, jsonl: bool = True) -> None:

@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -38,6 +38,8 @@ from megatron_lpreg.trainer.batch import (
 )
 
 logger = logging.getLogger(__name__)
+
+_Batch = TypeVar("_Batch", TrainBatch, PackedMicroBatch)
 
 
 @dataclass(kw_only=True)
@@ -117,7 +119,7 @@ class Policy:
         if self.packing:  # one packed row per micro-batch; all the same width so pipeline p2p shapes match
             packs = pack_micro_batches(batch, self.micro_batch_tokens, uniform=self.ctx.pp_size > 1,
                                        multiple=self.pack_multiple)
-            return [_packed_on_device(p, self.ctx) for p in packs], 1
+            return [_on_device(p, self.ctx) for p in packs], 1
         batch = _on_device(batch, self.ctx)  # the rollout builds batches on the host; the model reads them here
         mbs = micro_batch_size_for(batch.seq_len, self.micro_batch_tokens)
         mbs = min(mbs, batch.num_sequences)
@@ -326,17 +328,14 @@ def _check_packing_supported(model_cfg: ModelConfig) -> None:
                          f"upgrade transformer_engine, or set model.transformer_impl=local or trainer.packing=false")
 
 
-def _on_device(batch: TrainBatch, ctx: ParallelContext) -> TrainBatch:
-    """``batch`` with every tensor field on the rank's device."""
+def _on_device(batch: _Batch, ctx: ParallelContext) -> _Batch:
+    """``batch`` (a TrainBatch or PackedMicroBatch) with every tensor field on the rank's device; a packed
+    micro-batch's own TrainBatch goes along."""
     moved = {f.name: coll.on_device(getattr(batch, f.name), ctx) for f in dataclasses.fields(batch)
              if isinstance(getattr(batch, f.name), torch.Tensor)}
+    if isinstance(batch, PackedMicroBatch):
+        moved["batch"] = _on_device(batch.batch, ctx)
     return dataclasses.replace(batch, **moved)
-
-
-def _packed_on_device(mb: PackedMicroBatch, ctx: ParallelContext) -> PackedMicroBatch:
-    moved = {f.name: coll.on_device(getattr(mb, f.name), ctx) for f in dataclasses.fields(mb)
-             if isinstance(getattr(mb, f.name), torch.Tensor)}
-    return dataclasses.replace(mb, batch=_on_device(mb.batch, ctx), **moved)
 
 
 class _per_sequence_rope:
