@@ -65,6 +65,11 @@ start when less was free), so a fixed size is passed instead."""
 SELF_PROBE_MAX_PARAMS = 1_500_000_000
 """Largest model the engine probes by itself (a transformers copy on the host CPU); bigger ones need
 ``WeightUpdate.probe``."""
+SLEEP_LEVEL = 2
+"""vLLM sleep level of ``release_memory``. Level 1 copies every weight to host memory and back on ``wake_up``;
+level 2 discards them (vLLM's GPU worker keeps only the model's buffers, e.g. RoPE tables, on the host). The loop
+always reloads the full weights after ``resume_memory`` (``update_weights``), so the level-1 copies were pure
+overhead: two host<->device copies of the model and its size in pinned host RAM per engine, every step."""
 PROBE_ATOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 """Self-probe tolerance by engine dtype (measured on the tiny models: fp32 ~2e-6, bf16 up to ~3e-2)."""
 _PROBE_PROMPT = (3, 4, 5, 6, 7, 8)
@@ -359,10 +364,10 @@ class VLLMEngine:
 
     # ---- memory, health, shutdown ----------------------------------------------------------------------------
     def release_memory(self) -> None:
-        """vLLM ``sleep(level=1)`` (weights offloaded to host memory, KV cache dropped) where sleep mode is
-        available (CUDA); a logged no-op on CPU, where vLLM has no sleep mode."""
+        """vLLM ``sleep(level=SLEEP_LEVEL)`` (weights and KV cache discarded) where sleep mode is available
+        (CUDA); a logged no-op on CPU, where vLLM has no sleep mode."""
         if self._sleep:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=SLEEP_LEVEL)
         else:
             logger.debug("vllm: release_memory is a no-op here (no sleep mode on this platform)")
 

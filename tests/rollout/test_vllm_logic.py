@@ -75,3 +75,29 @@ def test_ledger_checks_trainer_checksums_and_engine_sums_in_the_engine_dtype():
         ledger.check_engine([stale], tied=True)
     halves = [{k: [v[0] / 2, v[1] / 2] for k, v in engine.items()}] * 2  # split over two TP workers
     assert ledger.check_engine(halves, tied=True) == 2
+
+
+class _RecordingLLM:
+    """Records the sleep/wake calls the engine makes (vLLM's sleep mode needs CUDA: nothing here can run it)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def sleep(self, level: int = 1) -> None:
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.calls.append(("wake_up", tags))
+
+
+def test_release_discards_weights_at_sleep_level_2_since_the_update_reloads_them():
+    # Level 1 would copy the weights to host and back; the loop reloads them all after resume (trainer/loop.py:
+    # release_memory, update, resume_memory, update_weights). The real sleep needs CUDA: gpucheck territory.
+    from megatron_lpreg.rollout.vllm import SLEEP_LEVEL, VLLMEngine
+
+    engine = object.__new__(VLLMEngine)
+    engine._sleep, engine.llm = True, _RecordingLLM()
+    engine.release_memory()
+    engine.resume_memory()
+    assert SLEEP_LEVEL == 2
+    assert engine.llm.calls == [("sleep", 2), ("wake_up", None)]
