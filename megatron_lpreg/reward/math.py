@@ -5,14 +5,22 @@ expressions) and its own timeouts use SIGALRM, which works only on the main thre
 calls it with ``parsing_timeout=None, timeout_seconds=None`` and must run in a deadline worker
 (:mod:`megatron_lpreg.reward.deadline`; :class:`megatron_lpreg.reward.scorer.RewardScorer` arranges that).
 :func:`precheck` decides the cheap cases (no box, equal strings, plain numbers) in the calling process without a
-worker; plain integers and decimals compare digit by digit (exactly), never as floats.
+worker; plain integers and decimals compare digit by digit (exactly), never as floats, and so do numbers in
+scientific notation (``1.5e3`` = ``1500``, ``7.5\\times10^{-7}`` = ``7.5e-7``), which math-verify would read with
+Euler's e.
 See docs/rewards.md for where this grader can disagree with veRL's prime_math.
 """
 from __future__ import annotations
 
 import logging
 
-from megatron_lpreg.reward.boxed import canonical_number, last_boxed, normalize_answer
+from megatron_lpreg.reward.boxed import (
+    canonical_number,
+    decimal_value,
+    last_boxed,
+    latex_scientific,
+    normalize_answer,
+)
 from megatron_lpreg.reward.records import RewardResult, clip_extracted
 
 logger = logging.getLogger(__name__)
@@ -37,10 +45,12 @@ def precheck(response: str, ground_truth: str) -> RewardResult | None:
 
 
 def _compare_plain(answer: str, gold: str) -> RewardResult | None:
-    """Equal text -> 1; two plain numbers -> exact comparison of their digits; anything else -> None.
+    """Equal text -> 1; two plain or scientific-notation numbers -> exact comparison of their digits and
+    exponents; anything else -> None.
 
     Plain numbers never reach math-verify: it compares decimals after rounding to 6 places (``0.1234567`` =
     ``0.1234568``), and a float comparison would equate 2**53 + 1 with 2**53 or two overflowing values (inf).
+    Scientific notation is decided here too: math-verify parses ``1.5e3`` as ``1.5 * e * 3``.
     """
     extracted = clip_extracted(answer)
     if normalize_answer(answer) == normalize_answer(gold):
@@ -48,6 +58,10 @@ def _compare_plain(answer: str, gold: str) -> RewardResult | None:
     pred_num, gold_num = canonical_number(answer), canonical_number(gold)
     if pred_num is not None and gold_num is not None:
         equal = pred_num == gold_num
+        return RewardResult(score=float(equal), reason="match" if equal else "wrong", extracted=extracted)
+    pred_value, gold_value = decimal_value(answer), decimal_value(gold)
+    if pred_value is not None and gold_value is not None:
+        equal = pred_value == gold_value
         return RewardResult(score=float(equal), reason="match" if equal else "wrong", extracted=extracted)
     return None
 
@@ -75,8 +89,9 @@ def math_reward(response: str, ground_truth: str) -> RewardResult:
     extracted = clip_extracted(answer)
     from math_verify import parse, verify  # imported lazily: workers preload it, callers need not
 
-    gold = parse(f"\\boxed{{{gold_text}}}", parsing_timeout=None)
-    pred = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
+    # e-notation against a non-number form (1.5e3 vs \frac{3000}{2}): rewritten as a power of ten first
+    gold = parse(f"\\boxed{{{latex_scientific(gold_text)}}}", parsing_timeout=None)
+    pred = parse(f"\\boxed{{{latex_scientific(answer)}}}", parsing_timeout=None)
     if not gold:
         logger.warning("math-verify cannot parse ground truth %r; scoring by string equality only", gold_text[:80])
         return RewardResult(score=0.0, reason="unparsable", extracted=extracted, detail="ground truth")

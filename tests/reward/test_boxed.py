@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_lpreg.reward.boxed import canonical_number, last_boxed, normalize_answer
+from megatron_lpreg.reward.boxed import (
+    canonical_number,
+    decimal_value,
+    last_boxed,
+    latex_scientific,
+    normalize_answer,
+)
 
 
 @pytest.mark.parametrize(
@@ -52,3 +58,22 @@ def test_canonical_numbers_keep_every_digit():
     assert canonical_number(huge) == huge
     assert canonical_number(huge[:-1] + "2") != canonical_number(huge)
     assert canonical_number("0." + "0" * 400 + "1") == "0." + "0" * 400 + "1"
+
+
+def test_decimal_value_reads_scientific_notation_exactly():
+    assert decimal_value("1500") == decimal_value("1.5e3") == decimal_value("1.5E+3") == ("", "15", 2)
+    assert decimal_value("7.5\\times10^{-7}") == decimal_value("7.5e-7") == decimal_value("0.00000075")
+    assert decimal_value("3 \\times 10^{8}") == decimal_value("3e8") == decimal_value("3\\cdot10^8") == ("", "3", 8)
+    assert decimal_value("3×10^{8}") == ("", "3", 8) and decimal_value("10^{8}") == ("", "1", 8)
+    assert decimal_value("-2.50e-1") == ("-", "25", -2) and decimal_value("-0.0e5") == ("", "0", 0)
+    assert decimal_value("1e999999999") == ("", "1", 999_999_999)  # no expansion of the digits
+    assert decimal_value("1e9999999999") is None  # exponent over 9 digits: not read as a number here
+    for text in ("e", "2e", "e3", "e^{3}", "2e^{3}", "1.5e3.1", "10^{x}", "\\times10^{3}", "1,5e3"):
+        assert decimal_value(text) is None, text
+
+
+def test_latex_scientific_rewrites_only_whole_e_notation():
+    assert latex_scientific("1.5e3") == "1.5\\times10^{3}"
+    assert latex_scientific(" -7.5E-07 ") == "-7.5\\times10^{-7}"
+    for text in ("2e", "e", "\\frac{3}{2}e3x", "x+1e3", "1500"):
+        assert latex_scientific(text) == text

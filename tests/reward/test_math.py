@@ -118,6 +118,46 @@ def test_plain_numbers_compare_exactly_without_a_worker(answer, truth, expected)
 
 @pytest.mark.parametrize(
     "answer, truth, expected",
+    [  # issue 19: scientific notation is a number (Minerva's answer style), decided exactly in the caller
+        ("1.5e3", "1500", 1.0),  # math-verify alone reads 1.5 * e * 3
+        ("1500", "1.5e3", 1.0),
+        ("7.5\\times10^{-7}", "7.5e-7", 1.0),
+        ("7.5 \\times 10^{-7}", "0.00000075", 1.0),
+        ("3\\times10^{8}", "3e8", 1.0),
+        ("3 \\cdot 10^8", "300000000", 1.0),
+        ("3.0E+08", "3\\times10^{8}", 1.0),
+        ("1.5e3", "1501", 0.0),
+        ("7.5e-7", "7.5e-8", 0.0),
+        ("-3e8", "3e8", 0.0),
+        ("3e8", "3\\times10^{9}", 0.0),
+        ("1e999999999", "1e999999998", 0.0),  # exact exponents, never expanded
+    ],
+)
+def test_scientific_notation_is_a_number(answer, truth, expected):
+    result = precheck(f"\\boxed{{{answer}}}", truth)
+    assert result is not None and (result.score, result.reason) == (expected, "match" if expected else "wrong")
+    assert score(f"\\boxed{{{answer}}}", truth, timeout=10) == expected
+    assert math_reward("x" * 30_000 + f"\\boxed{{{answer}}}", f"\\boxed{{{truth}}}").score == expected
+
+
+@pytest.mark.parametrize(
+    "answer, truth, expected",
+    [  # an e that is not notation stays Euler's number, judged by math-verify under the deadline
+        ("e", "e", 1.0),
+        ("2e", "2e", 1.0),
+        ("2e", "20", 0.0),  # not 2 x 10^0 nor an incomplete exponent
+        ("e^{3}", "e^3", 1.0),
+        ("1.5e3", "\\frac{3000}{2}", 1.0),  # e-notation against a fraction: rewritten as 1.5 x 10^3 first
+        ("1.5e3", "\\frac{3001}{2}", 0.0),
+    ],
+)
+def test_euler_e_and_notation_against_expressions(answer, truth, expected):
+    assert precheck(f"\\boxed{{{answer}}}", truth) is None or answer == truth
+    assert score(f"\\boxed{{{answer}}}", truth, timeout=10) == expected
+
+
+@pytest.mark.parametrize(
+    "answer, truth, expected",
     [  # docs/rewards.md, "Where math-verify stays in charge": a number against a non-plain form
         ("0.333333", "\\frac{1}{3}", 1.0),  # math-verify's 6-decimal rounding
         ("0.33333", "\\frac{1}{3}", 0.0),
