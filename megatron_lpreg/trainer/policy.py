@@ -280,8 +280,8 @@ class Policy:
         gradient on any rank skips the update on all ranks."""
         local_metrics = self.accumulate_gradients(batch, lowprob_threshold=lowprob_threshold,
                                                   global_valid_tokens=global_valid_tokens)
-        finite = self._grads_finite() and all(math.isfinite(v) for v in local_metrics.values())
-        finite = self._all_ranks_true(finite)
+        metrics_finite = all(math.isfinite(v) for v in local_metrics.values())
+        finite = self._all_ranks_finite(self._grads_finite() & metrics_finite)
         if not finite:
             self.optimizer.zero_grad()
             for chunk in self.chunks:
@@ -293,18 +293,20 @@ class Policy:
         return StepResult(metrics=self.reduce_metrics(local_metrics), grad_norm=grad_norm, skipped=not ok)
 
     # ---- helpers ----------------------------------------------------------------------------------------
-    def _grads_finite(self) -> bool:
-        for chunk in self.chunks:
-            for param in chunk.parameters():
-                grad = getattr(param, "main_grad", None)
-                if grad is not None and not torch.isfinite(grad).all():
-                    return False
-        return True
+    def _grads_finite(self) -> torch.Tensor:
+        """Whether every ``main_grad`` of this rank is finite, as a 0-dim bool tensor on the rank's device.
 
-    def _all_ranks_true(self, flag: bool) -> bool:
-        if not coll.is_distributed():
-            return flag
-        return coll.all_reduce(coll.tensor([0.0 if flag else 1.0], self.ctx), op="max").item() == 0.0
+        One small reduction per parameter queued on the device and one over their flags; no host sync here (a
+        per-parameter ``bool()`` waited on the device ~400 times per step for a 28-layer model).
+        """
+        flags = [torch.isfinite(param.main_grad).all() for chunk in self.chunks for param in chunk.parameters()
+                 if getattr(param, "main_grad", None) is not None]
+        return torch.stack(flags).all() if flags else coll.tensor(True, self.ctx)
+
+    def _all_ranks_finite(self, flag: torch.Tensor) -> bool:
+        """``flag`` (0-dim bool tensor) AND-ed over all ranks: one all-reduce, then the step's one host sync."""
+        bad = (~flag).float().reshape(1)
+        return coll.all_reduce(bad, op="max").item() == 0.0
 
     def reduce_metrics(self, local: dict[str, float]) -> dict[str, float]:
         """Average metric dicts of the last-stage TP-rank-0 ranks over data parallel; every rank gets the result."""

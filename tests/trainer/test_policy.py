@@ -124,6 +124,32 @@ def test_non_finite_loss_skips_the_update_on_every_rank():
         assert not good_skipped and good_finite
 
 
+def _one_bad_gradient(rank, world, cfg):
+    policy, ctx = _policy(cfg)
+    accumulate = policy.accumulate_gradients
+
+    def poisoned(batch, **kw):  # the loss stays finite: only one element of one rank's gradient is not
+        metrics = accumulate(batch, **kw)
+        if ctx.rank == 1:
+            last = [p for p in policy.chunks[0].parameters() if getattr(p, "main_grad", None) is not None][-1]
+            last.main_grad.view(-1)[0] = float("inf")
+        return metrics
+
+    policy.accumulate_gradients = poisoned
+    before = [p.detach().clone() for p in policy.raw_chunks[0].parameters()]
+    result = policy.train_step(_batch())
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, policy.raw_chunks[0].parameters()))
+    finite_loss = all(math.isfinite(v) for v in result.metrics.values())
+    return result.skipped, unchanged, finite_loss
+
+
+def test_one_non_finite_gradient_element_on_one_rank_skips_the_update_everywhere():
+    # _grads_finite folds every main_grad into one device flag; the step's one all-reduce spreads it to all ranks
+    cfg = _cfg(tiny_model_dir("qwen2"), tp=2, world=2)
+    for skipped, unchanged, finite_loss in run_ranks(_one_bad_gradient, 2, cfg, timeout_s=240):
+        assert skipped and unchanged and finite_loss
+
+
 def _grad_norm_with(rank, world, cfg):
     policy, _ = _policy(cfg)
     return policy.train_step(_batch(seed=5)).grad_norm
