@@ -39,7 +39,9 @@ class RolloutConfig:
     num_engines: int = 1
     """Rollout engines (data parallel)."""
     weight_sync: Literal["auto", "disk", "tensor", "distributed"] = "auto"
-    """How engines receive new weights (auto: no copy for local, distributed for sglang)."""
+    """How engines receive new weights (auto: no copy for local; for sglang ``tensor`` when mode=colocated, each
+    engine TP rank fed by CUDA IPC from the trainer rank on its own GPU, ``distributed`` when mode=separate; see
+    :meth:`resolved_weight_sync`)."""
     placement: Literal["rank0", "actor"] = "rank0"
     """Where a hosted engine lives (sglang/vllm, or local with pp>1): in trainer rank 0's process, or in its own
     Ray actor (needs trainer.launcher=ray) with ``engine_num_gpus`` GPUs: 1 = separate devices, a fraction =
@@ -134,8 +136,26 @@ class RolloutConfig:
                 f"rollout.weight_sync={self.weight_sync!r} is not available for rollout.engine='local'; use 'auto' "
                 f"(shares the trainer's parameters)"
             )
+        if (self.engine == "sglang" and self.mode == "colocated" and self.weight_sync == "distributed"
+                and self.weight_sync_backend == "nccl"):
+            raise ConfigError(
+                "rollout.weight_sync='distributed' with rollout.weight_sync_backend='nccl' and rollout.mode="
+                "'colocated' puts a trainer rank and a colocated engine rank that share one GPU into one NCCL "
+                "broadcast group (trainer rank 0 and engine 0's first TP rank both sit on node 0 GPU 0), which NCCL "
+                "refuses (ncclInvalidUsage: duplicate GPU); use rollout.weight_sync=tensor (or auto): every engine "
+                "TP rank then receives the weights by CUDA IPC from the trainer rank on its own GPU. Distributed "
+                "sync is for rollout.mode=separate (engines on GPUs of their own)"
+            )
         if self.engine == "sglang" and self.sglang_urls and len(self.sglang_urls) != self.num_engines:
             raise ConfigError(
                 f"rollout.sglang_urls has {len(self.sglang_urls)} URLs but rollout.num_engines={self.num_engines}; "
                 f"give one URL per engine or set num_engines to {len(self.sglang_urls)}"
             )
+
+    def resolved_weight_sync(self) -> str:
+        """``weight_sync`` with ``auto`` resolved where it names one transport: for sglang ``tensor`` when
+        ``mode=colocated`` (an engine and a trainer rank share each GPU, so no NCCL group may hold both) and
+        ``distributed`` when ``mode=separate``; other engines keep ``auto`` (their own default)."""
+        if self.weight_sync != "auto" or self.engine != "sglang":
+            return self.weight_sync
+        return "tensor" if self.mode == "colocated" else "distributed"

@@ -11,6 +11,12 @@ of one-GPU bundles over all of them (packed per node) and maps plan slots to bun
 - ``rollout.mode=separate``: engines take ``rollout.num_gpus`` GPUs of their own, after the trainer's, node by
   node; an engine never spans two nodes (its TP group talks over NVLink).
 
+Weight sync (``rollout.weight_sync``, ``auto`` resolved by ``RolloutConfig.resolved_weight_sync``): ``tensor``
+feeds TP rank i of engine e from the trainer rank on the same node and GPU as that engine rank (CUDA IPC on one
+GPU; the trainer's own groups bring it the other stages' tensors first), so no process group ever holds two ranks
+of one GPU; ``distributed`` broadcasts from trainer rank 0 over an NCCL group with every engine rank, which only
+``mode=separate`` allows. ``plan`` prints one ``role=sync`` line per engine.
+
 Engines are planned only when this project launches them (``rollout.engine=sglang`` without
 ``rollout.sglang_urls``); attached servers and in-process engines (local, vLLM) need no GPUs of their own.
 """
@@ -47,6 +53,20 @@ class EngineSlot:
 
 
 @dataclass(frozen=True)
+class SyncRoute:
+    """How engine ``engine_id`` receives new weights: ``tensor`` from ``ranks`` (one trainer rank per engine TP rank,
+    in TP order, each on that engine rank's GPU), or ``distributed`` from the source rank(s) ``ranks``."""
+
+    engine_id: int
+    mode: Literal["tensor", "distributed", "disk"]
+    ranks: tuple[int, ...]
+
+    def line(self) -> str:
+        """``role=sync engine=<e> mode=<mode> ranks=<r1,...>`` (what ``megatron-lpreg plan`` prints)."""
+        return f"role=sync engine={self.engine_id} mode={self.mode} ranks={','.join(map(str, self.ranks))}"
+
+
+@dataclass(frozen=True)
 class PlacementPlan:
     """The placement of a job: ``nodes`` x ``gpus_per_node`` GPUs, trainer ranks and engines on them."""
 
@@ -55,11 +75,15 @@ class PlacementPlan:
     mode: Literal["colocated", "separate"]
     trainers: tuple[TrainerSlot, ...]
     engines: tuple[EngineSlot, ...]
+    syncs: tuple[SyncRoute, ...] = ()
+    """One weight-sync route per engine, in engine-id order (empty when no engines are placed)."""
 
     def lines(self) -> list[str]:
-        """The plan as ``megatron-lpreg plan`` prints it: one line per trainer rank, then one per engine."""
+        """The plan as ``megatron-lpreg plan`` prints it: one line per trainer rank, one per engine, then one sync
+        line per engine."""
         out = [f"role=trainer rank={t.rank} node={t.node} gpus={t.gpu}" for t in self.trainers]
         out += [f"role=engine id={e.engine_id} node={e.node} gpus={','.join(map(str, e.gpus))}" for e in self.engines]
+        out += [route.line() for route in self.syncs]
         return out
 
     def summary(self) -> str:
@@ -127,7 +151,44 @@ def plan_placement(rollout: RolloutConfig, world_size: int, nodes: int, gpus_per
     else:
         engines = _separate_engines(rollout, world_size, nodes, gpus_per_node)
     return PlacementPlan(nodes=nodes, gpus_per_node=gpus_per_node, mode=rollout.mode, trainers=trainers,
-                         engines=engines)
+                         engines=engines, syncs=sync_routes(rollout, trainers, engines))
+
+
+def sync_routes(rollout: RolloutConfig, trainers: tuple[TrainerSlot, ...],
+                engines: tuple[EngineSlot, ...]) -> tuple[SyncRoute, ...]:
+    """Each engine's weight-sync route (see the module docstring).
+
+    Raises:
+        PlacementError: ``tensor`` sync where an engine GPU holds no trainer rank to feed it.
+    """
+    mode = rollout.resolved_weight_sync()
+    if mode == "tensor":
+        at = {(t.node, t.gpu): t.rank for t in trainers}
+        feeders = feeder_ranks([(e.node, e.gpus) for e in engines], at)
+        return tuple(SyncRoute(e.engine_id, "tensor", ranks) for e, ranks in zip(engines, feeders))
+    return tuple(SyncRoute(e.engine_id, mode, (0,)) for e in engines)  # rank 0 broadcasts (or writes the HF dir)
+
+
+def feeder_ranks(engines: list[tuple[object, tuple[int, ...]]], trainer_at: dict[tuple[object, int], int]
+                 ) -> list[tuple[int, ...]]:
+    """For each engine (node, GPU ids in TP order): the trainer rank on each of its GPUs, in TP order.
+
+    ``node`` is any key both sides share (a plan node index, a Ray node id). Used by the plan and, with the GPUs
+    Ray reports, by the trainer at run time.
+
+    Raises:
+        PlacementError: some engine GPU holds no trainer rank (the message lists them and the fix).
+    """
+    missing = [(node, gpu) for node, gpus in engines for gpu in gpus if (node, gpu) not in trainer_at]
+    if missing:
+        shown = ", ".join(f"node {n} GPU {g}" for n, g in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise PlacementError(
+            f"rollout.weight_sync=tensor feeds every engine TP rank from the trainer rank on its own GPU, but "
+            f"{len(missing)} of the {sum(len(g) for _, g in engines)} engine GPUs hold no trainer rank ({shown}); "
+            f"place a trainer rank on every engine GPU (colocated: trainer.world_size = nodes x gpus_per_node), or "
+            f"rollout.mode=separate with rollout.weight_sync=distributed"
+        )
+    return [tuple(trainer_at[(node, gpu)] for gpu in gpus) for node, gpus in engines]
 
 
 def _colocated_engines(rollout: RolloutConfig, nodes: int, gpus_per_node: int) -> tuple[EngineSlot, ...]:
