@@ -19,6 +19,7 @@ import torch
 
 from megatron_lpreg.algo.registry import PolicyLossInputs, compute_policy_loss, loss_requirements
 from megatron_lpreg.config import AlgoConfig, ModelConfig, OptimizerConfig, ParallelConfig
+from megatron_lpreg.config.base import ConfigError
 from megatron_lpreg.models.packed import (
     attention_takes_packed_seq_params,
     installed_te_version,
@@ -64,6 +65,7 @@ class Policy:
         from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+        _refuse_fp16(model_cfg)
         self.model_cfg, self.algo_cfg, self.ctx = model_cfg, algo_cfg, ctx
         self.temperature = temperature
         self.loss_generator: torch.Generator | None = None
@@ -318,6 +320,22 @@ class Policy:
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+def _refuse_fp16(model_cfg: ModelConfig) -> None:
+    """Refuse ``model.params_dtype=float16`` for training.
+
+    megatron's fp16 optimizer unscales every gradient by its DynamicGradScaler (``prepare_grads`` in
+    megatron/core/optimizer/optimizer.py:524-555, initial scale 2**32, optimizer_config.py:220) but only a
+    ``TransformerConfig.grad_scale_func`` scales the loss before backward (schedules.py:477-478; Megatron-LM's
+    training loop sets it to ``optimizer.scale_loss``). Without it every update shrinks by ~2**-32; with it the
+    first ~17 steps overflow and are skipped while the scale backs off, which an RL step (a whole rollout) cannot
+    afford and the loop's non-finite-step policy would count as failures. bf16 needs no loss scaling.
+    """
+    if model_cfg.params_dtype == "float16":
+        raise ConfigError("model.params_dtype=float16 cannot be trained here: megatron's fp16 path needs dynamic loss "
+                          "scaling (overflow-skipped steps while the scale backs off from 2**32); use "
+                          "model.params_dtype=bfloat16 (same memory, no loss scale) or float32")
 
 
 def _check_packing_supported(model_cfg: ModelConfig) -> None:

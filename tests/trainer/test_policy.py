@@ -163,3 +163,16 @@ def test_activation_recompute_gives_the_same_update(recompute):
     parallel = type(base.parallel)(**{**base.parallel.__dict__, "recompute": recompute})
     again = run_ranks(_grad_norm_with, 2, base.replace(parallel=parallel), timeout_s=240)[0]
     assert math.isclose(plain, again, rel_tol=1e-6), (plain, again)
+
+
+def test_float16_training_is_refused_before_anything_is_built():
+    # megatron's fp16 optimizer divides gradients by its loss scale (2**32 at first); training it needs
+    # config.grad_scale_func and overflow-skipped steps, which the trainer does not do: refused, bf16 offered.
+    from megatron_lpreg.config.base import ConfigError
+    from megatron_lpreg.trainer.policy import Policy
+
+    cfg = _cfg(tiny_model_dir("qwen2"))
+    fp16 = type(cfg.model)(**{**cfg.model.__dict__, "params_dtype": "float16"})
+    with pytest.raises(ConfigError, match=r"model.params_dtype=float16 .*bfloat16"):
+        Policy(fp16, cfg.parallel, cfg.optimizer, cfg.algo, None, temperature=1.0, micro_batch_tokens=40,
+               total_steps=1)
