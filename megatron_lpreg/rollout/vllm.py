@@ -148,11 +148,10 @@ class WeightLedger:
     """Set by :meth:`check_engine`: the stream covered every engine parameter (a whole model, not a bucket)."""
 
     def watch(self, tensors: Iterable[NamedTensor]) -> Iterator[NamedTensor]:
-        for name, tensor in tensors:
-            t64 = tensor.detach().double()
-            self.sent[name] = float(t64.sum())
-            self.abs_sum[name] = float(t64.abs().sum())
-            self.engine_sum[name] = checksum(tensor.detach().to(self.dtype))
+        for name, tensor in tensors:  # three blockwise passes: no float64, abs or engine-dtype copy of a tensor
+            self.sent[name] = checksum(tensor)
+            self.abs_sum[name] = checksum(tensor, absolute=True)
+            self.engine_sum[name] = checksum(tensor, rounded_to=self.dtype)
             self.numel[name] = tensor.numel()
             yield name, tensor
 

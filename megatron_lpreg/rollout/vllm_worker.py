@@ -30,7 +30,7 @@ class WeightSumsExtension:
                 tensor = param.detach()
                 if name in org_rows:
                     tensor = tensor[: org_rows[name]]
-                sums[name] = [float(tensor.double().sum()), float(tensor.numel())]
+                sums[name] = [_float64_sum(tensor), float(tensor.numel())]
             for prefix, module in model.named_modules():
                 if hasattr(module, "cpu_linear") and hasattr(module, "weight"):
                     # What the CPU kernel computes with, not the parameter (they can disagree: a tied LM head).
@@ -54,6 +54,17 @@ class WeightSumsExtension:
                 dispatch_cpu_unquantized_gemm(module, remove_weight=False)
                 rebuilt += 1
         return rebuilt
+
+
+def _float64_sum(tensor: torch.Tensor, block_rows: int = 4096) -> float:
+    """Float64 sum of ``tensor`` over blocks of rows: the float64 temporary is one block, not a copy of the whole
+    parameter (``weight_sync.checksum`` does the same on the trainer side; not imported: see the module docstring)."""
+    if tensor.dim() == 0:
+        return float(tensor.double())
+    total = torch.zeros((), dtype=torch.float64, device=tensor.device)
+    for block in tensor.split(block_rows, dim=0):
+        total += block.sum(dtype=torch.float64)
+    return float(total)
 
 
 def _packed_linear_sum(module: torch.nn.Module, org_rows: int | None, block: int = 256) -> list[float]:
