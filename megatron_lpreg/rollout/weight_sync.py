@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import datetime
+import itertools
 import logging
+import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -98,26 +100,52 @@ def serialize_named_tensors(tensors: list[NamedTensor]) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def standalone_group(
-    backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0
-) -> dist.ProcessGroup:
-    """A process group outside torch.distributed's default/world groups (rank 0 hosts the TCP store).
+GROUP_NAME_PREFIX = "lpreg_weight_sync"
+"""Start of every weight-update group name (:func:`new_group_name`); SGLang keys its groups by this name."""
+_group_serial = itertools.count()
 
-    Used for the trainer-rank-0 -> engines broadcast; it does not disturb the trainer's own groups.
+
+def new_group_name() -> str:
+    """A group name not used before by this process: torch refuses a second live group of the same name, and
+    the store keys of an old group (``<name>/...``) must not be read by a new one after an engine restart."""
+    return f"{GROUP_NAME_PREFIX}_{os.getpid()}_{next(_group_serial)}"
+
+
+def standalone_group(
+    backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0, *,
+    group_name: str = GROUP_NAME_PREFIX,
+) -> dist.ProcessGroup:
+    """Rank ``rank`` (the trainer: 0) of a process group that SGLang's TP ranks join, outside the default group.
+
+    Built as SGLang builds its side of ``/init_weights_update_group`` (``init_custom_process_group`` in
+    sglang 0.5.23 ``srt/utils/common.py:2859``, called by ``weight_updater.py:133`` with
+    ``init_method=tcp://master_address:master_port``, ``rank = rank_offset + tp_rank`` and the request's
+    ``group_name``): torch's ``rendezvous(tcp://host:port)`` (rank 0 hosts the TCP store), ``PrefixStore(group_name,
+    store)``, then torch's ``_new_process_group_helper`` under ``group_name``, which prefixes the keys once more.
+    Any other store layout waits on keys the engine never writes (``DistStoreError: wait timeout``). The group is
+    registered in torch's group registry under ``group_name``; free it with :func:`destroy_group` before a new group
+    of the same name, and give every new group a new name (:func:`new_group_name`).
 
     Raises:
         ValueError: unknown backend.
     """
+    from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world
+
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"rollout.weight_sync_backend={backend!r} must be 'nccl' or 'gloo'")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
-    prefixed = dist.PrefixStore("weight_sync", store)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
-    if backend == "nccl":
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
-        return dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
-    raise ValueError(f"rollout.weight_sync_backend={backend!r} must be 'nccl' or 'gloo'")
+    store, rank, world_size = next(dist.rendezvous(f"tcp://{host}:{port}", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), dist.PrefixStore(group_name, store),
+                                         group_name=group_name, timeout=timeout)
+    _world.pg_group_ranks[group] = {r: r for r in range(world_size)}  # group rank == rank inside the group
+    return group
+
+
+def destroy_group(group: dist.ProcessGroup | None) -> None:
+    """Free a group made by :func:`standalone_group` (its name becomes usable again); None is a no-op."""
+    if group is not None:
+        dist.destroy_process_group(group)
 
 
 def broadcast_bucket(group: dist.ProcessGroup, tensors: list[NamedTensor], backend: str) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import pickle
-import threading
 
 import pytest
 import torch
@@ -11,11 +10,14 @@ import torch
 from megatron_lpreg.parallel.spawn import free_port
 from megatron_lpreg.rollout.base import LogprobProbe, WeightSyncError, finish_reason
 from megatron_lpreg.rollout.weight_sync import (
+    GROUP_NAME_PREFIX,
     WeightSamples,
     broadcast_bucket,
     checksum,
     checksum_matches,
+    destroy_group,
     iter_buckets,
+    new_group_name,
     serialize_named_tensors,
     standalone_group,
     verify_probe,
@@ -66,23 +68,72 @@ def test_payload_round_trips_cpu_tensors_inline():
     assert all(torch.equal(x, y) and x.dtype == y.dtype for (_, x), (_, y) in zip(restored, tensors))
 
 
-def test_standalone_group_broadcasts_without_a_default_group():
-    port, got = free_port(), {}
+@pytest.fixture(scope="module")
+def sglang_ranks():
+    """Two SGLang TP ranks in processes of their own, joining groups with SGLang's ``init_custom_process_group``."""
+    from tests.support.sglang_contract import require_sglang
+    from tests.support.sglang_tp_rank import TPRank
 
-    def receiver():
-        group = standalone_group("gloo", "127.0.0.1", port, 1, 2, timeout_s=30)
-        tensors = [("x", torch.empty(3)), ("y", torch.empty(2, 2, dtype=torch.bfloat16))]
-        broadcast_bucket(group, tensors, "gloo")
-        got.update(tensors)
+    require_sglang()
+    ranks = TPRank.start(2)
+    yield ranks
+    for rank in ranks:
+        rank.stop()
 
-    thread = threading.Thread(target=receiver)
-    thread.start()
-    group = standalone_group("gloo", "127.0.0.1", port, 0, 2, timeout_s=30)
-    sent = [("x", torch.tensor([1.0, 2.0, 3.0])), ("y", torch.ones(2, 2, dtype=torch.bfloat16))]
-    broadcast_bucket(group, sent, "gloo")
-    thread.join(timeout=30)
+
+def _join(ranks, host, port, world, group_name):
+    for rank in ranks:
+        rank.submit("init_group", master_address=host, master_port=port, rank_offset=1, world_size=world,
+                    group_name=group_name, backend="gloo")
+
+
+def test_the_trainer_meets_sglangs_init_custom_process_group_in_successive_groups(sglang_ranks):
+    """Trainer rank 0 (``standalone_group``) + 2 engine TP ranks in spawned processes running sglang 0.5.23's own
+    ``init_custom_process_group`` (world 3, gloo): a bucket arrives bit-exact; the group is destroyed on both
+    sides and a second group under a new name forms and works in the same processes."""
+    from torch.distributed.distributed_c10d import _world
+
+    bucket = [("x", torch.randn(5, 3, generator=torch.Generator().manual_seed(0))),
+              ("y", torch.arange(7, dtype=torch.bfloat16)),
+              ("z", torch.tensor([1e-30, -0.0, 3.5], dtype=torch.float16))]
+    names = [new_group_name(), new_group_name()]
+    assert names[0] != names[1] and all(n.startswith(GROUP_NAME_PREFIX) for n in names)
+    for round_, group_name in enumerate(names):
+        port = free_port()
+        _join(sglang_ranks, "127.0.0.1", port, 3, group_name)
+        group = standalone_group("gloo", "127.0.0.1", port, 0, 3, timeout_s=60, group_name=group_name)
+        assert [r.result(60) for r in sglang_ranks] == ["Succeeded to initialize custom process group."] * 2
+        assert _world.pg_names[group] == group_name
+        sent = [(n, t * (round_ + 1)) for n, t in bucket]
+        for rank in sglang_ranks:
+            rank.submit("receive", names=[n for n, _ in sent], dtypes=[str(t.dtype) for _, t in sent],
+                        shapes=[list(t.shape) for _, t in sent], group_name=group_name)
+        broadcast_bucket(group, sent, "gloo")
+        for rank in sglang_ranks:
+            got = pickle.loads(rank.result(60))
+            assert [n for n, _ in got] == [n for n, _ in sent]
+            for (_, a), (_, b) in zip(got, sent):
+                assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.contiguous().view(torch.uint8))
+        assert [r.call("destroy_group", group_name=group_name) for r in sglang_ranks] == [
+            "Succeeded to destroy custom process group."] * 2
+        destroy_group(group)
+        assert group_name not in _world.pg_names.values()
+        with pytest.raises(RuntimeError, match="does not exist"):  # the old name is gone on the engine side too
+            sglang_ranks[0].call("destroy_group", group_name=group_name)
     assert not torch.distributed.is_initialized()
-    assert torch.equal(got["x"], sent[0][1]) and torch.equal(got["y"], sent[1][1])
+
+
+def test_an_old_group_name_is_not_met_by_a_new_group(sglang_ranks):
+    """Engine ranks joining under the previous name never meet a trainer group of a new name: keys differ."""
+    port, old, new = free_port(), new_group_name(), new_group_name()
+    _join(sglang_ranks[:1], "127.0.0.1", port, 2, old)
+    with pytest.raises(Exception, match="(?i)timeout|timed out"):
+        standalone_group("gloo", "127.0.0.1", port, 0, 2, timeout_s=3, group_name=new)
+    with pytest.raises(RuntimeError, match="(?i)timeout|timed out|connection was likely closed"):
+        sglang_ranks[0].result(60)  # the engine rank waited on its own keys until the trainer's store went away
+
+
+def test_standalone_group_refuses_an_unknown_backend():
     with pytest.raises(ValueError, match="weight_sync_backend='mpi'"):
         standalone_group("mpi", "127.0.0.1", free_port(), 0, 1)
 

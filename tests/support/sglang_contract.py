@@ -17,6 +17,7 @@ Run as a script (``python sglang_contract.py`` with the side directory on PYTHON
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import subprocess
@@ -49,6 +50,16 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def require_sglang() -> None:
+    """Fail the calling test (never skip it) when the pinned package is missing: the stand-in and the rendezvous
+    tests run SGLang's own code, and a run without it would test nothing of SGLang."""
+    reason = unavailable_reason()
+    if reason is not None:
+        import pytest
+
+        pytest.fail(f"SGLang's own code is needed here and is missing: {reason}", pytrace=False)
+
+
 # ---- server arguments (subprocess) --------------------------------------------------------------------------
 def parse_launch_args(argvs: list[list[str]], *, timeout_s: float = 300.0) -> list[dict[str, Any]]:
     """Parse each argv (the arguments after ``python -m sglang.launch_server``) with SGLang's own parser.
@@ -68,7 +79,8 @@ def parse_launch_args(argvs: list[list[str]], *, timeout_s: float = 300.0) -> li
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _stub_unused_packages() -> None:
+def stub_unused_packages() -> None:
+    """Make ``import triton`` / ``import IPython`` yield permissive empty modules (in this process only)."""
     import importlib.abc
     import importlib.machinery
     import types
@@ -112,7 +124,7 @@ def _parse_main() -> None:
     import contextlib
     import io
 
-    _stub_unused_packages()
+    stub_unused_packages()
     from sglang.srt.server_args import ServerArgs
 
     results = []
@@ -290,6 +302,33 @@ def http_contract(site: Path | None = None) -> HttpContract:
     routes = _route_bodies(server_tree, {n for n in classes if n.endswith("ReqInput")})
     sampling = _class_fields(ast.parse((srt / "sampling" / "sampling_params.py").read_text()))["SamplingParams"]
     return HttpContract(routes=routes, classes=classes, sampling_params=sampling)
+
+
+@functools.cache
+def cached_http_contract() -> HttpContract:
+    """:func:`http_contract` of the default side directory, read once per process."""
+    return http_contract()
+
+
+@functools.cache
+def classes_with_get_weights_by_name(site: Path | None = None) -> frozenset[str]:
+    """Model classes of ``sglang/srt/models`` that define ``get_weights_by_name`` themselves or inherit it from one
+    that does (by base-class name, across files). ``/get_weights_by_name`` calls the served model's method
+    (``weight_exporter.py:183``), so every other class fails there (sglang 0.5.23: Qwen2/Qwen3 are not in the set)."""
+    bases: dict[str, set[str]] = {}
+    defining: set[str] = set()
+    for path in sorted(((site or contract_site()) / "sglang" / "srt" / "models").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                bases.setdefault(node.name, set()).update(b.id for b in node.bases if isinstance(b, ast.Name))
+                if any(isinstance(f, ast.FunctionDef) and f.name == "get_weights_by_name" for f in node.body):
+                    defining.add(node.name)
+    grew = True
+    while grew:
+        new = {name for name, parents in bases.items() if parents & defining} - defining
+        defining |= new
+        grew = bool(new)
+    return frozenset(defining)
 
 
 if __name__ == "__main__":
