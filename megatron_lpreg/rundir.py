@@ -10,7 +10,8 @@ The one owner of these names; the trainer (``trainer/state.py``, ``trainer/signa
     <run>/.preempt_requested   the preemption flag: a trainer that sees it checkpoints and exits with
                                REQUEUE_EXIT_CODE (written by a signal handler, ``launch.job preempt`` or the batch
                                shell's USR1 trap)
-    <run>/checkpoints/step_<7-digit step>/   complete checkpoints (``manifest.json`` inside; models/checkpoint.py)
+    <run>/checkpoints/step_<7-digit step>/   complete checkpoints (``manifest.json`` inside; models/checkpoint.py):
+                               the newest ``checkpoint.keep_last`` plus every ``checkpoint.keep_every``-th step
     <run>/checkpoints/latest   the name of the newest complete checkpoint, replaced atomically after it is written
     <run>/checkpoints/.step_<N>.tmp-<id>/    a save in progress (or killed); never a checkpoint
     <run>/checkpoints/.set_aside/            checkpoints a resume found newer than the newest complete one
@@ -80,14 +81,21 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: checkpoint_step(p) or 0)
 
 
-def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, *, keep: str) -> list[str]:
-    """Delete all but the newest ``keep_last`` checkpoints (never the one named ``keep``); each is renamed to a
-    hidden name first, so a kill mid-delete leaves a leftover for the next restore to remove, never a
-    half-deleted ``step_N``. Returns the names deleted."""
+def kept_for_good(name: str, keep_every: int) -> bool:
+    """Whether retention keeps checkpoint ``name`` whatever ``keep_last`` says: its step is a positive multiple of
+    ``keep_every`` (``checkpoint.keep_every``; 0 = none is)."""
+    step = checkpoint_step(name)
+    return keep_every > 0 and step is not None and step > 0 and step % keep_every == 0
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, *, keep: str, keep_every: int = 0) -> list[str]:
+    """Delete all but the newest ``keep_last`` checkpoints, except those :func:`kept_for_good` by ``keep_every``
+    and the one named ``keep``; each is renamed to a hidden name first, so a kill mid-delete leaves a leftover for
+    the next restore to remove, never a half-deleted ``step_N``. Returns the names deleted."""
     found = list_checkpoints(run_dir)
     deleted = []
     for old in found[: max(0, len(found) - keep_last)]:
-        if old.name != keep:
+        if old.name != keep and not kept_for_good(old.name, keep_every):
             trash = old.parent / f".{old.name}.deleting-{uuid.uuid4().hex[:8]}"
             os.replace(old, trash)
             shutil.rmtree(trash, ignore_errors=True)

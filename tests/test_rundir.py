@@ -26,6 +26,20 @@ def test_prune_keeps_the_newest_and_the_named_one(tmp_path):
     assert (rundir.checkpoints_root(tmp_path) / ".step_5.tmp-abc").is_dir()
 
 
+
+def test_keep_every_keeps_every_kth_step_for_good_besides_the_last_n(tmp_path):
+    # A run saving every 20 steps with keep_last=2, keep_every=60: after step 200, 60/120/180 stay and 180/200 are
+    # the last two; a save through 9 checkpoints prunes one at a time, as the manager does after each save.
+    for step in range(20, 220, 20):
+        _checkpoint(tmp_path, step)
+        rundir.prune_checkpoints(tmp_path, 2, keep=rundir.step_dir_name(step), keep_every=60)
+    assert [rundir.checkpoint_step(p) for p in rundir.list_checkpoints(tmp_path)] == [60, 120, 180, 200]
+    assert rundir.kept_for_good("step_0000060", 60) and not rundir.kept_for_good("step_0000040", 60)
+    assert not rundir.kept_for_good("step_0000000", 60) and not rundir.kept_for_good("step_0000060", 0)
+    # keep_every=0 is the old behaviour
+    assert rundir.prune_checkpoints(tmp_path, 1, keep="step_0000200") == ["step_0000060", "step_0000120",
+                                                                           "step_0000180"]
+
 def test_latest_pointer_then_newest_complete_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         rundir.resolve_checkpoint(f"{tmp_path}{rundir.LATEST_SUFFIX}")

@@ -87,8 +87,31 @@ class RunConfig:
         self.model.validate(self.parallel)
         if self.parallel.sequence_parallel and self.model.transformer_impl == "local":
             raise ConfigError("parallel.sequence_parallel=true needs model.transformer_impl=transformer_engine")
-        for section in (self.algo, self.rollout, self.trainer, self.data, self.reward, self.eval):
+        for section in (self.algo, self.rollout, self.trainer, self.data, self.reward, self.eval, self.checkpoint):
             section.validate()
+        self.validate_world_layout()
+
+    def validate_world_layout(self) -> None:
+        """``trainer.world_size`` must be ``parallel.tp x parallel.pp x dp`` (``parallel.dp``, or derived when 0),
+        checked at load time so that a wrong layout fails before submission, not at bootstrap.
+
+        Raises:
+            ConfigError: naming trainer.world_size and the parallel keys, with the values that would fit.
+        """
+        world, tp, pp, dp = self.trainer.world_size, self.parallel.tp, self.parallel.pp, self.parallel.dp
+        if world < 1:
+            raise ConfigError(f"trainer.world_size={world} must be >= 1")
+        model_parallel = tp * pp
+        if dp and world != model_parallel * dp:
+            raise ConfigError(
+                f"trainer.world_size={world} != parallel.tp={tp} x parallel.pp={pp} x parallel.dp={dp} = "
+                f"{model_parallel * dp}; set trainer.world_size={model_parallel * dp}"
+                + (f" or parallel.dp={world // model_parallel}" if world % model_parallel == 0 else "")
+                + " (or parallel.dp=0 to derive it)")
+        if world % model_parallel:
+            raise ConfigError(
+                f"trainer.world_size={world} is not a multiple of parallel.tp={tp} x parallel.pp={pp} = "
+                f"{model_parallel}; use trainer.world_size={max(1, world // model_parallel) * model_parallel}")
 
 
 def load_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

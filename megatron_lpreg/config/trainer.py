@@ -57,6 +57,10 @@ class TrainerConfig:
     """What to do on a non-finite loss or grad norm."""
     max_consecutive_nan: int = 3
     """Stop with an error after this many skipped steps in a row."""
+    walltime_margin_s: float = 300.0
+    """Under a time limit (``SLURM_JOB_END_TIME``, or asked from Slurm once): after each step the trainer checkpoints
+    and exits with the requeue code (42) when the next step, a save and this many seconds would not fit before the
+    job's end; the margin covers shutdown (engines, Ray, process exit) and estimate error. See docs/slurm.md."""
 
     def validate(self) -> None:
         if self.max_steps < 0:
@@ -65,6 +69,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.updates_per_step={self.updates_per_step} must be >= 1")
         if self.micro_batch_tokens < 1:
             raise ConfigError(f"trainer.micro_batch_tokens={self.micro_batch_tokens} must be >= 1")
+        if self.walltime_margin_s < 0:
+            raise ConfigError(f"trainer.walltime_margin_s={self.walltime_margin_s} must be >= 0 (seconds)")
 
 
 @dataclass(kw_only=True)
@@ -75,8 +81,30 @@ class CheckpointConfig:
     """Save every N steps (0 = only at the end and on preemption signals)."""
     keep_last: int = 2
     """Keep the newest N checkpoints."""
+    keep_every: int = 0
+    """Also keep, for good, every checkpoint whose step is a multiple of this (0 = none), e.g. for
+    ``eval-array --checkpoints all``; the disk budget is in docs/slurm.md and ``megatron-lpreg plan`` prints the
+    bytes of one checkpoint."""
     save_optimizer: bool = True
     """Include optimizer and LR-schedule state (needed for exact resume)."""
+
+    def validate(self) -> None:
+        """Counts are non-negative; kept steps are steps that are saved.
+
+        Raises:
+            ConfigError: naming the key, its value and a fix.
+        """
+        for name in ("interval", "keep_last", "keep_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"checkpoint.{name}={getattr(self, name)} must be >= 0")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be >= 1 (the newest checkpoint is the "
+                              f"one a requeued run resumes from)")
+        if self.keep_every and self.interval and self.keep_every % self.interval:
+            raise ConfigError(
+                f"checkpoint.keep_every={self.keep_every} is not a multiple of checkpoint.interval={self.interval}: "
+                f"only steps that are multiples of both are saved; use checkpoint.keep_every="
+                f"{-(-self.keep_every // self.interval) * self.interval}")
 
 
 @dataclass(kw_only=True)

@@ -114,7 +114,8 @@ def build_components(cfg: RunConfig, run_dir: Path) -> Components:
     checkpoints = CheckpointManager(run_dir, model=policy, stateful={"scheduler": policy.scheduler}, ctx=ctx,
                                     model_cfg=cfg.model, config_yaml=cfg.to_yaml(),
                                     hf_assets_dir=cfg.model.hf_path or None, interval=cfg.checkpoint.interval,
-                                    keep_last=cfg.checkpoint.keep_last, save_optimizer=cfg.checkpoint.save_optimizer,
+                                    keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
+                                    save_optimizer=cfg.checkpoint.save_optimizer,
                                     resume=cfg.trainer.resume)
     sinks = None
     if ctx.rank == 0:

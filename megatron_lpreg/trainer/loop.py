@@ -18,6 +18,7 @@ from megatron_lpreg.trainer.rollout_step import rollout_batch
 from megatron_lpreg.trainer.signals import PreemptionWatcher
 from megatron_lpreg.trainer.state import RunState
 from megatron_lpreg.trainer.update import update_policy
+from megatron_lpreg.trainer.walltime import WalltimeGuard, job_end_time
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,12 @@ def run_rank(cfg: RunConfig, run_dir: str) -> int:
     """Train on this rank until ``trainer.max_steps`` or a preemption request; return the process exit code."""
     run_path = Path(run_dir)
     comp: Components = build_components(cfg, run_path)
+    # Rank 0 learns the job's end time (env or one Slurm query); the stop decision is all-reduced like a signal.
+    walltime = WalltimeGuard(job_end_time() if comp.ctx.rank == 0 else None, cfg.trainer.walltime_margin_s)
+    t_restore = time.perf_counter()
     state: RunState = comp.checkpoints.restore_or_init()  # model, optimizer, LR schedule, RNG
     if state.step > 0:  # resumed: the prompt stream and the engine's weights follow the checkpoint
+        walltime.record_load(time.perf_counter() - t_restore)
         comp.data_after_restore(state)
         comp.engine_after_restore(state.weight_version)
     comp.forget_rows_after(state.step)
@@ -75,9 +80,16 @@ def _train(cfg: RunConfig, comp: Components, state: RunState, watcher: Preemptio
                 f"{cfg.trainer.max_consecutive_nan}); last metrics: {result.metrics}"
             )
         comp.evaluate_if_due(step + 1, force=step + 1 == cfg.trainer.max_steps)
-        stop = watcher.should_stop(comp.ctx)
-        if stop or comp.checkpoints.due(step + 1, final=step + 1 == cfg.trainer.max_steps):
+        walltime.record_step(time.perf_counter() - t0)
+        final = step + 1 == cfg.trainer.max_steps
+        out_of_time = not final and walltime.should_stop()
+        if out_of_time:
+            logger.warning("step %d: %s: checkpointing now", step + 1, walltime.reason())
+        stop = watcher.should_stop(comp.ctx, local=out_of_time)
+        if stop or comp.checkpoints.due(step + 1, final=final):
+            t_save = time.perf_counter()
             comp.checkpoints.save(state)
+            walltime.record_save(time.perf_counter() - t_save)
         if stop:
             watcher.clear()
             logger.warning("preempted after step %d/%d: checkpoint written, exiting with %d for requeue",

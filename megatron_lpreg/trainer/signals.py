@@ -5,6 +5,8 @@ directory's preemption flag (:mod:`megatron_lpreg.rundir`, which owns the flag f
 dropping stale requests); a signal sent to a launcher or rank process is turned into the same file here. Rank 0
 polls it at every step boundary, all ranks agree through one all-reduce, save together and exit;
 slurm/train.sbatch turns the exit code into ``scontrol requeue``. Handlers are installed only while a run trains.
+The loop also stops this way on its own when the job's time limit is near (:mod:`megatron_lpreg.trainer.walltime`),
+so Slurm's TERM at the limit, handled the same, is the last resort: it saves only if the step ends in time.
 """
 from __future__ import annotations
 
@@ -48,18 +50,20 @@ class PreemptionWatcher:
         self._signalled = True
         rundir.request_preemption(self.run_dir)
 
-    def should_stop(self, ctx: HasDevice | None = None) -> bool:
-        """True on every rank if any rank saw a signal or the flag file exists (collective when distributed).
+    def should_stop(self, ctx: HasDevice | None = None, *, local: bool = False) -> bool:
+        """True on every rank if any rank saw a signal, the flag file exists, or any rank passed ``local=True``
+        (collective when distributed).
 
         Args:
             ctx: names the rank's device, where the flag is reduced (required when distributed).
+            local: this rank's own reason to stop (the walltime guard: the next step and a save would not fit).
 
         Raises:
             ValueError: distributed but no ``ctx``.
         """
         from megatron_lpreg.parallel import collectives as coll
 
-        local = self._signalled or rundir.preemption_requested(self.run_dir)
+        local = local or self._signalled or rundir.preemption_requested(self.run_dir)
         if coll.world_size() == 1:
             return local
         if ctx is None:

@@ -213,7 +213,7 @@ class CheckpointManager:
         model_cfg: the model config the dist checkpoint is checked against.
         config_yaml: the resolved run config, stored in every checkpoint.
         hf_assets_dir: tokenizer/config files copied into every checkpoint (None: none).
-        interval, keep_last, save_optimizer: ``checkpoint.*``; resume: ``trainer.resume``.
+        interval, keep_last, keep_every, save_optimizer: ``checkpoint.*``; resume: ``trainer.resume``.
 
     Raises:
         ValueError: a ``stateful`` name is one the checkpoint uses itself (``run_state``, ``config_yaml``).
@@ -221,7 +221,7 @@ class CheckpointManager:
 
     def __init__(self, run_dir: Path, *, model: ModelState, stateful: Mapping[str, Stateful], ctx: ParallelContext,
                  model_cfg: Any, config_yaml: str, hf_assets_dir: str | None, interval: int, keep_last: int,
-                 save_optimizer: bool, resume: str) -> None:
+                 save_optimizer: bool, resume: str, keep_every: int = 0) -> None:
         reserved = sorted(set(stateful) & {"run_state", "config_yaml"})
         if reserved:
             raise ValueError(f"CheckpointManager: stateful names {reserved} are reserved for the checkpoint itself")
@@ -230,6 +230,7 @@ class CheckpointManager:
         self.model, self.stateful, self.ctx, self.model_cfg = model, dict(stateful), ctx, model_cfg
         self.config_yaml, self.hf_assets_dir = config_yaml, hf_assets_dir
         self.interval, self.keep_last, self.save_optimizer, self.resume = interval, keep_last, save_optimizer, resume
+        self.keep_every = keep_every
 
     def due(self, step: int, *, final: bool) -> bool:
         """Whether to save after ``step`` completed steps (every ``interval``, and the last one)."""
@@ -298,7 +299,7 @@ class CheckpointManager:
                     f"{name} is complete, {rundir.LATEST_POINTER} still names the one before; a rerun resumes "
                     f"from {name}")) from exc
             fault_point("pointer_written", step=state.step)
-            rundir.prune_checkpoints(self.run_dir, self.keep_last, keep=name)
+            rundir.prune_checkpoints(self.run_dir, self.keep_last, keep=name, keep_every=self.keep_every)
             fault_point("pruned", step=state.step)
             logger.info("checkpoint %s written", path)
         collectives.barrier()

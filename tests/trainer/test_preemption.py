@@ -59,3 +59,55 @@ def test_usr1_checkpoints_exits_for_requeue_and_resumes(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(finish))
     assert "stale preemption request" in done.stderr and not (out / PREEMPT_FILE).exists()
+
+
+def _checkpoint_tensor_bytes(checkpoint: Path) -> dict[str, int]:
+    """Bytes of the model and optimizer tensors a dist checkpoint holds (from its metadata)."""
+    import math
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    out = {"model": 0, "optimizer": 0}
+    for key, meta in FileSystemReader(str(checkpoint / "dist")).read_metadata().state_dict_metadata.items():
+        if isinstance(meta, TensorStorageMetadata):
+            size = math.prod(meta.size) * meta.properties.dtype.itemsize
+            out["optimizer" if key.startswith("optimizer.") else "model"] += size
+    return out
+
+
+def test_job_end_time_checkpoints_before_it_exits_for_requeue_and_resumes(tmp_path):
+    """Issue 19's acceptance check: with SLURM_JOB_END_TIME set, `train` exits 42 with a complete checkpoint named
+    by checkpoints/latest before that moment; rerun without it, it resumes from that checkpoint."""
+    from megatron_lpreg.config import RunConfig
+    from megatron_lpreg.models.checkpoint import checkpoint_problems
+    from megatron_lpreg.models.footprint import checkpoint_size
+
+    out = tmp_path / "run"
+    cmd = [*_cmd(out, 500), "parallel.tp=1", "trainer.world_size=1", "trainer.walltime_margin_s=10"]
+    end = time.time() + 50  # start-up ~10-20 s on a loaded 2-core machine, then steps of ~0.5 s; exit ~3-5 s
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "SLURM_JOB_END_TIME": str(int(end))}
+    env.pop("SLURM_JOB_ID", None)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    exited = time.time()
+    assert done.returncode == REQUEUE_EXIT_CODE, done.stderr[-3000:]
+    assert exited < end, f"exited {exited - end:.1f} s after the end time:\n{done.stderr[-3000:]}"
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert checkpoint_problems(latest) == [] and (latest / "manifest.json").stat().st_mtime < end
+    saved_step = int(latest.name.split("_")[1])
+    assert 2 <= saved_step < 500 and _steps_logged(out) == saved_step
+    assert "exceed the" in done.stderr and "before the job's end time: checkpointing now" in done.stderr
+    # the checkpoint holds the bytes `megatron-lpreg plan` announces: fp32 weights + two fp32 Adam moments
+    cfg = RunConfig.load("configs/tiny_cpu.yaml", cmd[cmd.index("train") + 2:])
+    size = checkpoint_size(cfg.model, cfg.parallel, cfg.checkpoint)
+    assert _checkpoint_tensor_bytes(latest) == {"model": size.weights, "optimizer": size.main_params
+                                               + size.adam_moments}
+
+    env.pop("SLURM_JOB_END_TIME")
+    finish = saved_step + 1
+    done = subprocess.run([*cmd[:-3], f"trainer.max_steps={finish}", *cmd[-3:]], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {latest}" in done.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(finish))
