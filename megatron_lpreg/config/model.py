@@ -105,6 +105,17 @@ class ParallelConfig:
     the first pipeline stage of Qwen2.5-32B at 30,720-token micro-batches, see docs/slurm.md)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = nccl with CUDA, gloo otherwise."""
+    overlap_grad_reduce: bool = False
+    """Start each gradient bucket's DP all-reduce/reduce-scatter during the backward pass, as soon as the bucket's
+    gradients are complete (megatron DDP), instead of all of them after the last micro-batch. On for GPU runs."""
+    overlap_param_gather: bool = False
+    """Distributed optimizer: all-gather updated parameters bucket by bucket during the next forward instead of
+    all at once after ``optimizer.step()``; needs use_distributed_optimizer and overlap_grad_reduce. The last update
+    of a step is still gathered at once (the weight sync to the engines reads the parameters right after it)."""
+    gradient_accumulation_fusion: bool = False
+    """Accumulate weight gradients straight into the fp32 ``main_grad`` inside the linear layers' backward (a fused
+    CUDA kernel of Transformer Engine or apex), skipping one bf16 gradient tensor and an add per weight. Needs
+    CUDA and the Transformer Engine spec."""
     num_layers_in_first_pipeline_stage: int = 0
     """Transformer layers on the first pipeline stage (megatron's uneven pipeline); 0 = automatic: an even split
     when pp*vpp divides model.num_layers, else the even-as-possible split of :func:`pipeline_layers`."""
@@ -127,6 +138,9 @@ class ParallelConfig:
             raise ConfigError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2 (got pp={self.pp}); set vpp=1")
         if self.sequence_parallel and self.tp < 2:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp >= 2; set it false")
+        if self.overlap_param_gather and not (self.use_distributed_optimizer and self.overlap_grad_reduce):
+            raise ConfigError("parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true and "
+                              "parallel.overlap_grad_reduce=true (megatron DDP); set them, or set it false")
         first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
         if first < 0 or last < 0:
             raise ConfigError(f"parallel.num_layers_in_first_pipeline_stage={first} and "

@@ -151,6 +151,7 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> 
     te = use_transformer_engine(model_cfg)
     if parallel_cfg.sequence_parallel and not te:
         raise ConfigError("parallel.sequence_parallel=true needs the Transformer Engine spec (GPU); set it false")
+    _check_gradient_accumulation_fusion(parallel_cfg, te)
     dtype = _DTYPES[model_cfg.params_dtype]
     fam = family(model_cfg.arch)
     return TransformerConfig(
@@ -167,10 +168,28 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> 
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
         use_cpu_initialization=not cpu.cuda_available(),
         bias_activation_fusion=te, masked_softmax_fusion=te, persist_layer_norm=te, bias_dropout_fusion=te,
-        apply_rope_fusion=te, gradient_accumulation_fusion=False, cross_entropy_loss_fusion=False,
+        apply_rope_fusion=te, gradient_accumulation_fusion=parallel_cfg.gradient_accumulation_fusion,
+        cross_entropy_loss_fusion=False,
         **_recompute_kwargs(parallel_cfg),
         **uneven_pipeline_fields(model_cfg.num_layers, parallel_cfg),  # layers per stage: config.model.pipeline_layers
     )
+
+
+def _check_gradient_accumulation_fusion(parallel_cfg: ParallelConfig, te: bool) -> None:
+    """Refuse ``parallel.gradient_accumulation_fusion`` where its kernels are missing: the Transformer Engine
+    layers fuse it themselves, but megatron's own output layer needs NVIDIA apex's ``fused_weight_gradient_mlp_cuda``
+    (``ColumnParallelLinear.__init__`` raises without it, megatron/core/tensor_parallel/layers.py:924)."""
+    if not parallel_cfg.gradient_accumulation_fusion:
+        return
+    if not te:
+        raise ConfigError("parallel.gradient_accumulation_fusion=true needs CUDA and the Transformer Engine spec "
+                          "(fused weight-gradient kernels); set it false on CPU or with model.transformer_impl=local")
+    from megatron.core.tensor_parallel import layers
+
+    if not layers._grad_accum_fusion_available:
+        raise ConfigError("parallel.gradient_accumulation_fusion=true needs NVIDIA apex's "
+                          "fused_weight_gradient_mlp_cuda extension for megatron's output layer (build apex with "
+                          "--cpp_ext --cuda_ext on the GPU nodes), or set parallel.gradient_accumulation_fusion=false")
 
 
 def _recompute_kwargs(parallel_cfg: ParallelConfig) -> dict[str, Any]:

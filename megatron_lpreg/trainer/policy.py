@@ -89,13 +89,17 @@ class Policy:
         bf16 = model_cfg.params_dtype == "bfloat16"
         fp16 = model_cfg.params_dtype == "float16"
         ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=parallel_cfg.overlap_grad_reduce,
+            overlap_param_gather=parallel_cfg.overlap_param_gather,
             use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
         )
         self.chunks = [
             DistributedDataParallel(config=self.tf_config, ddp_config=ddp_cfg, module=chunk)
             for chunk in raw_chunks
         ]
+        if parallel_cfg.overlap_grad_reduce:
+            _overlap_grad_reduce_hooks(self.tf_config, self.chunks)
+        self.overlap_param_gather = parallel_cfg.overlap_param_gather
         self.raw_chunks = raw_chunks
         self.optimizer = get_megatron_optimizer(
             McoreOptimizerConfig(
@@ -290,6 +294,11 @@ class Policy:
                 chunk.zero_grad_buffer()
             return StepResult(metrics=self.reduce_metrics(local_metrics), grad_norm=float("nan"), skipped=True)
         ok, grad_norm, _ = self.optimizer.step()
+        if self.overlap_param_gather:
+            # the distributed optimizer left the gather of the updated parameters to the next forward's pre-hooks
+            # (distrib_optimizer.py:2610-2619); the weight sync and checkpoints read them before any forward
+            for chunk in self.chunks:
+                chunk.start_param_sync(force_sync=True)
         self.scheduler.step(increment=1)
         grad_norm = float(grad_norm) if grad_norm is not None else 0.0
         return StepResult(metrics=self.reduce_metrics(local_metrics), grad_norm=grad_norm, skipped=not ok)
@@ -320,6 +329,19 @@ class Policy:
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+def _overlap_grad_reduce_hooks(tf_config: Any, chunks: list[Any]) -> None:
+    """Let megatron's schedules drive DDP's overlapped gradient reduction, as Megatron-LM's training setup does.
+
+    ``no_sync_func`` holds the reduction back until the last micro-batch (else the first micro-batch's backward
+    would dispatch every bucket, megatron DDP ``no_sync``); ``grad_sync_func`` lets the pipeline schedules start a
+    chunk's reduction as soon as its last backward is done (``schedules.py`` reads both from the config).
+    """
+    no_sync = [chunk.no_sync for chunk in chunks]
+    grad_sync = [chunk.start_grad_sync for chunk in chunks]
+    tf_config.no_sync_func = no_sync[0] if len(chunks) == 1 else no_sync
+    tf_config.grad_sync_func = grad_sync[0] if len(chunks) == 1 else grad_sync
 
 
 def _refuse_fp16(model_cfg: ModelConfig) -> None:

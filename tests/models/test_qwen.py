@@ -101,10 +101,20 @@ def test_padded_vocab_size(vocab: int, divisible_by: int, tp: int, expected: int
     (ParallelConfig(pp=80), r"parallel.pp=80 x parallel.vpp=1 = 80 pipeline stages exceed model.num_layers=64"),
     (ParallelConfig(pp=3, num_layers_in_first_pipeline_stage=9), r"cannot share the remaining 55 layers"),
     (ParallelConfig(pp=1, vpp=2), r"parallel.vpp=2 needs parallel.pp >= 2"),
+    (ParallelConfig(overlap_param_gather=True, overlap_grad_reduce=True),
+     r"parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true"),
+    (ParallelConfig(overlap_param_gather=True, use_distributed_optimizer=True), r"and parallel.overlap_grad_reduce"),
 ])
 def test_layout_validation(parallel: ParallelConfig, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         model_config_from_hf(QWEN25_32B).validate(parallel)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU configuration")
+def test_gradient_accumulation_fusion_is_refused_on_cpu() -> None:
+    # its kernels are CUDA-only (TE's linears, apex's for megatron's output layer): refused, not silently off
+    with pytest.raises(ConfigError, match=r"parallel.gradient_accumulation_fusion=true needs CUDA .* set it false"):
+        transformer_config(model_config_from_hf(QWEN3_14B), ParallelConfig(tp=8, gradient_accumulation_fusion=True))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU configuration")
