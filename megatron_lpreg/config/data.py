@@ -78,9 +78,22 @@ class EvalConfig:
     data_dir: str = ""
     """Directory with the benchmark files (see docs/eval.md)."""
     interval: int = 0
-    """Evaluate every N steps (0 = never during training)."""
+    """Evaluate every N steps during training (0 = never; the Lp-Reg authors: 8)."""
+    before_training: bool = True
+    """Also evaluate at step 0, before the first update (the authors: false, no validation before training). The
+    last step is always evaluated when interval > 0."""
     samples: int = 16
-    """avg@k for sampled benchmarks (AIME)."""
+    """avg@k for sampled benchmarks (AIME) in ``megatron-lpreg eval`` / ``eval-array`` (the paper reports avg@16),
+    and during training unless ``training_samples`` is set."""
+    training_samples: int = 0
+    """avg@k for sampled benchmarks in the evaluations during training (0 = ``samples``); the authors validate with
+    1 (AIME at temperature 0.6, n=1; the other benchmarks greedy)."""
+    engine_tp: int = 0
+    """Tensor parallelism of each engine of ``megatron-lpreg eval`` and of every eval-array task (sglang/vllm;
+    0 = rollout.engine_tp). An eval task runs on one node, with its own layout, not the training run's."""
+    num_engines: int = 0
+    """Engines of one eval task, all on its node, engine k on GPUs k*engine_tp .. (sglang; vllm runs 1). 0 = as
+    many as the node holds (visible GPUs // engine_tp). ``megatron-lpreg plan`` prints and checks this layout."""
     temperature: float = 0.6
     """Sampling temperature for sampled benchmarks."""
     top_p: float = 1.0
@@ -97,6 +110,11 @@ class EvalConfig:
     def validate(self) -> None:
         if self.samples < 1:
             raise ConfigError(f"eval.samples={self.samples} must be >= 1")
+        for name in ("interval", "training_samples", "engine_tp", "num_engines"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be >= 0 (0 = "
+                                  + {"interval": "no evaluation during training", "training_samples": "eval.samples",
+                                     "engine_tp": "rollout.engine_tp", "num_engines": "fill the node"}[name] + ")")
         if self.temperature <= 0:
             raise ConfigError(f"eval.temperature={self.temperature} must be > 0 (greedy benchmarks ignore it)")
         if not 0.0 < self.top_p <= 1.0:

@@ -1,9 +1,11 @@
 """``megatron-lpreg eval (--model HF_DIR | --checkpoint CKPT) --benchmarks aime24,math500 [key=value ...]``.
 
 The engine comes from ``rollout.*`` (local on CPU, sglang/vllm on GPUs) through
-:func:`megatron_lpreg.rollout.factory.build_engine`. A training checkpoint (a dist checkpoint directory, or
-``RUN_DIR@latest``) is first exported to Hugging Face format under ``<out>/hf_model``; the run's config.yaml
-next to it supplies the data/template settings unless ``--config`` is given.
+:func:`megatron_lpreg.rollout.factory.build_engine`, laid out on this one node by ``eval.engine_tp`` and
+``eval.num_engines`` (:mod:`megatron_lpreg.eval.layout`), not by the training run's engine count. A training
+checkpoint (a dist checkpoint directory, or ``RUN_DIR@latest``) is exported to Hugging Face format once, into
+``<checkpoint>/hf_export`` (:mod:`megatron_lpreg.eval.hf_cache`), and reused by every later evaluation of it; the
+run's config.yaml next to it supplies the data/template settings unless ``--config`` is given.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from pathlib import Path
 
 from megatron_lpreg.config import ConfigError, RunConfig
 from megatron_lpreg.config.base import from_dict, parse_override, set_dotted, to_dict
+from megatron_lpreg.eval.hf_cache import cached_hf_export, is_hf_dir
+from megatron_lpreg.eval.layout import eval_rollout_config, plan_eval_layout, visible_gpus
 from megatron_lpreg.rundir import CONFIG_FILE, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -53,15 +57,12 @@ def load_eval_config(config_path: str | None, overrides: list[str], checkpoint: 
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, hf_config_dir: str) -> Path:
-    """An HF directory for ``checkpoint``: itself if it already is one, else an export under ``out_dir``."""
-    if (checkpoint / "config.json").is_file():
+    """An HF directory for ``checkpoint``: itself if it already is one, else its cached export
+    (``<checkpoint>/hf_export``, written once; under ``out_dir`` only when the checkpoint is not writable)."""
+    if is_hf_dir(checkpoint):
         return checkpoint
-    from megatron_lpreg.models.convert import convert_mcore_to_hf
-
-    hf_dir = out_dir / "hf_model"
-    assets = hf_config_dir if hf_config_dir and (Path(hf_config_dir) / "config.json").is_file() else None
-    logger.info("exporting %s to %s", checkpoint, hf_dir)
-    return convert_mcore_to_hf(checkpoint, hf_dir, hf_config_dir=assets, overwrite=True)
+    assets = hf_config_dir if hf_config_dir and is_hf_dir(Path(hf_config_dir)) else None
+    return cached_hf_export(checkpoint, assets, fallback_dir=out_dir)[0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,13 +84,15 @@ def run(args: argparse.Namespace) -> int:
             changes["samples"] = args.samples
         eval_cfg = dataclasses.replace(cfg.eval, **changes)
         eval_cfg.validate()
+        layout = plan_eval_layout(eval_cfg, cfg.rollout, 0 if cfg.rollout.engine == "local" else visible_gpus())
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"megatron-lpreg eval: {exc}")
         return 2
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model) if args.model else export_checkpoint(checkpoint, out, cfg.model.hf_path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    engine = build_engine(cfg.rollout, str(model_dir), seed=cfg.seed)
+    logger.info("%s", layout.summary())
+    engine = build_engine(eval_rollout_config(cfg.rollout, layout), str(model_dir), seed=cfg.seed)
     try:
         results = evaluate(engine, tokenizer, eval_cfg.benchmarks, eval_cfg, out, data_cfg=cfg.data,
                            reward_cfg=cfg.reward, seed=cfg.seed)

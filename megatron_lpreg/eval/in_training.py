@@ -5,7 +5,8 @@
 score no problem. At each evaluation it generates with the trainer's engine (data-parallel ranks split each
 benchmark's problems), grades with the ``math`` reward, gathers the graded responses and folds them exactly as the
 eval CLI does (avg@k at ``eval.temperature``/``eval.top_p`` with ``eval.samples`` responses for sampled
-benchmarks, greedy otherwise). Metrics per benchmark: ``eval/<name>/accuracy``, ``/avg@k``, ``/pass@k``,
+benchmarks, greedy otherwise; ``eval.training_samples`` replaces ``eval.samples`` here when set, the authors use 1).
+Metrics per benchmark: ``eval/<name>/accuracy``, ``/avg@k``, ``/pass@k``,
 ``/mean_tokens``, ``/num_problems``. The synthetic benchmark also logs ``heldout/greedy_acc`` (its accuracy),
 ``heldout/sampled_acc`` (one response per problem at ``eval.temperature``) and ``heldout/num``.
 """
@@ -48,7 +49,9 @@ class TrainingEvaluator:
             FileNotFoundError: a benchmark file missing from ``eval.data_dir``. (No benchmarks = no evaluation.)
         """
         eval_cfg.validate()
-        self.cfg = eval_cfg
+        # during training, sampled benchmarks take eval.training_samples responses (the authors: 1), when set
+        self.cfg = (dataclasses.replace(eval_cfg, samples=eval_cfg.training_samples) if eval_cfg.training_samples
+                    else eval_cfg)
         self.reward_cfg = reward_cfg
         self.tokenizer = tokenizer
         self.stops = tuple(stop_token_ids(tokenizer))

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from megatron_lpreg.config import ConfigError, RunConfig
+from megatron_lpreg.eval.layout import plan_eval_layout
 from megatron_lpreg.models.footprint import checkpoint_size
 from megatron_lpreg.rollout.placement import PlacementError, PlacementPlan, plan_placement
 
@@ -20,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rollout.engine_tp=2")
     parser.add_argument("--nodes", type=int, required=True, help="nodes of the job")
     parser.add_argument("--gpus-per-node", type=int, required=True, help="GPUs on each node")
+    parser.add_argument("--eval", action="store_true",
+                        help="print the layout of one eval / eval-array task instead: eval.num_engines engines of "
+                             "eval.engine_tp GPUs on one node of --gpus-per-node GPUs (refused when they do not fit)")
     parser.epilog = ("Prints 'role=trainer rank=<r> node=<i> gpus=<g>' per trainer rank and "
                      "'role=engine id=<e> node=<i> gpus=<g1,g2,...>' per launched engine (0-based ids), then "
                      "'role=sync engine=<e> mode=<tensor|distributed> ranks=<r1,...>' per engine (tensor: the "
@@ -45,6 +49,11 @@ def check_nodes_match(plan: PlacementPlan, world_size: int) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = RunConfig.load(args.config, args.overrides)
+        eval_layout = plan_eval_layout(cfg.eval, cfg.rollout, args.gpus_per_node)  # one node per eval task
+        if args.eval:
+            sys.stdout.write("".join(line + "\n" for line in eval_layout.lines()))
+            print(f"# {eval_layout.summary()}", file=sys.stderr)
+            return 0
         plan = plan_placement(cfg.rollout, cfg.trainer.world_size, args.nodes, args.gpus_per_node)
         check_nodes_match(plan, cfg.trainer.world_size)
     except (ConfigError, FileNotFoundError) as exc:
@@ -52,5 +61,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     sys.stdout.write("".join(line + "\n" for line in plan.lines()))
     print(f"# {plan.summary()}", file=sys.stderr)
+    print(f"# {eval_layout.summary()} per eval-array task (`--eval` prints it)", file=sys.stderr)
     print(f"# {checkpoint_size(cfg.model, cfg.parallel, cfg.checkpoint).line()}", file=sys.stderr)
     return 0

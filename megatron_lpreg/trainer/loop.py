@@ -47,7 +47,9 @@ def run_rank(cfg: RunConfig, run_dir: str) -> int:
 
 
 def _train(cfg: RunConfig, comp: Components, state: RunState, watcher: PreemptionWatcher) -> int:
-    if state.step == 0:  # a resumed run's eval at its checkpoint step was written before that checkpoint
+    # a resumed run's eval at its checkpoint step was written before that checkpoint; eval.before_training=false
+    # (the authors' schedule) skips the evaluation of the initial weights
+    if state.step == 0 and cfg.eval.before_training:
         comp.evaluate_if_due(0, force=True)
     steps = telemetry.progress(range(state.step, cfg.trainer.max_steps), total=cfg.trainer.max_steps - state.step,
                                desc="rl", enabled=cfg.logging.progress, rank=comp.ctx.rank)

@@ -63,6 +63,22 @@ def test_same_numbers_as_the_eval_cli_also_split_over_shards(tmp_path):
         evaluator.evaluate(3, engine.generate, seed=7, shard=(0, 2))
 
 
+def test_training_samples_gives_the_authors_validation():
+    """eval.training_samples=1: AIME sampled once at eval.temperature (the authors' validation), the rest greedy;
+    eval.samples (16 for eval-array) is left for the evaluations after training."""
+    tok = byte_tokenizer()
+    engine = TableEngine(tok, table(ANSWERS))
+    evaluator = TrainingEvaluator(_cfg(samples=16, training_samples=1), DataConfig(), REWARD, tok)
+    result = evaluator.evaluate(8, engine.generate, seed=7)
+    aime = [p for _, p in engine.calls if p.temperature == 0.6]
+    greedy = [p for _, p in engine.calls if p.temperature != 0.6]
+    assert aime and all((p.n, p.top_p) == (1, 0.9) for p in aime)
+    assert greedy and all(p.n == 1 and p.top_k == 1 for p in greedy)
+    assert "eval/aime24/avg@1" in result and "eval/aime24/avg@16" not in result
+    assert evaluator.cfg.samples == 1
+    assert TrainingEvaluator(_cfg(samples=16), DataConfig(), REWARD, tok).cfg.samples == 16  # 0 = eval.samples
+
+
 def test_an_eval_that_scores_nothing_is_refused_at_start(tmp_path):
     tok = byte_tokenizer()
     (tmp_path / "math500.jsonl").write_text("")
@@ -90,8 +106,32 @@ def test_train_scores_the_math500_file_during_training(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
     assert all(r["eval/math500/num_problems"] == 4 and 0.0 <= r["eval/math500/accuracy"] <= 1.0 for r in rows)
+    # the authors' schedule: no evaluation before training (the last step is still evaluated)
+    late = tmp_path / "late"
+    assert cli_main(["train", *common, f"eval.data_dir={FIXTURES}", "eval.interval=8", "eval.before_training=false",
+                     f"trainer.output_dir={late}"]) == 0
+    assert [json.loads(line)["step"] for line in (late / "eval.jsonl").read_text().splitlines()] == [1]
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "math500.jsonl").write_text("")
     assert cli_main(["train", *common, f"eval.data_dir={empty}", f"trainer.output_dir={tmp_path / 'run2'}"]) != 0
     assert "math500.jsonl: no rows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-32b_lpreg_64gpu.yaml", "qwen3-14b_lpreg_64gpu.yaml",
+                                  "qwen3-14b_grpo_64gpu.yaml", "qwen3-14b_forking_80_20_64gpu.yaml",
+                                  "qwen3-14b_lpreg_offpolicy_64gpu.yaml"])
+def test_paper_configs_use_the_authors_validation_and_save_schedule(name):
+    """Every 8 steps, none before training, AIME sampled once at T=0.6 (the rest greedy); saved every 64 steps;
+    avg@16 left for the evaluation after training. The configs say so in comments."""
+    from pathlib import Path
+
+    from megatron_lpreg.config import RunConfig
+
+    path = Path(__file__).resolve().parents[2] / "configs" / name
+    cfg = RunConfig.load(path)
+    assert (cfg.eval.interval, cfg.eval.before_training, cfg.eval.training_samples) == (8, False, 1)
+    assert (cfg.eval.temperature, cfg.eval.samples, cfg.checkpoint.interval) == (0.6, 16, 64)
+    base = path.parent / ("qwen2.5-32b_lpreg_64gpu.yaml" if "32b" in name else "qwen3-14b_lpreg_64gpu.yaml")
+    text = base.read_text()
+    assert "the authors' validation schedule" in text and "the authors' save interval" in text
