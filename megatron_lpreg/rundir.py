@@ -7,6 +7,7 @@ The one owner of these names; the trainer (``trainer/state.py``, ``trainer/signa
     <run>/metrics.jsonl        one JSON object per completed step ({"step": s, ...}, s = 0, 1, ...)
     <run>/eval.jsonl           one JSON object per held-out evaluation ({"step": s, ...}: after s steps)
     <run>/logs/rank<r>.log     each trainer rank's log
+    <run>/wandb_id             the W&B run id (made by the first attempt; a requeued attempt resumes that run)
     <run>/.preempt_requested   the preemption flag: a trainer that sees it checkpoints and exits with
                                REQUEUE_EXIT_CODE (written by a signal handler, ``launch.job preempt`` or the batch
                                shell's USR1 trap)
@@ -45,6 +46,8 @@ MANIFEST_FILE = "manifest.json"
 LATEST_SUFFIX = "@latest"
 """A checkpoint spec ``<run_dir>@latest`` is resolved when the eval task starts, not at submission time, so an
 eval array can be submitted with ``--dependency afterok:<train job>`` before the checkpoint exists."""
+WANDB_ID_FILE = "wandb_id"
+"""The W&B run id of this run directory (:func:`wandb_run_id`)."""
 PREEMPT_FILE = ".preempt_requested"
 """The preemption flag file in the run directory (its name is part of the slurm/common.sh contract)."""
 REQUEUE_EXIT_CODE = 42
@@ -186,6 +189,24 @@ def resolve_checkpoint(spec: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     return path
+
+
+def wandb_run_id(run_dir: str | os.PathLike) -> str:
+    """The W&B run id of ``run_dir``: read from ``<run>/wandb_id``, or made (16 hex digits) and written there
+    atomically on first use, so every attempt of a requeued job logs to the same W&B run."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    try:
+        run_id = path.read_text().strip()
+    except FileNotFoundError:
+        run_id = ""
+    if run_id:
+        return run_id
+    run_id = uuid.uuid4().hex[:16]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
 
 
 def preempt_flag(run_dir: str | os.PathLike) -> Path:

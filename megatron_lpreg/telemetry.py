@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from megatron_lpreg.rundir import METRICS_FILE, rewrite_jsonl
+from megatron_lpreg.rundir import METRICS_FILE, rewrite_jsonl, wandb_run_id
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -118,6 +118,17 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def wandb_init_kwargs(run_dir: str | os.PathLike, *, project: str, run_name: str = "",
+                      config: dict | None = None) -> dict[str, Any]:
+    """``wandb.init`` arguments for ``run_dir``: the run id kept in the run dir (:func:`rundir.wandb_run_id`) with
+    ``resume="allow"``, so a requeued attempt continues the same W&B run (steps it redoes after its checkpoint
+    are below W&B's last step, and W&B keeps the first attempt's values for them; metrics.jsonl has the redone
+    ones)."""
+    run_dir = Path(run_dir)
+    return {"project": project, "name": run_name or run_dir.name, "dir": str(run_dir), "config": config or {},
+            "id": wandb_run_id(run_dir), "resume": "allow"}
+
+
 class MetricSinks:
     """Write per-step metric dicts to metrics.jsonl (+ TensorBoard / W&B when enabled). Rank 0 only."""
 
@@ -137,8 +148,8 @@ class MetricSinks:
             import wandb as wandb_mod  # optional; offline unless WANDB_MODE says otherwise
 
             os.environ.setdefault("WANDB_MODE", "offline")
-            self._wandb = wandb_mod.init(project=wandb_project, name=run_name or self.run_dir.name,
-                                         dir=str(self.run_dir), config=config or {})
+            self._wandb = wandb_mod.init(**wandb_init_kwargs(self.run_dir, project=wandb_project,
+                                                             run_name=run_name, config=config))
 
     def truncate_after(self, step: int) -> None:
         """Drop lines with step >= ``step`` (a resumed run rewrites the steps after its checkpoint)."""

@@ -52,6 +52,16 @@ def test_latest_pointer_then_newest_complete_checkpoint(tmp_path):
     assert rundir.checkpoint_step(rundir.latest_checkpoint(tmp_path)) == 20
 
 
+
+def test_wandb_run_id_is_made_once_and_kept(tmp_path):
+    run_id = rundir.wandb_run_id(tmp_path / "run")
+    assert run_id.isalnum() and len(run_id) == 16
+    assert (tmp_path / "run" / rundir.WANDB_ID_FILE).read_text() == run_id + "\n"
+    assert rundir.wandb_run_id(tmp_path / "run") == run_id  # a requeued attempt gets the same id
+    assert rundir.wandb_run_id(tmp_path / "other") != run_id
+    (tmp_path / "run" / rundir.WANDB_ID_FILE).write_text("")  # an emptied file gets a new id, never ""
+    assert rundir.wandb_run_id(tmp_path / "run") not in ("", run_id)
+
 def test_preemption_flag_round_trip(tmp_path):
     run = tmp_path / "run"
     assert not rundir.preemption_requested(run)
