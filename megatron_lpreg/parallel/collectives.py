@@ -207,3 +207,12 @@ def recv_object(*, src: int, group: Any = None) -> Any:
     box: list[Any] = [None]
     dist.recv_object_list(box, src=src, group=group)
     return box[0]
+
+
+def gather_object(obj: Any, *, dst: int = 0, group: Any = None) -> list[Any] | None:
+    """Every rank's ``obj`` on global rank ``dst`` (group-rank order); None on the other ranks."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size(group) if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst, group=group)
+    return out

@@ -106,6 +106,17 @@ class LogprobProbe:
     """Allowed max |engine - trainer| log-prob difference (fp32 engines: ~1e-4; bf16 engines need ~5e-2)."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class PayloadBucket:
+    """One bucket of a colocated tensor sync, assembled on trainer rank 0: the payload every engine TP rank reads,
+    serialized by the trainer rank on that rank's own GPU (``trainer/colocated_sync.py``)."""
+
+    tensors: list[NamedTensor]
+    """Rank 0's own copy of the bucket's tensors (for the post-sync checks); never sent by rank 0."""
+    payloads: list[list[str]]
+    """``payloads[e][i]``: the ``serialized_named_tensors`` entry of engine ``e``'s TP rank ``i``."""
+
+
 @dataclass(kw_only=True)
 class WeightUpdate:
     """New weights for an engine, in Hugging Face names, streamed one tensor at a time."""
@@ -116,8 +127,12 @@ class WeightUpdate:
     from ``path``."""
     path: str | None = None
     """HF checkpoint directory to load from (update_weights_from_disk)."""
+    payloads: Iterable[PayloadBucket] | None = None
+    """Colocated tensor sync (SGLang): per-bucket payloads, one per engine TP rank, each written by the trainer
+    rank on that engine rank's GPU; used instead of ``tensors``."""
     checksums: dict[str, float] = field(default_factory=dict)
-    """Optional per-tensor float64 sums to verify after the update (engines that can read whole tensors)."""
+    """Optional per-tensor float64 sums to verify after the update; filled only for engines that read them
+    (``reads_checksums``: local, vLLM), never for SGLang."""
     probe: LogprobProbe | None = None
     """Optional probe scored by the engine after the update; a mismatch raises WeightSyncError."""
 

@@ -6,9 +6,14 @@ embedded: ``rollout.engine=local`` with pp == 1 (``Colocation.EMBEDDED``, ``roll
 hosted:  sglang / vllm, or ``local`` with pp > 1 (the in-process engine cannot run a pipeline): global rank 0
     owns the engine(s), generates for the whole step and broadcasts the completions; after each update the
     trainer streams HF-named tensors to rank 0 (:func:`stream_weights_to_rank0`: TP shards all-gathered inside
-    each stage, later pipeline stages sent tensor by tensor), which feeds them to ``engine.update_weights`` and
-    verifies per-tensor float64 checksums. Whether a hosted engine shares the trainer's GPUs is its own
+    each stage, later pipeline stages sent tensor by tensor), which feeds them to ``engine.update_weights``;
+    engines that read per-tensor checksums (local, vLLM) get them, SGLang none. Colocated SGLang with
+    ``weight_sync=tensor`` (``auto``) instead gets every engine TP rank's payload from the trainer rank on its own
+    GPU (``trainer/colocated_sync.py``). Whether a hosted engine shares the trainer's GPUs is its own
     ``colocation`` (``rollout.base.Colocation``); the release/resume calls below act only where it does.
+
+Order around an update (hosted engines, every rank): rank 0 releases every engine's memory, barrier, the update,
+every rank frees its cache, barrier, rank 0 resumes every engine, barrier, then the weight sync.
 """
 from __future__ import annotations
 
@@ -27,6 +32,10 @@ from megatron_lpreg.rollout.weight_sync import checksum
 logger = logging.getLogger(__name__)
 
 _END = "__end_of_stage__"
+CHECKSUM_READERS = ("local", "vllm")
+"""Engines whose update_weights verifies ``WeightUpdate.checksums``; SGLang never reads them, so none are computed
+for it (each is a float64 pass over a full tensor on rank 0)."""
+_UNKNOWN = object()
 
 
 class EngineHost:
@@ -38,6 +47,9 @@ class EngineHost:
         self.cfg, self.ctx, self.chunks = cfg, ctx, model_chunks
         self.hosted = not runs_embedded(cfg.rollout, pp_size=ctx.pp_size, vpp_size=ctx.vpp_size)
         self.engine = None
+        self._routes: Any = _UNKNOWN
+        """Colocated tensor sync: engine TP rank -> feeding trainer rank (None: rank 0 feeds all); learned at the
+        first sync."""
         if not self.hosted:
             self.engine = build_engine(cfg.rollout, cfg.model.hf_path, seed=cfg.seed, model=model_chunks)
         elif ctx.rank == 0 and cfg.rollout.engine_fleet and _in_ray():
@@ -63,34 +75,59 @@ class EngineHost:
         if not self.hosted:
             self.engine.update_weights(WeightUpdate(version=version))
             return
+        if self._colocated_tensor_sync():
+            from megatron_lpreg.trainer.colocated_sync import colocated_payloads, runtime_routes
+
+            if self._routes is _UNKNOWN:
+                servers = getattr(self.engine, "servers", None)
+                self._routes = runtime_routes(self.ctx, servers.engines if servers is not None else None)
+            if self._routes is not None:
+                bucket_bytes = int(self.cfg.rollout.weight_bucket_mb * 2**20)
+                payloads = colocated_payloads(self.chunks, self.cfg.model, self.ctx, self._routes, bucket_bytes)
+                self._feed(WeightUpdate(version=version, payloads=payloads), payloads)
+                return
         checksums: dict[str, float] = {}
-        stream = stream_weights_to_rank0(self.chunks, self.cfg.model, self.ctx, checksums=checksums)
+        wanted = checksums if self.cfg.rollout.engine in CHECKSUM_READERS else None
+        stream = stream_weights_to_rank0(self.chunks, self.cfg.model, self.ctx, checksums=wanted)
+        self._feed(WeightUpdate(version=version, tensors=stream, checksums=checksums), stream)
+
+    def _feed(self, update: WeightUpdate, stream: Iterator) -> None:
+        """Rank 0 hands ``update`` (whose stream is collective) to its engine; the others drain ``stream``."""
         if self.ctx.rank == 0:
-            self.engine.update_weights(WeightUpdate(version=version, tensors=stream, checksums=checksums))
+            self.engine.update_weights(update)
         else:
             for _ in stream:
                 pass
 
+    def _colocated_tensor_sync(self) -> bool:
+        rollout = self.cfg.rollout
+        return rollout.engine == "sglang" and rollout.mode == "colocated" and rollout.resolved_weight_sync() == "tensor"
+
     def release_memory(self) -> None:
-        """Before the update: the engine gives its device memory back to the trainer (acts only for a
-        ``Colocation.COLOCATED`` engine)."""
+        """Before the update: rank 0 releases every engine's device memory (acts only for a
+        ``Colocation.COLOCATED`` engine); then every rank waits for it, so no rank's update allocates on a GPU an
+        engine still holds."""
         if self.engine is not None:
             self.engine.release_memory()
+        self._barrier()
 
     def resume_memory(self) -> None:
         """After the update, before the weight sync: every rank frees its cached device memory, then (once all
-        have) the engines take theirs back."""
+        have) the engines take theirs back, and every rank waits for that before the sync allocates."""
         if torch.cuda.is_available():
             import gc
 
             gc.collect()
             torch.cuda.empty_cache()
-        if self.hosted and self.ctx.world_size > 1:
-            from megatron_lpreg.parallel import collectives
-
-            collectives.barrier()  # a colocated engine shares GPUs with every rank: resume once all have freed
+        self._barrier()  # a colocated engine shares GPUs with every rank: resume once all have freed
         if self.engine is not None:
             self.engine.resume_memory()
+        self._barrier()
+
+    def _barrier(self) -> None:
+        """All ranks, for hosted engines (an embedded engine lives in every rank and needs no wait)."""
+        if self.hosted and self.ctx.world_size > 1:
+            coll.barrier()
 
     def shutdown(self) -> None:
         if self.engine is not None:
