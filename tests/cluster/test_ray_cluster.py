@@ -200,6 +200,8 @@ def test_two_step_colocated_training_run(cluster, tmp_path):
                      "trainer.launcher=ray", "trainer.world_size=2", "rollout.engine=sglang",
                      "rollout.mode=colocated", "rollout.engine_tp=4", "rollout.num_engines=2",
                      f"rollout.sglang_launch_module={STANDIN}", "rollout.weight_sync_backend=gloo",
+                     # 2 ranks on 8 engine GPUs: no trainer rank on most of them to feed a tensor sync
+                     "rollout.weight_sync=distributed",
                      "rollout.launch_timeout_s=300", "rollout.prompts_per_step=4", "rollout.n=4",
                      "rollout.max_batch_size=4",  # 4 chunks: both engines serve every step
                      "eval.benchmarks=[]", "reward.name=tests.support.rewards:even_length"])

@@ -193,6 +193,7 @@ def test_colocated_engines_and_ranks_on_both_nodes(two_node_env, tmp_path):
     address, and every engine takes the distributed weight sync after each step."""
     overrides = [*OVERRIDES, "rollout.engine=sglang", "rollout.mode=colocated", "rollout.engine_tp=1",
                  "rollout.num_engines=2", "rollout.sglang_launch_module=tests.support.sglang_standin",
+                 "rollout.weight_sync=distributed",  # explicit: colocated sglang defaults to tensor sync
                  "rollout.weight_sync_backend=gloo", "rollout.launch_timeout_s=300",
                  "reward.name=tests.support.rewards:even_length"]
     _, log, seen, run_dir = _run_job(two_node_env, tmp_path, overrides, ["--gres=gpu:1", "--cpus-per-task=2"])
