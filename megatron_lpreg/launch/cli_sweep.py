@@ -7,6 +7,7 @@ Task ``i`` trains into ``<sweep dir>/task_<i>``. See docs/slurm.md.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from megatron_lpreg.launch.submit import (
 )
 
 OUTPUT_KEY = "trainer.output_dir"
+_SCHEME = re.compile(r"^[a-z][a-z0-9_]*:(?!//)")
+"""A value such as ``tiny:0`` or ``synthetic:addition``: a built-in source, not a path."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,18 +60,47 @@ def build_sweep(config: str, overrides: list[str], grids: list[str], sweep_file:
     return spec
 
 
-def validate_tasks(config: str, spec: SweepSpec) -> list[list[str]]:
-    """Load every task's full config (file + common + row overrides) with RunConfig.load; return the tasks.
+def missing_inputs(cfg: RunConfig, cwd: Path) -> list[str]:
+    """The model and data paths of ``cfg`` that do not exist, resolved against ``cwd`` as the task will resolve
+    them (its working directory is the submission directory): model.hf_path, model.mcore_path, data.source and,
+    when a named benchmark is evaluated, eval.data_dir. Built-in sources (``tiny:0``, ``synthetic:addition``) and
+    empty values are not paths. Returns one ``key=value (absolute path)`` text per missing path."""
+    inputs = {"model.hf_path": cfg.model.hf_path, "model.mcore_path": cfg.model.mcore_path,
+              "data.source": cfg.data.source}
+    named = [b for b in cfg.eval.benchmarks if b != "synthetic" and "=" not in b]
+    if named and cfg.eval.data_dir:
+        inputs["eval.data_dir"] = cfg.eval.data_dir
+    for entry in cfg.eval.benchmarks:
+        if "=" in entry:
+            inputs[f"eval.benchmarks[{entry.split('=', 1)[0]}]"] = entry.split("=", 1)[1]
+    missing = []
+    for key, value in inputs.items():
+        if value and not _SCHEME.match(value) and not (cwd / value).exists():
+            missing.append(f"{key}={value} ({(cwd / value).resolve()})")
+    return missing
+
+
+def validate_tasks(config: str, spec: SweepSpec, cwd: Path | None = None) -> list[list[str]]:
+    """Load every task's full config (file + common + row overrides) with RunConfig.load and check that its model
+    and data paths exist (:func:`missing_inputs`); return the tasks.
 
     Raises:
-        ConfigError: the first task whose config is invalid, naming the task and its overrides.
+        ConfigError: the first task whose config is invalid or names a missing path, naming the task, its
+            overrides, the keys and the paths.
     """
+    cwd = Path.cwd() if cwd is None else cwd
     tasks = spec.tasks()
     for index, task in enumerate(tasks):
+        where = f"sweep task {index} ({' '.join(task) or 'no overrides'})"
         try:
-            RunConfig.load(config, [*spec.overrides, *task, f"{OUTPUT_KEY}=/dev/null/task_{index}"])
+            cfg = RunConfig.load(config, [*spec.overrides, *task, f"{OUTPUT_KEY}=/dev/null/task_{index}"])
         except ConfigError as exc:
-            raise ConfigError(f"sweep task {index} ({' '.join(task) or 'no overrides'}): {exc}") from exc
+            raise ConfigError(f"{where}: {exc}") from exc
+        missing = missing_inputs(cfg, cwd)
+        if missing:
+            raise ConfigError(f"{where}: not found: {'; '.join(missing)}. Relative paths are resolved against the "
+                              f"directory you submit from ({cwd}), the tasks' working directory; create them, or "
+                              f"give absolute paths")
     return tasks
 
 

@@ -114,3 +114,32 @@ def test_shipped_sweep_files_validate(path):
     config = REPO / "configs" / SWEEP_TARGETS[path.name]
     for task in spec.tasks():
         RunConfig.load(config, [*spec.overrides, *task])
+
+
+def test_dry_run_refuses_missing_model_and_data_paths(tmp_path, capsys, no_slurm, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", TINY, "--grid", "model.hf_path=tiny:0,models/missing", "data.source=data/x.jsonl",
+                     "--out", str(out), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: sweep task 0 (model.hf_path=tiny:0): not found: data.source=data/x.jsonl " \
+           f"({tmp_path}/data/x.jsonl)" in err and "model.hf_path" not in err.split("not found:")[1]
+    assert not out.exists()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
+    assert cli.main(["sweep", TINY, "--grid", "model.hf_path=tiny:0,models/missing", "data.source=data/x.jsonl",
+                     "--out", str(out), "--dry-run"]) == 2
+    assert f"sweep task 1 (model.hf_path=models/missing): not found: model.hf_path=models/missing " \
+           f"({tmp_path}/models/missing)" in capsys.readouterr().err
+    (tmp_path / "models" / "missing").mkdir(parents=True)
+    assert cli.main(["sweep", TINY, "--grid", "model.hf_path=tiny:0,models/missing", "data.source=data/x.jsonl",
+                     "--out", str(out), "--dry-run"]) == 0
+
+
+def test_paper_config_paths_are_named_with_their_keys(tmp_path, capsys, no_slurm, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", str(REPO / "configs" / "qwen3-14b_lpreg_64gpu.yaml"), "--grid", "seed=1,2",
+                     "--out", str(tmp_path / "s"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    for key in ("model.hf_path=checkpoints/hf/Qwen3-14B-Base", "model.mcore_path=", "data.source=", "eval.data_dir="):
+        assert key in err

@@ -127,8 +127,10 @@ def test_sweep_array_of_tiny_cpu_and_collect(slurm_env, tmp_path):
 
 def test_failed_task_makes_the_sweep_fail(slurm_env, tmp_path):
     out = tmp_path / "sweep"
-    # model.hf_path names a directory that does not exist: the config is valid, the task fails at startup.
-    proc = _cli(slurm_env, "sweep", TINY, "--grid", "model.hf_path=tiny:0,/nonexistent/model", *FAST,
+    # model.hf_path names a directory that is no model (a missing one is refused before submission): the config is
+    # valid, the task fails at startup.
+    (tmp_path / "not_a_model").mkdir()
+    proc = _cli(slurm_env, "sweep", TINY, "--grid", f"model.hf_path=tiny:0,{tmp_path / 'not_a_model'}", *FAST,
                 "trainer.max_steps=1", "--wait", "--poll", "1", "--timeout", "300", "--out", str(out))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "task 0: COMPLETED (exit 0)" in proc.stdout and re.search(r"task 1: \w+ \(exit [1-9]", proc.stdout)
