@@ -87,6 +87,12 @@ class CheckpointConfig:
     bytes of one checkpoint."""
     save_optimizer: bool = True
     """Include optimizer and LR-schedule state (needed for exact resume)."""
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    """How the distributed optimizer's state is written. fully_reshardable: every DP rank gathers its TP/PP
+    shard's whole fp32 parameter and Adam buffers (~21 GB of host RAM per rank for 14B at TP8) and the checkpoint
+    resumes at any layout. dp_reshardable: each rank writes its own shard, nothing is gathered (host RAM of save
+    and load in docs/benchmarks.md); resuming at another TP/PP/VPP is refused (DP may change). The loader reads
+    the format from the checkpoint, so either loads under either setting."""
 
     def validate(self) -> None:
         """Counts are non-negative; kept steps are steps that are saved.

@@ -14,7 +14,8 @@ Writes go to a hidden temp dir next to the target, then one rename, so a reader 
 checkpoint. Loading checks the manifest (format version, architecture fields, file sizes and checksums, split over
 ranks) before touching a parameter, and refuses with a diff or a list of bad files. Megatron's sharded state dict
 makes the checkpoint layout-free: it loads at any TP/PP/VPP (padded vocab rows included, via megatron's
-``allow_shape_mismatch`` on embedding/output). Distributed-optimizer state is saved "fully_reshardable".
+``allow_shape_mismatch`` on embedding/output). Distributed-optimizer state is saved in one of
+:data:`OPTIMIZER_FORMATS` (``fully_reshardable`` by default; ``dp_reshardable`` gathers nothing).
 
 The manifest and the integrity checks built on it live in :mod:`megatron_lpreg.models.manifest`; the HF <->
 megatron conversion jobs in :mod:`megatron_lpreg.models.convert`.
@@ -130,17 +131,65 @@ def _verify_files(path: Path, manifest: dict[str, Any], *, checksums: bool) -> N
 # Save / load.
 
 
-def _sharded_state(model_chunks: Sequence[torch.nn.Module], optimizer: Any, *, is_loading: bool) -> dict[str, Any]:
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
+"""megatron's distributed-optimizer checkpoint formats offered (``checkpoint.optimizer_format``; megatron-core
+0.16.1 ``DistributedOptimizer.sharded_state_dict``, optimizer/distrib_optimizer.py:1175-1294):
+
+* ``fully_reshardable``: every DP rank all-gathers its TP/PP shard's whole fp32 parameter and Adam buffers and
+  writes them in model space (one tensor per parameter): loadable at any DP/TP/PP layout, but each rank holds the
+  full gathered state on save and requests it whole on load (~21 GB of host RAM per rank for 14B at TP8).
+* ``dp_reshardable``: each rank writes its own flat shard of the buffers as is, with no gather and no copy; it
+  reshards across DP only, so loading it at another TP/PP/VPP is refused (the weights still load anywhere).
+
+A non-distributed optimizer is saved the same way under either name.
+"""
+
+
+def _sharded_state(model_chunks: Sequence[torch.nn.Module], optimizer: Any, *, is_loading: bool,
+                   optimizer_format: str = "fully_reshardable") -> dict[str, Any]:
     models = [unwrap(c) for c in model_chunks]
     if len(models) == 1:
         state: dict[str, Any] = {"model": models[0].sharded_state_dict()}
     else:
         state = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
     if optimizer is not None:
-        # fully_reshardable: distributed-optimizer state can be loaded at another DP/TP/PP layout.
-        metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+        metadata = {"distrib_optim_sharding_type": optimizer_format}
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     return state
+
+
+def _saved_optimizer_format(path: Path) -> str:
+    """The distributed-optimizer format a checkpoint was written in (megatron's own record in the common state;
+    ``fully_reshardable`` when it holds a non-distributed optimizer's state)."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(path / DIST_DIR))
+    found = {value for key, value in _flat_items(common.get("optimizer", {}))
+             if key.endswith("param_state_sharding_type")}
+    return found.pop() if len(found) == 1 else "fully_reshardable"
+
+
+def _flat_items(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _flat_items(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), tree
+
+
+def _check_optimizer_layout(path: Path, manifest: dict[str, Any], ctx: Any, vpp: int) -> str:
+    """The saved optimizer format; raises CheckpointError when a ``dp_reshardable`` one is loaded at another
+    TP/PP/VPP (its flat buffers only fit the layout they were cut from)."""
+    optimizer_format = _saved_optimizer_format(path)
+    saved = manifest["parallel"]
+    here = {"tp": ctx.tp_size, "pp": ctx.pp_size, "vpp": vpp}
+    if optimizer_format == "dp_reshardable" and any(saved[k] != v for k, v in here.items()):
+        raise CheckpointError(
+            f"checkpoint {path} holds optimizer state in checkpoint.optimizer_format=dp_reshardable, written at "
+            f"tp={saved['tp']} pp={saved['pp']} vpp={saved['vpp']}; it reshards across data parallel only, not to "
+            f"tp={here['tp']} pp={here['pp']} vpp={here['vpp']}: resume at the saved layout, or load the weights "
+            f"alone (optimizer=None, e.g. model.mcore_path) and start a fresh optimizer")
+    return optimizer_format
 
 
 @contextlib.contextmanager
@@ -219,7 +268,8 @@ def _unshare_step_tensors(optimizer: Any) -> None:
 def save_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], model_cfg: Any, ctx: Any, *,
                     optimizer: Any = None, extra: dict[str, Any] | None = None,
                     rank_files: Mapping[str, Any] | None = None, hf_assets_dir: str | os.PathLike | None = None,
-                    overwrite: bool = False, on_progress: Callable[[str], None] | None = None) -> Path:
+                    overwrite: bool = False, on_progress: Callable[[str], None] | None = None,
+                    optimizer_format: str = "fully_reshardable") -> Path:
     """Save model chunks (and optionally optimizer state and ``extra``) as an atomic dist checkpoint.
 
     Collective: every rank of the job calls it with its own chunks. Order: shards into a hidden temp dir, every
@@ -239,6 +289,7 @@ def save_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
         overwrite: replace an existing ``path`` (atomically).
         on_progress: called with ``temp_written``, ``rng_written`` (rank files written), ``manifest_written``
             (rank 0) and ``renamed`` as the save passes them (the fault-injection tests kill the process there).
+        optimizer_format: one of :data:`OPTIMIZER_FORMATS` (distributed optimizer; ``checkpoint.optimizer_format``).
 
     Returns:
         ``path`` as a Path.
@@ -253,7 +304,7 @@ def save_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
         try:
             _write_into(tmp, model_chunks, model_cfg, ctx, optimizer=optimizer, extra=extra, rank_files=rank_files,
-                        hf_assets_dir=hf_assets_dir, progress=progress)
+                        hf_assets_dir=hf_assets_dir, progress=progress, optimizer_format=optimizer_format)
         except CheckpointError:
             raise
         except BaseException as exc:  # torch's CheckpointException derives from BaseException
@@ -268,10 +319,13 @@ def save_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
 
 def _write_into(tmp: Path, model_chunks: Sequence[torch.nn.Module], model_cfg: Any, ctx: Any, *, optimizer: Any,
                 extra: dict[str, Any] | None, rank_files: Mapping[str, Any] | None,
-                hf_assets_dir: str | os.PathLike | None, progress: Callable[[str], None]) -> None:
+                hf_assets_dir: str | os.PathLike | None, progress: Callable[[str], None],
+                optimizer_format: str) -> None:
     from megatron.core import dist_checkpointing
 
-    state = _sharded_state(model_chunks, optimizer, is_loading=False)
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise ValueError(f"optimizer_format={optimizer_format!r} must be one of {OPTIMIZER_FORMATS}")
+    state = _sharded_state(model_chunks, optimizer, is_loading=False, optimizer_format=optimizer_format)
     state["extra"] = extra or {}
     if _rank() == 0:
         (tmp / DIST_DIR).mkdir()
@@ -444,9 +498,11 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
         raise CheckpointError(f"checkpoint {path} has no optimizer state; load it with optimizer=None "
                               f"(checkpoint.save_optimizer was off when it was written)")
     _verify_files(path, manifest, checksums=verify_checksums)
+    optimizer_format = "fully_reshardable"
     if optimizer is not None:
+        optimizer_format = _check_optimizer_layout(path, manifest, ctx, len(model_chunks))
         _prepare_optimizer_for_load(optimizer)
-    state = _sharded_state(model_chunks, optimizer, is_loading=True)
+    state = _sharded_state(model_chunks, optimizer, is_loading=True, optimizer_format=optimizer_format)
     state["extra"] = {}
     # RAISE_UNEXPECTED: megatron's "unexpected" = requested by the model but absent from the checkpoint, checked
     # before anything is read; tensors stored but not requested (optimizer state when loading weights) are fine.
@@ -458,7 +514,9 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
     for i, model in enumerate(models):
         model.load_state_dict(loaded["model"] if len(models) == 1 else loaded[f"model{i}"])
     if optimizer is not None:
-        with _step_state_workaround(optimizer):
+        # no_grad: megatron's dp_reshardable load copies into the fp32 main params (views of leaf parameters that
+        # require grad, distrib_optimizer.py:940) without one of its own; the other loads are decorated with it
+        with _step_state_workaround(optimizer), torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
         _unshare_step_tensors(optimizer)
     logger.info("loaded checkpoint %s (written at tp=%d pp=%d)", path, manifest["parallel"]["tp"],

@@ -116,7 +116,7 @@ def build_components(cfg: RunConfig, run_dir: Path) -> Components:
                                     hf_assets_dir=cfg.model.hf_path or None, interval=cfg.checkpoint.interval,
                                     keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
                                     save_optimizer=cfg.checkpoint.save_optimizer,
-                                    resume=cfg.trainer.resume)
+                                    optimizer_format=cfg.checkpoint.optimizer_format, resume=cfg.trainer.resume)
     sinks = None
     if ctx.rank == 0:
         sinks = telemetry.MetricSinks(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,

@@ -213,7 +213,8 @@ class CheckpointManager:
         model_cfg: the model config the dist checkpoint is checked against.
         config_yaml: the resolved run config, stored in every checkpoint.
         hf_assets_dir: tokenizer/config files copied into every checkpoint (None: none).
-        interval, keep_last, keep_every, save_optimizer: ``checkpoint.*``; resume: ``trainer.resume``.
+        interval, keep_last, keep_every, save_optimizer, optimizer_format: ``checkpoint.*``; resume:
+            ``trainer.resume``.
 
     Raises:
         ValueError: a ``stateful`` name is one the checkpoint uses itself (``run_state``, ``config_yaml``).
@@ -221,7 +222,8 @@ class CheckpointManager:
 
     def __init__(self, run_dir: Path, *, model: ModelState, stateful: Mapping[str, Stateful], ctx: ParallelContext,
                  model_cfg: Any, config_yaml: str, hf_assets_dir: str | None, interval: int, keep_last: int,
-                 save_optimizer: bool, resume: str, keep_every: int = 0) -> None:
+                 save_optimizer: bool, resume: str, keep_every: int = 0,
+                 optimizer_format: str = "fully_reshardable") -> None:
         reserved = sorted(set(stateful) & {"run_state", "config_yaml"})
         if reserved:
             raise ValueError(f"CheckpointManager: stateful names {reserved} are reserved for the checkpoint itself")
@@ -230,7 +232,7 @@ class CheckpointManager:
         self.model, self.stateful, self.ctx, self.model_cfg = model, dict(stateful), ctx, model_cfg
         self.config_yaml, self.hf_assets_dir = config_yaml, hf_assets_dir
         self.interval, self.keep_last, self.save_optimizer, self.resume = interval, keep_last, save_optimizer, resume
-        self.keep_every = keep_every
+        self.keep_every, self.optimizer_format = keep_every, optimizer_format
 
     def due(self, step: int, *, final: bool) -> bool:
         """Whether to save after ``step`` completed steps (every ``interval``, and the last one)."""
@@ -290,7 +292,8 @@ class CheckpointManager:
         save_checkpoint(str(path), self.model.raw_chunks, self.model_cfg, self.ctx,
                         optimizer=self.model.optimizer if self.save_optimizer else None, extra=extra,
                         rank_files={RNG_FILE.format(rank=self.ctx.rank): rng}, hf_assets_dir=self.hf_assets_dir,
-                        on_progress=lambda point: fault_point(point, step=state.step))
+                        on_progress=lambda point: fault_point(point, step=state.step),
+                        optimizer_format=self.optimizer_format)
         if self.ctx.rank == 0:
             try:
                 rundir.write_latest_pointer(self.run_dir, name)

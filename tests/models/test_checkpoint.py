@@ -326,3 +326,66 @@ def test_short_write_without_errno_on_a_full_filesystem_is_called_a_full_disk(mo
     assert message.startswith(f"saving checkpoint {target} failed: No space left on device [ENOSPC] writing "
                               "/runs/a/checkpoints/.step_0000002.tmp-1 (0 bytes left on its filesystem; the write "
                               "error was: RuntimeError: [enforce fail at inline_container.cc:672]")
+
+
+def _format_round_trip_rank(rank: int, world: int, hf_dir: str, root: str):
+    from megatron_lpreg.models.checkpoint import _saved_optimizer_format
+
+    parallel_cfg = ParallelConfig(tp=1, pp=1, use_distributed_optimizer=True)
+    results = {}
+    for fmt in ("dp_reshardable", "fully_reshardable"):
+        ckpt = Path(root) / fmt
+        ctx, model_cfg, raw, ddp, opt = _trainable(hf_dir, parallel_cfg)
+        _train_step(ddp, opt, ctx, seed=0)
+        saved_state = [t.clone() for o in opt.chained_optimizers for st in o.optimizer.state.values()
+                       for t in (st["exp_avg"], st["exp_avg_sq"])]
+        save_checkpoint(ckpt, raw, model_cfg, ctx, optimizer=opt, optimizer_format=fmt)
+        _train_step(ddp, opt, ctx, seed=1)
+        uninterrupted = {n: p.detach().clone() for n, p in raw[0].named_parameters()}
+        destroy_parallel(destroy_process_group=False)
+        ctx, model_cfg, raw, ddp, opt = _trainable(hf_dir, parallel_cfg)
+        load_checkpoint(ckpt, raw, model_cfg, ctx, optimizer=opt)
+        loaded_state = [t.clone() for o in opt.chained_optimizers for st in o.optimizer.state.values()
+                        for t in (st["exp_avg"], st["exp_avg_sq"])]
+        _train_step(ddp, opt, ctx, seed=1)
+        resumed = all(torch.equal(p, uninterrupted[n]) for n, p in raw[0].named_parameters())
+        exact = len(saved_state) == len(loaded_state) and all(map(torch.equal, saved_state, loaded_state))
+        destroy_parallel(destroy_process_group=False)
+        results[fmt] = (_saved_optimizer_format(ckpt), exact, resumed)
+    return results
+
+
+def test_dp_reshardable_optimizer_checkpoint_round_trips_exactly_at_dp2(tmp_path):
+    """checkpoint.optimizer_format=dp_reshardable (each rank writes its own flat shard, nothing gathered): Adam
+    moments after the load equal those saved, bit for bit, and the resumed step equals the uninterrupted one;
+    fully_reshardable alongside, and the format megatron recorded is the one asked for."""
+    results = run_ranks(_format_round_trip_rank, 2, str(tiny_model_dir("qwen2")), str(tmp_path), timeout_s=300,
+                        threads_per_rank=1)
+    for per_rank in results:
+        for fmt, (recorded, exact, resumed) in per_rank.items():
+            assert recorded == fmt and exact and resumed, (fmt, recorded, exact, resumed)
+
+
+def _dp_reshardable_at_tp2_rank(rank: int, world: int, hf_dir: str, ckpt: str):
+    ctx, model_cfg, raw, ddp, opt = _trainable(hf_dir, ParallelConfig(tp=2, use_distributed_optimizer=True))
+    try:
+        load_checkpoint(ckpt, raw, model_cfg, ctx, optimizer=opt)
+    except CheckpointError as exc:
+        refused = str(exc)
+    else:
+        refused = ""
+    load_checkpoint(ckpt, raw, model_cfg, ctx)  # the weights alone still reshard
+    return refused
+
+
+def _save_dp_reshardable_rank(rank: int, world: int, hf_dir: str, ckpt: str):
+    ctx, model_cfg, raw, ddp, opt = _trainable(hf_dir, ParallelConfig(tp=1, use_distributed_optimizer=True))
+    _train_step(ddp, opt, ctx, seed=0)
+    save_checkpoint(ckpt, raw, model_cfg, ctx, optimizer=opt, optimizer_format="dp_reshardable")
+
+
+def test_dp_reshardable_optimizer_state_is_refused_at_another_tp(tmp_path):
+    hf, ckpt = str(tiny_model_dir("qwen2")), str(tmp_path / "ckpt")
+    run_ranks(_save_dp_reshardable_rank, 2, hf, ckpt, timeout_s=300, threads_per_rank=1)
+    for message in run_ranks(_dp_reshardable_at_tp2_rank, 2, hf, ckpt, timeout_s=300, threads_per_rank=1):
+        assert "optimizer_format=dp_reshardable" in message and "tp=1 pp=1" in message and "to tp=2" in message
