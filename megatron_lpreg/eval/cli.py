@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 from megatron_lpreg.config import ConfigError, RunConfig
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model) if args.model else export_checkpoint(checkpoint, out, cfg.model.hf_path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    logger.info("%s", layout.summary())
+    logger.info("%s (CUDA_VISIBLE_DEVICES=%s)", layout.summary(), os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
     engine = build_engine(eval_rollout_config(cfg.rollout, layout), str(model_dir), seed=cfg.seed)
     try:
         results = evaluate(engine, tokenizer, eval_cfg.benchmarks, eval_cfg, out, data_cfg=cfg.data,

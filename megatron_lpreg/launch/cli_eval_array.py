@@ -4,6 +4,12 @@ One array task per (checkpoint x benchmark), each running
 ``python -m megatron_lpreg eval --checkpoint C --benchmarks B [--eval-arg ...] --out <array dir>/task_<i>``.
 A RUN_DIR may also be a sweep directory (every task's run is evaluated). With ``--checkpoints latest`` (default)
 the checkpoint is resolved when the task starts, so the array can be submitted before training has finished.
+
+Every task runs on one node with the eval layout (``eval.engine_tp`` x ``eval.num_engines``, not the training run's
+engines; :mod:`megatron_lpreg.eval.layout`). With ``--gpus-per-node G`` the layout of every run config found (its
+``config.yaml`` plus the dotted ``--eval-arg`` overrides) is checked before submission and the job asks for G GPUs.
+The tasks of one checkpoint share one HF export, written by the first into ``<step dir>/hf_export``
+(:mod:`megatron_lpreg.eval.hf_cache`).
 """
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_lpreg.config import ConfigError, RunConfig
+from megatron_lpreg.eval.layout import plan_eval_layout
 from megatron_lpreg.launch.manifest import ArrayManifest
 from megatron_lpreg.launch.slurm import SlurmError
 from megatron_lpreg.launch.submit import (
@@ -20,7 +28,7 @@ from megatron_lpreg.launch.submit import (
     prepare_array_dir,
     submit_array,
 )
-from megatron_lpreg.rundir import LATEST_SUFFIX, checkpoint_step, list_checkpoints
+from megatron_lpreg.rundir import CONFIG_FILE, LATEST_SUFFIX, checkpoint_step, list_checkpoints
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for `megatron-lpreg eval`, repeatable (--eval-arg=--samples=16)")
     parser.add_argument("--out", default=None, help="array directory (default runs/evals/<run>-<time>)")
+    parser.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
+                        help="GPUs of the eval node: check each run's eval layout (eval.engine_tp x eval.num_engines) "
+                             "against G before submitting, and ask sbatch for G GPUs")
     add_submit_arguments(parser, "mlpreg-eval")
 
 
@@ -105,12 +116,37 @@ def build_tasks(runs: list[Path], benchmarks: list[str], which: str) -> list[lis
     return tasks
 
 
+def check_eval_layouts(runs: list[Path], eval_args: list[str], gpus_per_node: int) -> list[str]:
+    """The eval layout of every run whose ``config.yaml`` exists (a run not started yet is checked by its task),
+    with the dotted overrides among ``eval_args`` applied; one summary line per run.
+
+    Raises:
+        ConfigError: a layout does not fit one node of ``gpus_per_node`` GPUs (naming the run and the keys).
+    """
+    overrides = [a for a in eval_args if "=" in a and not a.startswith("-")]
+    lines = []
+    for run in runs:
+        config = run / CONFIG_FILE
+        if not config.is_file():
+            continue
+        cfg = RunConfig.load(config, overrides)
+        try:
+            lines.append(f"{run.name}: {plan_eval_layout(cfg.eval, cfg.rollout, gpus_per_node).summary()}")
+        except ConfigError as exc:
+            raise ConfigError(f"{run}: {exc} (pass it with --eval-arg=eval.num_engines=N)") from None
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         runs = expand_run_dirs(args.run_dirs,
                                may_not_exist_yet=bool(args.dependency) and args.checkpoints == "latest")
         benchmarks = [b.strip() for b in args.benchmarks.split(",")]
         tasks = build_tasks(runs, benchmarks, args.checkpoints)
+        if args.gpus_per_node is not None:
+            for line in check_eval_layouts(runs, list(args.eval_arg), args.gpus_per_node):
+                print(f"# {line}", file=sys.stderr)
+            args.sbatch_arg = [f"--gpus-per-node={args.gpus_per_node}", *args.sbatch_arg]
         root = prepare_array_dir(args.out or default_array_dir("evals", runs[0].name))
         manifest = ArrayManifest(
             kind="eval",
@@ -120,6 +156,6 @@ def run(args: argparse.Namespace) -> int:
             meta={"runs": [str(r) for r in runs], "benchmarks": benchmarks, "checkpoints": args.checkpoints},
         )
         return submit_array(manifest, root, "eval_array.sbatch", args)
-    except (SlurmError, ValueError, TimeoutError) as exc:
+    except (SlurmError, ValueError, TimeoutError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -76,3 +76,24 @@ def test_dry_run(tmp_path, capsys, monkeypatch):
     assert cli.main(["eval-array", str(tmp_path / "nope"), "--benchmarks", "x", "--out", str(tmp_path / "ev3"),
                      "--dry-run"]) == 2
     assert "run directory not found" in capsys.readouterr().err
+
+
+def test_gpus_per_node_checks_each_runs_eval_layout_before_submitting(tmp_path, capsys, monkeypatch):
+    """The 32B run trains 16 TP4 engines on 8 nodes; its eval tasks get 2 TP4 engines on one 8-GPU node."""
+    from megatron_lpreg.config import RunConfig
+
+    monkeypatch.delenv("MLPREG_SITE_ENV", raising=False)
+    run = _run_with_checkpoints(tmp_path / "run32b", [64])
+    RunConfig.load(REPO / "configs" / "qwen2.5-32b_lpreg_64gpu.yaml").save(run / "config.yaml")
+    base = ["eval-array", str(run), "--benchmarks", "aime24,math500", "--checkpoints", "all", "--dry-run"]
+    assert cli.main([*base, "--gpus-per-node", "8", "--out", str(tmp_path / "ok")]) == 0
+    out = capsys.readouterr()
+    assert "--gpus-per-node=8" in shlex.split(out.out.splitlines()[0])
+    assert "run32b: eval: 1 node, 2 sglang engine(s) x TP4 = 8 of 8 GPUs" in out.err
+    assert cli.main([*base, "--gpus-per-node", "4", "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "run32b" in err and "eval.num_engines=2 x eval.engine_tp=4 needs 8 GPUs" in err
+    assert not (tmp_path / "no" / "array.json").exists()
+    assert cli.main([*base, "--gpus-per-node", "4", "--eval-arg=eval.num_engines=1", "--out",
+                     str(tmp_path / "one")]) == 0
+    assert "1 sglang engine(s) x TP4 = 4 of 4 GPUs" in capsys.readouterr().err
