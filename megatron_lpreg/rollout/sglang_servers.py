@@ -39,13 +39,56 @@ class SGLangError(RuntimeError):
 
 def server_command(cfg: RolloutConfig, model_path: str, *, host: str, port: int, seed: int,
                    base_gpu_id: int = 0) -> list[str]:
-    """The launch command of one server (TP ``cfg.engine_tp`` inside it) bound to ``host:port``."""
+    """The launch command of one server (TP ``cfg.engine_tp`` inside it) bound to ``host:port``; run it with
+    :func:`server_env` (``rollout.sglang_device=cpu`` needs an environment variable)."""
     return [
         sys.executable, "-m", cfg.sglang_launch_module, "--model-path", model_path, "--host", host,
         "--port", str(port), "--tp-size", str(cfg.engine_tp), "--random-seed", str(seed),
         "--mem-fraction-static", str(cfg.mem_fraction_static),
-        *(["--base-gpu-id", str(base_gpu_id)] if base_gpu_id else []), *cfg.sglang_launch_args,
+        *(["--base-gpu-id", str(base_gpu_id)] if base_gpu_id else []),
+        *(["--dtype", cfg.dtype] if cfg.dtype != "auto" else []),
+        *(CPU_SERVER_ARGS if cfg.sglang_device == "cpu" else []),
+        *(["--enable-memory-saver"] if uses_memory_saver(cfg) else []), *cfg.sglang_launch_args,
     ]
+
+
+def served_dtype(cfg: RolloutConfig, model_path: str) -> str:
+    """The dtype a server of ``model_path`` computes in: ``rollout.dtype`` (passed as ``--dtype``) unless auto, else
+    SGLang 0.5.23's "auto" (``configs/model_config.py:2303``): the checkpoint's own dtype, except that a float32
+    checkpoint runs in float16 (bfloat16 for Gemma, which the project does not serve). An attached server or a
+    ``--dtype`` in ``sglang_launch_args`` may differ; the probe tolerance follows this value."""
+    from megatron_lpreg.models import hf_dir
+
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    declared = hf_dir.declared_dtype(hf_dir.read_config(model_path, missing_ok=True)) or "float32"
+    return "float16" if declared == "float32" else declared
+
+
+def uses_memory_saver(cfg: RolloutConfig) -> bool:
+    """Whether launched servers start with ``--enable-memory-saver``: colocated servers on GPUs.
+
+    Without the flag SGLang 0.5.23 builds a no-op memory-saver adapter and ``/release_memory_occupation`` frees
+    nothing (``torch_memory_saver``, in the ``sglang`` extra, does the freeing). The flag needs CUDA (on CPU the
+    server dies at start, ``libcuda.so.1``), so ``rollout.sglang_device=cpu`` servers never get it and their
+    release/resume stay no-ops.
+    """
+    return cfg.mode == "colocated" and cfg.sglang_device == "cuda"
+
+
+CPU_SERVER_ARGS = ("--device", "cpu", "--disable-overlap-schedule", "--max-total-tokens", "16384")
+"""What a CPU server needs (measured with sglang 0.5.23 on torch 2.13.0+cpu, docs/rollout.md "Real SGLang on CPU"):
+the overlap scheduler is CUDA-only, and without a token cap SGLang sizes the KV cache from ``mem_fraction_static`` of
+the host's RAM (16384 tokens of the tiny CPU model's cache are ~32 MiB)."""
+
+
+def server_env(cfg: RolloutConfig, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a launched server: ``base`` (default this process's) plus ``SGLANG_USE_CPU_ENGINE=1``
+    for ``rollout.sglang_device=cpu`` (without it SGLang 0.5.23 imports vLLM's CUDA rotary kernels and dies)."""
+    env = dict(os.environ if base is None else base)
+    if cfg.sglang_device == "cpu":
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+    return env
 
 
 class SGLangServerProcess:
@@ -170,7 +213,7 @@ class LocalServers:
                              base_gpu_id=k * self.cfg.engine_tp)
         log_path = self.log_dir / f"engine{k}.log"
         logger.info("launching sglang engine %d: %s", k, " ".join(cmd))
-        proc = SGLangServerProcess(cmd, url, log_path)
+        proc = SGLangServerProcess(cmd, url, log_path, env=server_env(self.cfg))
         self.processes[k] = proc
         gpus = tuple(range(k * self.cfg.engine_tp, (k + 1) * self.cfg.engine_tp))
         return EngineInfo(engine_id=k, url=url, node=0, node_id="", gpus=gpus, log_path=str(log_path),
@@ -210,7 +253,7 @@ class ServerActor:
         port = free_port(host)
         url = f"http://{host}:{port}"
         cmd = server_command(self.cfg, self.model_path, host=host, port=port, seed=self.seed)
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, self.info.gpus))}
+        env = server_env(self.cfg, {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, self.info.gpus))})
         logger.info("engine %d on node %d (GPUs %s): %s", self.info.engine_id, self.info.node,
                     env["CUDA_VISIBLE_DEVICES"], " ".join(cmd))
         self.proc = SGLangServerProcess(cmd, url, Path(self.info.log_path), env=env)

@@ -1,12 +1,16 @@
-"""The SGLang engine end to end against the CPU stand-in server (same routes, strict keys, response shapes).
+"""The SGLang engine end to end against the CPU stand-in server, which runs SGLang's own code where it runs on CPU
+(tests/support/sglang_standin.py: its TP ranks join the update group with SGLang's ``init_custom_process_group`` and
+decode tensor payloads with SGLang's ``MultiprocessingSerializer``; bodies are checked against SGLang's request
+classes). These tests fail, never skip, when the pinned sglang package is missing (``make sglang-contract``).
 
 Covered: generation (seeded, matches the local engine on the same weights), multi-engine split, strict keys,
-retries, weight sync from disk / tensor / distributed (gloo broadcast group between this process and the server
-thread), post-sync verification catching a server that does not install the update, memory release/resume,
-launch mode (subprocess + health wait + process-group stop), injected server faults (hang, dropped connection,
-500, malformed JSON: the chunk moves to another engine, errors name URL and route, a failing end_weight_update
-does not hide the sync error). Engines placed on a multi-node Ray cluster: tests/cluster/. Not covered here: NCCL
-and CUDA-IPC payloads and real SGLang behaviour (docs/rollout.md has the manual check for a real cluster).
+retries, weight sync from disk / tensor / distributed (a gloo group between this process and the stand-in's TP-rank
+processes, rebuilt under a new name after a restart), every TP rank bit-identical after a sync, the probe check
+catching a server that does not install the update, SGLang's refusals (``/get_weights_by_name`` on Qwen2, weight
+updates outside begin/end, release without ``--enable-memory-saver`` freeing nothing), launch mode (subprocess +
+health wait + process-group stop), injected server faults (hang, dropped connection, 500, malformed JSON: the chunk
+moves to another engine, errors name URL and route, a failing end_weight_update does not hide the sync error).
+Engines placed on a multi-node Ray cluster: tests/cluster/. A real SGLang server: ``make test-sglang``.
 """
 from __future__ import annotations
 
@@ -27,12 +31,24 @@ from megatron_lpreg.rollout.logits_model import (
 )
 from megatron_lpreg.rollout.sglang import SGLangEngine, SGLangError, sampling_payload
 from megatron_lpreg.rollout.sglang_client import SGLangClient
+from tests.support.sglang_contract import classes_with_get_weights_by_name, require_sglang
 from tests.support.sglang_standin import SamplingParamsIn, StandinServer
+from tests.support.sglang_tp_rank import weights_digest
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [42], [17, 18]]
 PARAMS = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=21)
 LOGP_ATOL = 1e-4
 """Stand-in and reference run the same fp32 code; differences come from batch composition only (~1e-6)."""
+
+
+@pytest.fixture(autouse=True)
+def _sglang_code():
+    require_sglang()
+
+
+def probe_of(model_dir) -> LogprobProbe:
+    """What the trainer sends with an update to the weights in ``model_dir``."""
+    return make_probe(HFLogitsModel.from_pretrained(model_dir), [3, 4, 5, 6, 7, 8], 3, atol=LOGP_ATOL)
 
 
 def attach_cfg(*urls: str, **kw) -> RolloutConfig:
@@ -115,6 +131,8 @@ def test_weight_sync_changes_generation_and_verifies(mode, tiny_hf_dir, tiny_hf_
     trainer = HFLogitsModel.from_pretrained(tiny_hf_dir_b)
     probe = make_probe(trainer, [3, 4, 5, 6, 7, 8], 3, atol=LOGP_ATOL)
     engine = SGLangEngine(attach_cfg(server.url, weight_sync=mode, weight_bucket_mb=0.05), str(tiny_hf_dir))
+    assert engine.served_dtype == "float16"  # SGLang's auto for an fp32 checkpoint; the probe widens to 0.1
+    engine.served_dtype = "float32"  # the stand-in computes in fp32: hold it to the fp32 tolerance
     try:
         assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir))
         if mode == "disk":
@@ -127,25 +145,80 @@ def test_weight_sync_changes_generation_and_verifies(mode, tiny_hf_dir, tiny_hf_
         assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir_b))
         assert engine.health().weight_version == 1
         if mode == "distributed":  # the broadcast group is reused by later syncs
-            engine.update_weights(WeightUpdate(version=2, tensors=hf_dir.iter_tensors(tiny_hf_dir)))
+            engine.update_weights(WeightUpdate(version=2, tensors=hf_dir.iter_tensors(tiny_hf_dir),
+                                               probe=probe_of(tiny_hf_dir)))
             assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir))
     finally:
         engine.shutdown()
 
 
 @pytest.mark.parametrize("mode", ["tensor", "disk"])
-def test_sync_verification_catches_a_server_that_ignores_updates(mode, tiny_hf_dir, tiny_hf_dir_b, server):
+def test_the_probe_catches_a_server_that_ignores_updates(mode, tiny_hf_dir, tiny_hf_dir_b, server):
     server.state.model.load_named_tensors = lambda tensors: [name for name, _ in tensors]  # fault injection
     server.state.model.load_checkpoint = lambda path: []
     engine = SGLangEngine(attach_cfg(server.url, weight_sync=mode), str(tiny_hf_dir))
+    probe = probe_of(tiny_hf_dir_b)
     try:
-        update = WeightUpdate(version=1, path=str(tiny_hf_dir_b)) if mode == "disk" else WeightUpdate(
-            version=1, tensors=hf_dir.iter_tensors(tiny_hf_dir_b))
-        with pytest.raises(WeightSyncError, match="differs from what was sent"):
+        update = WeightUpdate(version=1, path=str(tiny_hf_dir_b), probe=probe) if mode == "disk" else WeightUpdate(
+            version=1, tensors=hf_dir.iter_tensors(tiny_hf_dir_b), probe=probe)
+        with pytest.raises(WeightSyncError, match="probe log-probs differ"):
             engine.update_weights(update)
         assert engine.weight_version == 0
+        with pytest.raises(ValueError, match="need WeightUpdate.probe"):
+            engine.update_weights(WeightUpdate(version=1, path=str(tiny_hf_dir_b)))
     finally:
         engine.shutdown()
+
+
+@pytest.mark.slow
+def test_every_tp_rank_of_every_engine_holds_the_sent_weights_bit_identical(tiny_hf_dir, tiny_hf_dir_b):
+    """Two engines of TP 2 (four SGLang TP-rank processes), tensor then distributed sync: every rank's full weights
+    hash to the digest of what was sent; a second distributed group (new name) after a forced rebuild works."""
+    sent = dict(hf_dir.iter_tensors(tiny_hf_dir_b))
+    with StandinServer(str(tiny_hf_dir), tp_size=2) as one, StandinServer(str(tiny_hf_dir), tp_size=2) as two:
+        for mode in ("tensor", "distributed"):
+            engine = SGLangEngine(attach_cfg(one.url, two.url, weight_sync=mode, engine_tp=2, weight_bucket_mb=0.02),
+                                  str(tiny_hf_dir))
+            try:
+                engine.update_weights(WeightUpdate(version=1, tensors=iter(sent.items()),
+                                                   probe=probe_of(tiny_hf_dir_b)))
+                digests = [d for srv in (one, two) for d in srv.state.on_tp_ranks("digest")]
+                assert digests == [weights_digest(sent)] * 4, mode
+                if mode == "distributed":
+                    first = engine._group_name
+                    engine._init_group()  # what an engine restart triggers: destroy everywhere, new name
+                    assert engine._group_name != first
+                    assert one.state.events.count("/destroy_weights_update_group") == 1
+                    engine.update_weights(WeightUpdate(version=2, tensors=hf_dir.iter_tensors(tiny_hf_dir),
+                                                       probe=probe_of(tiny_hf_dir)))
+                    assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir))
+                    want = weights_digest(dict(hf_dir.iter_tensors(tiny_hf_dir)))
+                    assert [d for srv in (one, two) for d in srv.state.on_tp_ranks("digest")] == [want] * 4
+            finally:
+                engine.shutdown()
+            sent = dict(hf_dir.iter_tensors(tiny_hf_dir_b))
+
+
+def test_the_standin_refuses_what_sglang_refuses(server):
+    """/get_weights_by_name: Qwen2/Qwen3 define no get_weights_by_name in sglang 0.5.23 (400, as
+    http_server.py:1568); weight updates outside begin/end: 400; a field no SGLang request class has: 400."""
+    assert server.state.architecture == "Qwen2ForCausalLM"
+    assert {"Qwen2ForCausalLM", "Qwen3ForCausalLM"}.isdisjoint(classes_with_get_weights_by_name())
+    assert "LlamaForCausalLM" in classes_with_get_weights_by_name()  # the reader finds the classes that have it
+    client = SGLangClient(server.url, max_retries=0)
+    try:
+        with pytest.raises(SGLangError, match="HTTP 400.*Get parameter by name failed"):
+            client.post("/get_weights_by_name", {"name": "model.norm.weight", "truncate_size": 1})
+        with pytest.raises(SGLangError, match="HTTP 400.*outside /begin_weight_update"):
+            client.post("/update_weights_from_tensor", {"serialized_named_tensors": ["eA=="]})
+        with pytest.raises(SGLangError, match="HTTP 400.*outside /begin_weight_update"):
+            client.post("/update_weights_from_distributed", {"names": ["x"], "dtypes": ["float32"], "shapes": [[1]],
+                                                             "group_name": "g"})
+        with pytest.raises(SGLangError, match="HTTP 400.*UpdateWeightFromDiskReqInput has no field 'modle_path'"):
+            client.post("/update_weights_from_disk", {"model_path": "x", "modle_path": "x"})
+        assert server.state.update_counts == {"disk": 0, "tensor": 0, "distributed": 0}
+    finally:
+        client.close()
 
 
 def test_probe_mismatch_raises(tiny_hf_dir, tiny_hf_dir_b, server):
@@ -154,7 +227,7 @@ def test_probe_mismatch_raises(tiny_hf_dir, tiny_hf_dir_b, server):
     tokens = [3, 4, 5, 6]
     probe = LogprobProbe(token_ids=tuple(tokens), prompt_len=2,
                          expected_logprobs=tuple(teacher_forced_logprobs(stale, tokens, 2)), atol=LOGP_ATOL)
-    engine = SGLangEngine(attach_cfg(server.url, weight_sync="disk", verify_tensors=0), str(tiny_hf_dir))
+    engine = SGLangEngine(attach_cfg(server.url, weight_sync="disk"), str(tiny_hf_dir))
     try:
         with pytest.raises(WeightSyncError, match="probe log-probs differ"):
             engine.update_weights(WeightUpdate(version=1, path=str(tiny_hf_dir_b), probe=probe))
@@ -162,17 +235,36 @@ def test_probe_mismatch_raises(tiny_hf_dir, tiny_hf_dir_b, server):
         engine.shutdown()
 
 
-def test_release_and_resume_memory(tiny_hf_dir, server):
-    engine = SGLangEngine(attach_cfg(server.url), str(tiny_hf_dir))
-    try:
-        engine.release_memory()
-        with pytest.raises(SGLangError, match="memory released"):
-            engine.generate(PROMPTS[:1], PARAMS)
-        engine.resume_memory()
-        engine.flush_cache()
-        assert len(engine.generate(PROMPTS[:1], PARAMS)) == 2
-    finally:
-        engine.shutdown()
+def _memory(url: str) -> dict:
+    import requests
+
+    return requests.get(f"{url}/standin/info", timeout=10).json()["memory"]
+
+
+def test_release_frees_memory_only_with_the_memory_saver(tiny_hf_dir, server):
+    """Without --enable-memory-saver SGLang's release is a no-op (nothing freed, generation still works); with it
+    the weights go until resume."""
+    for srv, saver in ((server, False), (StandinServer(str(tiny_hf_dir), memory_saver=True), True)):
+        if saver:
+            srv.start()
+        engine = SGLangEngine(attach_cfg(srv.url, mode="colocated"), str(tiny_hf_dir))
+        try:
+            engine.release_memory()
+            assert _memory(srv.url)["release_calls"] == 1
+            if saver:
+                assert _memory(srv.url)["freed_bytes"] > 0
+                with pytest.raises(SGLangError, match="memory released"):
+                    engine.generate(PROMPTS[:1], PARAMS)
+            else:
+                assert _memory(srv.url)["freed_bytes"] == 0
+                assert len(engine.generate(PROMPTS[:1], PARAMS)) == 2
+            engine.resume_memory()
+            engine.flush_cache()
+            assert len(engine.generate(PROMPTS[:1], PARAMS)) == 2
+        finally:
+            engine.shutdown()
+            if saver:
+                srv.stop()
 
 
 def test_launch_mode_starts_waits_and_stops_a_server(tiny_hf_dir):
@@ -272,7 +364,8 @@ def test_failing_end_weight_update_does_not_hide_the_sync_error(tiny_hf_dir, tin
     engine = SGLangEngine(attach_cfg(server.url, weight_sync="tensor"), str(tiny_hf_dir))
     try:
         with pytest.raises(WeightSyncError) as info:
-            engine.update_weights(WeightUpdate(version=1, tensors=hf_dir.iter_tensors(tiny_hf_dir_b)))
+            engine.update_weights(WeightUpdate(version=1, tensors=hf_dir.iter_tensors(tiny_hf_dir_b),
+                                               probe=probe_of(tiny_hf_dir_b)))
         text = str(info.value)
         assert "/update_weights_from_tensor" in text and "/end_weight_update also failed" in text
         assert isinstance(info.value.__cause__, SGLangError)

@@ -11,7 +11,7 @@
 - The stand-in accepts nothing SGLang does not define (routes, body fields, sampling fields), apart from its own
   ``/standin/*`` test-control routes.
 
-Skips with the reason when the package is not unpacked (``make sglang-contract``; ``make test`` runs it first).
+Fails with the reason when the package is not unpacked (``make sglang-contract``; ``make test`` runs it first).
 """
 from __future__ import annotations
 
@@ -26,14 +26,18 @@ from tests.support.sglang_contract import (
     contract_site,
     http_contract,
     parse_launch_args,
-    unavailable_reason,
+    require_sglang,
 )
 
-pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=unavailable_reason() or "")
+
+@pytest.fixture(autouse=True)
+def _sglang_package():
+    require_sglang()
+
 
 ROUTES_THE_CLIENT_USES = {
     "/generate", "/update_weights_from_disk", "/update_weights_from_tensor", "/update_weights_from_distributed",
-    "/init_weights_update_group", "/begin_weight_update", "/end_weight_update", "/get_weights_by_name",
+    "/init_weights_update_group", "/begin_weight_update", "/end_weight_update", "/destroy_weights_update_group",
     "/release_memory_occupation", "/resume_memory_occupation", "/flush_cache", "/health",
 }
 STANDIN_CONTROL = "/standin/"
@@ -62,18 +66,22 @@ def _launch_cases() -> dict[str, tuple[list[str], dict]]:
     """case -> (the command the project builds, the ServerArgs values it must produce)."""
     from megatron_lpreg.config import RunConfig
     from megatron_lpreg.config.rollout import RolloutConfig
-    from megatron_lpreg.rollout.sglang_servers import server_command
+    from megatron_lpreg.rollout.sglang_servers import server_command, uses_memory_saver
 
     def case(cfg: RolloutConfig, base_gpu_id: int = 0) -> tuple[list[str], dict]:
         cmd = server_command(cfg, "/models/policy", host="10.0.0.7", port=31234, seed=11, base_gpu_id=base_gpu_id)
         want = {"model_path": "/models/policy", "host": "10.0.0.7", "port": 31234, "tp_size": cfg.engine_tp,
                 "random_seed": 11, "mem_fraction_static": cfg.mem_fraction_static}
+        if uses_memory_saver(cfg):
+            want["enable_memory_saver"] = True
         if base_gpu_id:
             want["base_gpu_id"] = base_gpu_id
         return cmd, want
 
     cases = {"default": case(RolloutConfig(engine="sglang")),
-             "tp4-second-engine": case(RolloutConfig(engine="sglang", engine_tp=4, mem_fraction_static=0.45), 4)}
+             "tp4-second-engine": case(RolloutConfig(engine="sglang", engine_tp=4, mem_fraction_static=0.45), 4),
+             "colocated": case(RolloutConfig(engine="sglang", mode="colocated")),
+             "separate": case(RolloutConfig(engine="sglang", mode="separate"))}
     for path in _sglang_configs():
         cases[f"configs/{path.relative_to(REPO / 'configs')}"] = case(RunConfig.load(str(path), []).rollout, 4)
     return cases
@@ -98,6 +106,21 @@ def test_every_launch_command_parses_with_sglangs_own_server_args(launch_results
         assert got["ok"], f"{name}: sglang {SGLANG_VERSION} refuses `{' '.join(cmd[3:])}`: {got['error']}"
         for dest, value in want.items():
             assert got["values"][dest] == value, (name, dest, got["values"][dest], value)
+
+
+def test_colocated_gpu_servers_start_with_the_memory_saver(launch_results):
+    """``--enable-memory-saver`` for colocated servers on GPUs (both 64-GPU configs), parsed by SGLang's own parser;
+    never for separate servers, nor on CPU, where SGLang's memory saver needs libcuda and the server dies at start."""
+    from megatron_lpreg.config.rollout import RolloutConfig
+    from megatron_lpreg.rollout.sglang_servers import server_command
+
+    cmd, _, got = launch_results["colocated"]
+    assert "--enable-memory-saver" in cmd and got["values"]["enable_memory_saver"] is True
+    assert "--enable-memory-saver" not in launch_results["separate"][0]
+    paper = [name for name in launch_results if name.endswith("64gpu.yaml")]
+    assert len(paper) >= 2 and all("--enable-memory-saver" in launch_results[name][0] for name in paper)
+    cpu = RolloutConfig(engine="sglang", mode="colocated", sglang_device="cpu")
+    assert "--enable-memory-saver" not in server_command(cpu, "/m", host="h", port=1, seed=0)
 
 
 def test_a_misspelt_flag_is_refused_by_the_parser(launch_results):
@@ -162,6 +185,8 @@ def client_requests(tiny_hf_dir, tiny_hf_dir_b) -> list[tuple[str, str, object]]
                 update = (WeightUpdate(version=1, path=str(tiny_hf_dir_b), probe=probe) if mode == "disk" else
                           WeightUpdate(version=1, tensors=trainer.named_weights().items(), probe=probe))
                 engine.update_weights(update)
+                if mode == "distributed":
+                    engine._init_group()  # as after an engine restart: /destroy_weights_update_group, a new group
                 engine.release_memory()
                 engine.resume_memory()
                 engine.flush_cache()

@@ -1,17 +1,35 @@
-"""A CPU stand-in for an SGLang 0.5.x server: the same HTTP routes, strict keys and response shapes, backed by a
-tiny HF model through the local engine, with weight updates that really change what it generates.
+"""A CPU stand-in for an SGLang 0.5.23 server: the same HTTP routes, request classes and response shapes, backed by
+a tiny HF model through the local engine, with weight updates that really change what it generates.
 
-Real SGLang cannot run on CPU (see shared notes), so the SGLang client is tested end to end against this server.
+Made of SGLang's own code wherever that code runs on CPU (the pinned wheel in ``.sglang-contract/site``; the tests
+fail, not skip, without it):
+
+- every request body is checked against the fields of the ``io_struct`` class SGLang's route parses it into, and
+  ``sampling_params`` against ``SamplingParams`` (read from the pinned source by ``tests/support/sglang_contract.py``;
+  ``io_struct`` itself cannot be imported on CPU: importing it pulls in ``schedule_batch`` -> model configs ->
+  quantization layers, which need torchvision, dill, tvm_ffi, sentencepiece and a real triton for
+  ``torch.compile``). The stand-in is stricter than SGLang here: it answers 400 for a field SGLang would ignore;
+- the server's TP ranks are processes of their own (``tests/support/sglang_tp_rank.py``) that join the
+  weight-update group with SGLang's ``init_custom_process_group``, receive broadcasts as SGLang's weight updater
+  does, and decode ``/update_weights_from_tensor`` payloads with SGLang's ``MultiprocessingSerializer`` (TP rank i
+  reads ``serialized_named_tensors[i]``, sglang ``managers/tp_worker.py:194``); TP rank 0's tensors are installed in
+  the model that serves ``/generate``;
+- it refuses what SGLang refuses: ``/get_weights_by_name`` for a model class without ``get_weights_by_name`` (Qwen2,
+  Qwen3: ``classes_with_get_weights_by_name``), ``/update_weights_from_tensor`` and ``/update_weights_from_distributed``
+  outside ``/begin_weight_update`` ... ``/end_weight_update``; and ``/release_memory_occupation`` frees nothing
+  unless the server was started with ``--enable-memory-saver`` (SGLang builds a no-op memory-saver adapter then):
+  the ``memory`` counters of ``/standin/info`` show what was freed.
+
 Routes: /health, /health_generate, /get_model_info, /generate, /flush_cache, /update_weights_from_disk,
 /begin_weight_update, /end_weight_update, /update_weights_from_tensor, /init_weights_update_group,
 /update_weights_from_distributed, /destroy_weights_update_group, /get_weights_by_name,
 /release_memory_occupation, /resume_memory_occupation. Test-only: /standin/info (pid, CUDA_VISIBLE_DEVICES, argv,
-lifecycle calls in order), /standin/fault (inject hang / drop / 500 / bad JSON; also ``SGLANG_STANDIN_FAULT``).
+lifecycle calls in order, memory counters), /standin/weights_digest (SHA-256 of every TP rank's full weights, to
+check that all engines and ranks are bit-identical after a sync), /standin/fault (inject hang / drop / 500 / bad
+JSON; also ``SGLANG_STANDIN_FAULT``).
 
-Where it differs from SGLang (on purpose, and documented in docs/rollout.md): the distributed weight group is gloo
-over TCP instead of NCCL; tensor payloads are read with plain ``pickle`` (so CPU tensors pickled inline work across
-processes; SGLang uses ForkingPickler, which also accepts them); only ``sampling_seed`` makes sampling
-reproducible (as SGLang's deterministic mode).
+Where it differs from SGLang (on purpose): the group backend is whatever the request says (gloo in tests); only
+``sampling_seed`` makes sampling reproducible (as SGLang's deterministic mode).
 
 Run in a thread (:class:`StandinServer`) or as ``python -m tests.support.sglang_standin --model-path DIR --port P``
 (the subset of ``sglang.launch_server`` flags the client passes; other flags are accepted and ignored).
@@ -20,8 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import datetime
+import json
 import logging
 import os
 import pickle
@@ -29,13 +46,11 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict
@@ -44,9 +59,10 @@ from megatron_lpreg.rollout.base import SamplingParams
 from megatron_lpreg.rollout.local import LocalEngine
 from megatron_lpreg.rollout.logits_model import HFLogitsModel
 from megatron_lpreg.rollout.sampling import request_seed
+from tests.support.sglang_contract import cached_http_contract, classes_with_get_weights_by_name, unavailable_reason
+from tests.support.sglang_tp_rank import TPRank
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _Strict(BaseModel):
@@ -129,23 +145,62 @@ class EmptyIn(_Strict):
 
 
 class StandinState:
-    """The model, its lock and the server-side flags the routes share."""
+    """The model, its lock, the TP-rank processes and the server-side flags the routes share."""
 
-    def __init__(self, model_path: str) -> None:
+    def __init__(self, model_path: str, tp_size: int = 1, memory_saver: bool = False) -> None:
+        from megatron_lpreg.models import hf_dir
+
         self.model_path = model_path
         self.model = HFLogitsModel.from_pretrained(model_path)
         eos = self.model.model.config.eos_token_id
         self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        self.architecture = (hf_dir.read_config(model_path).get("architectures") or ["?"])[0]
         self.engine = LocalEngine(self.model)
         self.lock = threading.Lock()
+        self.tp_size = tp_size
+        self._tp_ranks: list[TPRank] | None = None
         self.in_weight_update = False
+        self.memory_saver = memory_saver
+        """``--enable-memory-saver``: only then does /release_memory_occupation free anything."""
         self.released = False
+        self.memory = {"release_calls": 0, "resume_calls": 0, "freed_bytes": 0}
+        """What /release_memory_occupation did (``freed_bytes`` stays 0 without the memory saver)."""
         self.weight_version = "default"
-        self.groups: dict[str, tuple[Any, int]] = {}
         self.update_counts: dict[str, int] = {"disk": 0, "tensor": 0, "distributed": 0}
         self.events: list[str] = []
         """Routes called, in order (lifecycle and weight routes; not health, info or weight reads)."""
         self.fault = Fault.parse(os.environ.get(FAULT_ENV, ""))
+
+    def tp_ranks(self) -> list[TPRank]:
+        """The server's TP-rank processes, started on first use (they hold the current weights)."""
+        if self._tp_ranks is None:
+            self._tp_ranks = TPRank.start(self.tp_size, self.model_path)
+        return self._tp_ranks
+
+    def on_tp_ranks(self, method: str, **kwargs: Any) -> list[Any]:
+        """Run ``method`` on every TP rank at once (a collective in SGLang); RuntimeError names a failed rank."""
+        ranks = self.tp_ranks()
+        for rank in ranks:
+            rank.submit(method, **kwargs)
+        results, errors = [], []
+        for rank in ranks:
+            try:
+                results.append(rank.result())
+            except RuntimeError as exc:
+                errors.append(f"TP rank {rank.tp_rank}: {exc}")
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        return results
+
+    def install(self, rank0_tensors: bytes) -> None:
+        """Load TP rank 0's tensors (plain pickle from its process) into the model that serves /generate."""
+        with self.lock:
+            self.model.load_named_tensors(pickle.loads(rank0_tensors))
+
+    def stop(self) -> None:
+        for rank in self._tp_ranks or []:
+            rank.stop()
+        self._tp_ranks = None
 
 
 FAULT_ENV = "SGLANG_STANDIN_FAULT"
@@ -197,6 +252,10 @@ def _fault_middleware(app: FastAPI, state: StandinState) -> None:
             state.events.append(path)
             logger.warning("standin-event %s", path)  # lands in the server's log file (tests read the order)
         mode = state.fault.fire(path)
+        if mode is None and not path.startswith("/standin/"):
+            problems = await _contract_problems(request)
+            if problems:  # SGLang ignores unknown fields; the stand-in refuses them so that tests see the mistake
+                return JSONResponse({"error": {"message": "; ".join(problems)}}, status_code=400)
         if mode == "hang":
             await asyncio.sleep(3600)
         if mode == "500":
@@ -206,6 +265,18 @@ def _fault_middleware(app: FastAPI, state: StandinState) -> None:
         if mode == "drop":
             return _Truncated()
         return await call_next(request)
+
+
+async def _contract_problems(request: Request) -> list[str]:
+    """What in this request's JSON body the SGLang request class of its route does not define (or requires)."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw else None
+    except ValueError as exc:
+        return [f"{request.url.path}: body is not JSON ({exc})"]
+    if request.method == "GET" and body is None:
+        return []
+    return cached_http_contract().body_problems(request.url.path, body)
 
 
 class _Truncated(Response):
@@ -220,10 +291,14 @@ def _fail(status: int, message: str) -> JSONResponse:
     return JSONResponse({"success": False, "message": message}, status_code=status)
 
 
-def create_app(model_path: str, tp_size: int = 1) -> FastAPI:
-    """Build the FastAPI app serving ``model_path`` (an HF directory) as a server of ``tp_size`` TP ranks (they
-    matter only for the size of the weight-broadcast group)."""
-    state = StandinState(model_path)
+def create_app(model_path: str, tp_size: int = 1, *, memory_saver: bool = False) -> FastAPI:
+    """Build the FastAPI app serving ``model_path`` (an HF directory) as a server of ``tp_size`` TP ranks (each a
+    process running SGLang's weight-update code; see the module docstring), started with
+    ``--enable-memory-saver`` when ``memory_saver``."""
+    missing = unavailable_reason()
+    if missing is not None:  # a stand-in without SGLang's code would test nothing of SGLang: fail, never skip
+        raise RuntimeError(f"the SGLang stand-in runs SGLang's own code, which is missing: {missing}")
+    state = StandinState(model_path, tp_size, memory_saver)
     app = FastAPI()
     app.state.standin = state
 
@@ -238,7 +313,13 @@ def create_app(model_path: str, tp_size: int = 1) -> FastAPI:
     def info() -> dict:
         """What the process sees (placement checks) and the lifecycle calls it got."""
         return {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "argv": sys.argv, "events": list(state.events), "weight_version": state.weight_version}
+                "argv": sys.argv, "events": list(state.events), "weight_version": state.weight_version,
+                "memory_saver": state.memory_saver, "released": state.released, "memory": dict(state.memory)}
+
+    @app.get("/standin/weights_digest")
+    def weights_digest() -> dict:
+        """SHA-256 of every TP rank's full weights (HF names, checkpoint dtypes), in TP order."""
+        return {"tp_ranks": state.on_tp_ranks("digest")}
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -292,8 +373,11 @@ def create_app(model_path: str, tp_size: int = 1) -> FastAPI:
         try:
             with state.lock:
                 state.model.load_checkpoint(req.model_path)
-        except (ValueError, OSError) as exc:
+            if state._tp_ranks is not None:  # every TP rank loads its own copy from disk
+                state.on_tp_ranks("load_disk", model_path=req.model_path)
+        except (ValueError, OSError, RuntimeError) as exc:
             return _fail(400, f"Failed to update weights: {exc}")
+        state.model_path = req.model_path
         state.update_counts["disk"] += 1
         state.weight_version = req.weight_version or state.weight_version
         return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
@@ -312,73 +396,78 @@ def create_app(model_path: str, tp_size: int = 1) -> FastAPI:
     def from_tensor(req: TensorIn) -> Any:
         if not state.in_weight_update:
             return _fail(400, "update_weights_from_tensor outside /begin_weight_update ... /end_weight_update")
+        if len(req.serialized_named_tensors) < state.tp_size:  # TP rank i reads entry i (tp_worker.py:200)
+            return _fail(400, f"Failed to update weights: serialized_named_tensors has "
+                              f"{len(req.serialized_named_tensors)} entries for {state.tp_size} TP ranks")
         try:
-            named = pickle.loads(base64.b64decode(req.serialized_named_tensors[0]))
-            with state.lock:
-                state.model.load_named_tensors(named)
-        except (ValueError, pickle.UnpicklingError) as exc:
+            installed = state.on_tp_ranks("from_tensor", serialized_named_tensors=req.serialized_named_tensors)
+            state.install(installed[0])
+        except (ValueError, RuntimeError) as exc:
             return _fail(400, f"Failed to update weights: {exc}")
         state.update_counts["tensor"] += 1
         state.weight_version = req.weight_version or state.weight_version
-        return {"success": True, "message": "Succeeded to update model weights."}
+        return {"success": True, "message": "Success"}
 
     @app.post("/init_weights_update_group")
     def init_group(req: GroupIn) -> Any:
-        # one group member per TP rank of this server (ranks rank_offset .. rank_offset + tp_size - 1), as SGLang's
-        # TP workers join; each member here is a thread of this process
+        # TP rank r joins as rank rank_offset + r (weight_updater.py:125), each in its own process
         try:
-            with ThreadPoolExecutor(max_workers=tp_size) as pool:
-                groups = list(pool.map(lambda r: _standalone_group(req.master_address, req.master_port,
-                                                                   req.rank_offset + r, req.world_size),
-                                       range(tp_size)))
+            messages = state.on_tp_ranks("init_group", master_address=req.master_address,
+                                         master_port=req.master_port, rank_offset=req.rank_offset,
+                                         world_size=req.world_size, group_name=req.group_name, backend=req.backend)
         except RuntimeError as exc:
-            return _fail(400, f"Failed to init group: {exc}")
-        state.groups[req.group_name] = (groups, req.rank_offset)
-        return {"success": True, "message": "Succeeded to initialize custom process group."}
+            return _fail(400, f"Failed to initialize custom process group: {exc}.")
+        return {"success": True, "message": messages[0]}
 
     @app.post("/update_weights_from_distributed")
     def from_distributed(req: DistributedIn) -> Any:
         if not state.in_weight_update:
             return _fail(400, "update_weights_from_distributed outside /begin_weight_update ... /end_weight_update")
-        if req.group_name not in state.groups:
-            return _fail(400, f"unknown group '{req.group_name}'; call /init_weights_update_group first")
-        groups, _ = state.groups[req.group_name]
-        received = []
-        for name, dtype, shape in zip(req.names, req.dtypes, req.shapes):
-            copies = [torch.empty(shape, dtype=DTYPES[dtype.replace("torch.", "")]) for _ in groups]
-            with ThreadPoolExecutor(max_workers=len(groups)) as pool:
-                list(pool.map(_receive, groups, copies))
-            received.append((name, copies[0]))
         try:
-            with state.lock:
-                state.model.load_named_tensors(received)
-        except ValueError as exc:
-            return _fail(400, f"Failed to update weights: {exc}")
+            installed = state.on_tp_ranks("receive", names=req.names, dtypes=req.dtypes, shapes=req.shapes,
+                                          group_name=req.group_name)
+            state.install(installed[0])
+        except (ValueError, RuntimeError) as exc:
+            return _fail(400, f"Failed to update parameter online: {exc}")
         state.update_counts["distributed"] += 1
         state.weight_version = req.weight_version or state.weight_version
         return {"success": True, "message": "Succeeded to update parameter online."}
 
     @app.post("/destroy_weights_update_group")
     def destroy_group(req: GroupNameIn) -> Any:
-        state.groups.pop(req.group_name, None)
-        return {"success": True, "message": ""}
+        try:
+            messages = state.on_tp_ranks("destroy_group", group_name=req.group_name)
+        except RuntimeError as exc:
+            return _fail(400, str(exc))
+        return {"success": True, "message": messages[0]}
 
     @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
     def weights_by_name(req: WeightsByNameIn) -> Any:
+        if state.architecture not in classes_with_get_weights_by_name():
+            # weight_exporter.py:183 calls model.get_weights_by_name, logs the AttributeError and returns None;
+            # http_server.py:1568 then answers 400
+            logger.error("Error when getting parameter %s: '%s' object has no attribute 'get_weights_by_name'",
+                         req.name, state.architecture)
+            return JSONResponse({"error": {"message": "Get parameter by name failed"}}, status_code=400)
         weights = state.model.named_weights()
         if req.name not in weights:
-            raise HTTPException(400, f"no weight named {req.name}")
+            return JSONResponse({"error": {"message": "Get parameter by name failed"}}, status_code=400)
         return weights[req.name].detach()[: req.truncate_size].float().tolist()
 
     @app.post("/release_memory_occupation")
     def release(req: TagsIn) -> Any:
-        state.released = True
-        return {"success": True, "message": ""}
+        state.memory["release_calls"] += 1
+        if state.memory_saver:  # weights and KV cache really go: nothing can be generated until resume
+            state.released = True
+            state.memory["freed_bytes"] += sum(t.numel() * t.element_size()
+                                               for t in state.model.named_weights().values())
+        return None  # http_server.py:1582 returns nothing on success (JSON null)
 
     @app.post("/resume_memory_occupation")
     def resume(req: TagsIn) -> Any:
+        state.memory["resume_calls"] += 1
         state.released = False
-        return {"success": True, "message": ""}
+        return None
 
     return app
 
@@ -414,18 +503,6 @@ def _generate_chunk(state: StandinState, prompts: list[list[int]], per_item: lis
     return outs, [None] * len(rows)
 
 
-def _receive(group: Any, tensor: torch.Tensor) -> None:
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 0
-    group.broadcast([tensor], opts).wait()
-
-
-def _standalone_group(host: str, port: int, rank: int, world_size: int) -> Any:
-    store = dist.TCPStore(host, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=60))
-    timeout = datetime.timedelta(seconds=60)
-    return dist.ProcessGroupGloo(dist.PrefixStore("weight_sync", store), rank, world_size, timeout)
-
-
 def _input_logprobs(state: StandinState, prompt: list[int], start: int) -> list[list]:
     """SGLang's ``input_token_logprobs`` from position ``start``: [logprob or None, token_id, None]."""
     logits_SV = state.model.sequence_logits(prompt).double()
@@ -455,14 +532,15 @@ def _item(out, input_lps, return_logprob: bool, weight_version: str) -> dict:
 class StandinServer:
     """Run the stand-in in a background thread on 127.0.0.1; ``with StandinServer(path) as url: ...``."""
 
-    def __init__(self, model_path: str, *, port: int | None = None, start_timeout_s: float = 30.0) -> None:
+    def __init__(self, model_path: str, *, port: int | None = None, start_timeout_s: float = 30.0, tp_size: int = 1,
+                 memory_saver: bool = False) -> None:
         import uvicorn
 
         from megatron_lpreg.parallel.spawn import free_port
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(model_path)
+        self.app = create_app(model_path, tp_size, memory_saver=memory_saver)
         self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._start_timeout_s = start_timeout_s
@@ -483,6 +561,7 @@ class StandinServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=10)
+        self.state.stop()
 
     def __enter__(self) -> StandinServer:
         self.start()
@@ -500,12 +579,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--tp-size", type=int, default=1)
+    parser.add_argument("--enable-memory-saver", action="store_true")
     args, ignored = parser.parse_known_args(argv)
     if ignored:
         logger.warning("stand-in ignores launch flags %s", ignored)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(1)  # several stand-ins share a small CPU
-    uvicorn.run(create_app(args.model_path, args.tp_size), host=args.host, port=args.port, log_level="warning")
+    app = create_app(args.model_path, args.tp_size, memory_saver=args.enable_memory_saver)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        app.state.standin.stop()
 
 
 if __name__ == "__main__":
