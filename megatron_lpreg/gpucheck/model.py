@@ -4,7 +4,9 @@ For a tiny random Qwen2 (QKV bias) and Qwen3 (QK-norm) made by :mod:`megatron_lp
 logits (the reference, computed on the CPU) are compared with the megatron model's (on the checked device) at
 TP=PP=1 in fp32 and bf16, with the local layer spec and, when ``transformer_engine`` imports on a CUDA machine,
 the Transformer Engine spec; with TE also the packed THD layout against the padded one (``trainer.packing``,
-:mod:`megatron_lpreg.gpucheck.packing`). Tolerances are :data:`megatron_lpreg.models.parity.DEFAULT_TOLERANCE`.
+:mod:`megatron_lpreg.gpucheck.packing`); on each spec the local rollout engine on uneven prompt lengths, batched
+against each prompt alone (:mod:`megatron_lpreg.gpucheck.engine_padding`). Tolerances are
+:data:`megatron_lpreg.models.parity.DEFAULT_TOLERANCE`.
 """
 from __future__ import annotations
 
@@ -75,6 +77,18 @@ def _packed_thd(hf_dir: Path, arch: str, te_reason: str | None, numbers: dict[st
     return failures
 
 
+def _engine_padding(hf_dir: Path, arch: str, impl: str, numbers: dict[str, Any]) -> list[str]:
+    """The local engine on uneven prompt lengths, batched vs alone (into ``numbers``); the failures found."""
+    from megatron_lpreg.gpucheck.engine_padding import padded_batch_parity
+
+    key = f"{arch}_{impl}_engine_uneven_prompts"
+    result = numbers[key] = padded_batch_parity(hf_dir, impl)
+    logger.info("model_parity %s: %s", key, result)
+    if not result["same_tokens"] or result["max_abs_logprob_diff"] > result["tolerance"]:
+        return [f"{key}: a left-padded batch differs from each prompt alone: {result}"]
+    return []
+
+
 def model_parity(device: torch.device, work_dir: Path) -> dict[str, Any]:
     """Section ``model_parity``; raises CheckFailed (with every measured difference) when one exceeds tolerance."""
     from megatron_lpreg.models.tiny import make_tiny_model
@@ -91,6 +105,7 @@ def model_parity(device: torch.device, work_dir: Path) -> dict[str, Any]:
             make_tiny_model(hf_dir, arch, seed=0, hidden_size=128, num_attention_heads=4, num_kv_heads=2,
                             ffn_hidden_size=256)
         for impl in impls:
+            failures += _engine_padding(hf_dir, arch, impl, numbers)
             for dtype in DTYPES:
                 key = f"{arch}_{impl}_{dtype}"
                 result = numbers[key] = _one(hf_dir, arch, impl, dtype)

@@ -97,9 +97,9 @@ class LocalEngine:
                 completions.append(out)
         return completions
 
-    @torch.no_grad()
     def generate_rows(self, row_prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Completion]:
-        """Generate one response per row in a single batch (``params.n`` is ignored).
+        """Generate one response per row (``params.n`` is ignored): one batch, or one batch per prompt length when
+        the model cannot mask left padding (``LogitsModel.masks_padding``; per-row seeds make both the same).
 
         Args:
             row_prompts: B prompts (repeat a prompt for several samples).
@@ -109,6 +109,22 @@ class LocalEngine:
         Returns:
             B completions with ``prompt_index`` = row and ``sample_index`` = 0.
         """
+        if self.model.masks_padding:
+            return self._generate_batch(row_prompts, params, seeds)
+        by_length: dict[int, list[int]] = {}
+        for row, prompt in enumerate(row_prompts):
+            by_length.setdefault(len(prompt), []).append(row)
+        completions: list[Completion | None] = [None] * len(row_prompts)
+        for rows in by_length.values():
+            outputs = self._generate_batch([row_prompts[r] for r in rows], params, [seeds[r] for r in rows])
+            for row, out in zip(rows, outputs):
+                out.prompt_index = row
+                completions[row] = out
+        return completions  # type: ignore[return-value]  (every row was filled)
+
+    @torch.no_grad()
+    def _generate_batch(self, row_prompts: list[list[int]], params: SamplingParams,
+                        seeds: list[int]) -> list[Completion]:
         stop_ids = set(params.stop_token_ids) | set(self.eos_token_ids)
         sampler = RowSampler.create(params, seeds)
         input_ids_BS, mask_BS = left_pad(row_prompts, self.model.device)

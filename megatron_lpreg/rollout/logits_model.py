@@ -32,6 +32,9 @@ class LogitsModel(Protocol):
     """Real vocabulary size V (logits returned are [B, V])."""
     max_length: int
     """Longest prompt + response the model supports (positions)."""
+    masks_padding: bool
+    """Whether ``prefill``/``decode`` keep left-padded rows off their pad keys; when False the engine only batches
+    prompts of equal length (Megatron on the Transformer Engine spec, see ``megatron_logits.py``)."""
 
     @property
     def device(self) -> torch.device:
@@ -106,6 +109,7 @@ class HFLogitsModel:
         self.model = model
         self.vocab_size = int(vocab_size or model.config.vocab_size)
         self.max_length = int(getattr(model.config, "max_position_embeddings", 1 << 20))
+        self.masks_padding = True  # transformers applies attention_mask in prefill and decode
         self._cache = None
         self._mask: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None

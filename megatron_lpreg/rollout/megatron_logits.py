@@ -8,6 +8,14 @@ positions are shifted by its pad count. RoPE attention depends only on position 
 results only by float rounding, and padded keys are masked explicitly (the mask is passed at every step, True =
 masked, megatron's convention). Requires PP=1 (one chunk holding both embedding and output layer).
 
+**Padding and the Transformer Engine spec.** Only megatron's local core attention applies the mask passed in
+(``DotProductAttention`` -> ``FusedScaleMaskSoftmax``). ``TEDotProductAttention`` hands TE the layer's mask *type*
+(megatron-core 0.16.1 extensions/transformer_engine.py:1400-1410), and TE reads ``attention_mask`` only for the
+padding/arbitrary types: the prefill runs ``causal`` and, from the first decode step on, ``Attention`` switches the
+type to ``no_mask`` whenever it is not training (transformer/attention.py:511-520). So on TE a left-padded row would
+attend to its pad keys at every step. :attr:`MegatronLogitsModel.masks_padding` says which case holds; when it is
+False the engine batches only prompts of one length (``LocalEngine.generate_rows``), so no row has padding.
+
 TP>1: every TP rank must run the same generation in lockstep (same prompts, same seeds). The output layer gives
 each rank a vocab shard; it is asked to all-gather them over its own TP group (``runtime_gather_output=True``,
 which megatron requires in inference mode anyway), the padded vocab tail is cut off, and because all ranks then
@@ -52,6 +60,8 @@ class MegatronLogitsModel:
         self._mask: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self._was_training = model.training
+        self.masks_padding = _core_attention_applies_masks(inner)
+        """Whether left padding can be masked (megatron's local attention); False on the TE spec (module docstring)."""
 
     @property
     def device(self) -> torch.device:
@@ -122,3 +132,12 @@ class MegatronLogitsModel:
         finally:
             self.model.train(was_training)
         return self._real_vocab(logits_1SVp[0])
+
+
+def _core_attention_applies_masks(model: torch.nn.Module) -> bool:
+    """True when every layer's core attention is megatron's local ``DotProductAttention``, the one that applies the
+    ``attention_mask`` it is given at every step (prefill and decode); any other (Transformer Engine) does not."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    cores = [m.core_attention for m in model.modules() if hasattr(m, "core_attention")]
+    return bool(cores) and all(isinstance(core, DotProductAttention) for core in cores)

@@ -48,6 +48,7 @@ def test_cpu_rehearsal_runs_every_section_and_all_pass(tmp_path):
     assert report["op_speed"]["copy_bandwidth_gb_s"] > 0
     model = report["model_parity"]
     assert model["qwen3_local_float32"]["max_abs_logit_diff"] <= 1e-4 and model["te_spec"].startswith("skipped")
+    assert model["qwen2_local_engine_uneven_prompts"]["same_tokens"]
     train = report["train_steps"]
     assert train["steps"] == [0, 1, 2] and train["exit_code"] == 0
     assert "Overall: **ok**" in (tmp_path / "report.md").read_text()

@@ -94,3 +94,55 @@ def _pp2_rank(rank: int, world: int, hf_dir: str) -> str:
 def test_pipeline_parallel_model_is_rejected(tiny_dirs):
     messages = run_ranks(_pp2_rank, 2, str(tiny_dirs["qwen2"]), timeout_s=120, threads_per_rank=1)
     assert all("parallel.pp=1" in m for m in messages)
+
+
+UNEVEN = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [42], [7, 8, 9, 10, 11]]
+"""Four prompts of four lengths: batched together, three rows are left-padded."""
+PAD_TOL = 1e-5
+"""Batched vs alone on the local spec: the same fp32 math at shifted RoPE positions (module docstring), ~1e-7."""
+
+
+def _batched_vs_alone(rank: int, world: int, hf_dir: str) -> dict:
+    from megatron_lpreg.models import qwen
+    from tests.support.te_mask_attention import mask_type_only_layer_spec
+
+    ctx = init_parallel(ParallelConfig(), seed=0)
+    model_cfg = resolve_model_config(ModelConfig(hf_path=hf_dir))
+    local_spec = qwen.layer_spec
+    results = {}
+    for name in ("local", "te_like", "te_like_padded"):
+        if name != "local":  # TE's role: the mask type alone decides what is masked
+            qwen.layer_spec = lambda cfg: mask_type_only_layer_spec(local_spec(cfg))
+        model = build_gpt_model(model_cfg, ParallelConfig())
+        qwen.layer_spec = local_spec
+        load_hf_weights([model], hf_dir, model_cfg, ctx)
+        engine = build_engine(RolloutConfig(), hf_dir, seed=0, model=[model])
+        masks = engine.model.masks_padding
+        if name == "te_like_padded":
+            engine.model.masks_padding = True  # what the engine did before: pad and trust the mask
+        batched = engine.generate(UNEVEN, GREEDY)
+        alone = [engine.generate([p], GREEDY)[0] for p in UNEVEN]
+        results[name] = (masks, [(c.response_ids, c.logprobs) for c in batched],
+                         [(c.response_ids, c.logprobs) for c in alone])
+    return results
+
+
+def test_left_padded_batch_equals_each_prompt_alone_with_and_without_mask_support(tiny_dirs):
+    """Uneven prompt lengths batched == each prompt generated alone (tokens and log-probs), on megatron's local
+    attention (masks the pad keys) and on a stand-in that, like Transformer Engine, ignores the padding mask (the
+    engine then batches by prompt length). The stand-in batched with padding anyway must differ: the pad keys
+    leak into the padded rows, which is the GPU bug this guards against."""
+    results = run_ranks(_batched_vs_alone, 1, str(tiny_dirs["qwen2"]), timeout_s=180, threads_per_rank=1)[0]
+    assert results["local"][0] and not results["te_like"][0]
+
+    def worst(batched, alone):
+        assert [r for r, _ in batched] == [r for r, _ in alone]
+        return max(abs(a - b) for (_, la), (_, lb) in zip(batched, alone) for a, b in zip(la, lb))
+
+    assert worst(*results["local"][1:]) < PAD_TOL
+    assert worst(*results["te_like"][1:]) < PAD_TOL
+    _, leaked, alone = results["te_like_padded"]
+    padded_rows = [i for i, p in enumerate(UNEVEN) if len(p) < max(map(len, UNEVEN))]
+    diffs = [max(abs(a - b) for a, b in zip(leaked[i][1], alone[i][1])) if leaked[i][0] == alone[i][0] else 1.0
+             for i in padded_rows]
+    assert min(diffs) > 1e-3, diffs
