@@ -110,11 +110,11 @@ class EvalConfig:
     def validate(self) -> None:
         if self.samples < 1:
             raise ConfigError(f"eval.samples={self.samples} must be >= 1")
-        for name in ("interval", "training_samples", "engine_tp", "num_engines"):
+        zero_means = {"interval": "no evaluation during training", "training_samples": "eval.samples",
+                      "engine_tp": "rollout.engine_tp", "num_engines": "fill the node"}
+        for name, meaning in zero_means.items():
             if getattr(self, name) < 0:
-                raise ConfigError(f"eval.{name}={getattr(self, name)} must be >= 0 (0 = "
-                                  + {"interval": "no evaluation during training", "training_samples": "eval.samples",
-                                     "engine_tp": "rollout.engine_tp", "num_engines": "fill the node"}[name] + ")")
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be >= 0 (0 = {meaning})")
         if self.temperature <= 0:
             raise ConfigError(f"eval.temperature={self.temperature} must be > 0 (greedy benchmarks ignore it)")
         if not 0.0 < self.top_p <= 1.0:

@@ -156,6 +156,6 @@ def run(args: argparse.Namespace) -> int:
             meta={"runs": [str(r) for r in runs], "benchmarks": benchmarks, "checkpoints": args.checkpoints},
         )
         return submit_array(manifest, root, "eval_array.sbatch", args)
-    except (SlurmError, ValueError, TimeoutError, ConfigError) as exc:
+    except (SlurmError, ValueError, TimeoutError) as exc:  # ConfigError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
