@@ -26,7 +26,7 @@ import torch
 from megatron_lpreg.config import RunConfig
 from megatron_lpreg.parallel import collectives as coll
 from megatron_lpreg.parallel.bootstrap import ParallelContext
-from megatron_lpreg.rollout.base import Completion, SamplingParams, WeightUpdate
+from megatron_lpreg.rollout.base import Completion, LogprobProbe, SamplingParams, WeightUpdate
 from megatron_lpreg.rollout.weight_sync import checksum
 
 logger = logging.getLogger(__name__)
@@ -70,8 +70,9 @@ class EngineHost:
             return self.engine.generate(prompts, params)
         return coll.broadcast_object(self.engine.generate(prompts, params) if self.ctx.rank == 0 else None, src=0)
 
-    def update_weights(self, version: int) -> None:
-        """Embedded: announce the version. Hosted: stream the new weights to rank 0's engine (collective)."""
+    def update_weights(self, version: int, probe: LogprobProbe | None = None) -> None:
+        """Embedded: announce the version. Hosted: stream the new weights to rank 0's engine (collective), with
+        ``probe`` (the trainer's log-probs with these weights) for the engine to check after the sync."""
         if not self.hosted:
             self.engine.update_weights(WeightUpdate(version=version))
             return
@@ -84,12 +85,12 @@ class EngineHost:
             if self._routes is not None:
                 bucket_bytes = int(self.cfg.rollout.weight_bucket_mb * 2**20)
                 payloads = colocated_payloads(self.chunks, self.cfg.model, self.ctx, self._routes, bucket_bytes)
-                self._feed(WeightUpdate(version=version, payloads=payloads), payloads)
+                self._feed(WeightUpdate(version=version, payloads=payloads, probe=probe), payloads)
                 return
         checksums: dict[str, float] = {}
         wanted = checksums if self.cfg.rollout.engine in CHECKSUM_READERS else None
         stream = stream_weights_to_rank0(self.chunks, self.cfg.model, self.ctx, checksums=wanted)
-        self._feed(WeightUpdate(version=version, tensors=stream, checksums=checksums), stream)
+        self._feed(WeightUpdate(version=version, tensors=stream, checksums=checksums, probe=probe), stream)
 
     def _feed(self, update: WeightUpdate, stream: Iterator) -> None:
         """Rank 0 hands ``update`` (whose stream is collective) to its engine; the others drain ``stream``."""
