@@ -1,4 +1,5 @@
-"""Weight-sync building blocks: bucketing, payloads, the standalone broadcast group, spot-check strictness."""
+"""Weight-sync building blocks: bucketing, payloads, checksums, the probe check, and the weight-update group met by
+SGLang's own ``init_custom_process_group`` (its TP ranks in spawned processes)."""
 from __future__ import annotations
 
 import base64
@@ -11,7 +12,6 @@ from megatron_lpreg.parallel.spawn import free_port
 from megatron_lpreg.rollout.base import LogprobProbe, WeightSyncError, finish_reason
 from megatron_lpreg.rollout.weight_sync import (
     GROUP_NAME_PREFIX,
-    WeightSamples,
     broadcast_bucket,
     checksum,
     checksum_matches,
@@ -133,19 +133,22 @@ def test_an_old_group_name_is_not_met_by_a_new_group(sglang_ranks):
         sglang_ranks[0].result(60)  # the engine rank waited on its own keys until the trainer's store went away
 
 
+def test_the_former_store_layout_never_meets_sglangs_ranks(sglang_ranks):
+    """What the trainer built before (``PrefixStore("weight_sync", TCPStore)`` + a raw gloo group) waits on keys
+    SGLang's ranks never write (issue 18: ``/weight_sync/0/1`` against ``/weight_sync/weight_sync//cpu//0/0``)."""
+    import datetime
+
+    port, name = free_port(), new_group_name()
+    _join(sglang_ranks[:1], "127.0.0.1", port, 2, name)
+    timeout = datetime.timedelta(seconds=3)
+    store = torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=True, timeout=timeout)
+    with pytest.raises(Exception, match="(?i)timeout|timed out"):
+        torch.distributed.ProcessGroupGloo(torch.distributed.PrefixStore("weight_sync", store), 0, 2, timeout)
+    del store
+    with pytest.raises(RuntimeError, match="(?i)timeout|timed out|connection was likely closed"):
+        sglang_ranks[0].result(60)
+
+
 def test_standalone_group_refuses_an_unknown_backend():
     with pytest.raises(ValueError, match="weight_sync_backend='mpi'"):
         standalone_group("mpi", "127.0.0.1", free_port(), 0, 1)
-
-
-def test_spot_check_is_exact_up_to_engine_dtype_rounding():
-    weight = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
-    samples = WeightSamples()
-    samples.record([("w", weight), ("b", torch.zeros(4)), ("c", torch.ones(2))])
-    assert samples.pick(2) == ["w", "c"] and samples.pick(9) == ["w", "b", "c"] and samples.pick(0) == []
-    samples.check("w", weight[:1].clone(), engine="e")  # fp32 engine
-    samples.check("w", weight[:1].bfloat16().float(), engine="e")  # bf16 engine
-    stale = weight[:1].clone()
-    stale[0, 7] += 1e-6  # a tiny RL step on one element: must be caught
-    with pytest.raises(WeightSyncError, match="'w' differs"):
-        samples.check("w", stale, engine="e")

@@ -196,7 +196,7 @@ class TPRank:
                 self._conn.send(("stop", {}))
             except (BrokenPipeError, OSError):
                 pass
-            self._proc.join(timeout=10)
+            self._proc.join(timeout=3)  # a rank stuck in a failed rendezvous does not exit by itself
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(timeout=10)
