@@ -48,6 +48,13 @@ def test_the_flag_file_alone_stops_the_run(tmp_path):
     assert watcher.should_stop()
 
 
+
+def test_a_rank_of_its_own_accord_stops_the_run_without_a_flag_file(tmp_path):
+    """The walltime guard's decision (``local=True``) stops the run like a signal; it leaves no request behind."""
+    watcher = PreemptionWatcher(tmp_path, install_handlers=False)
+    assert watcher.should_stop(local=True) and not watcher.should_stop()
+    assert not (tmp_path / PREEMPT_FILE).exists()
+
 def test_launcher_forwarding_is_scoped_to_the_block(tmp_path, recorder):
     with forward_signals_to_run_dir(tmp_path):
         _raise(signal.SIGTERM)
