@@ -76,3 +76,23 @@ def test_resume_at_another_tensor_parallel_size(tmp_path):
     rows = _rows(run)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert rows[2]["actor/skipped"] == 0.0 and rows[2]["actor/grad_norm"] > 0
+
+
+def test_dp2_distributed_optimizer_resume_with_dp_reshardable_checkpoints(tmp_path):
+    """checkpoint.optimizer_format=dp_reshardable reaches the save (megatron records it in the checkpoint), and a
+    DP2 run with the distributed optimizer resumed from it reproduces the uninterrupted run's metrics."""
+    from megatron_lpreg.models.checkpoint import _saved_optimizer_format
+
+    dp2 = ["parallel.tp=1", "parallel.use_distributed_optimizer=true", "checkpoint.optimizer_format=dp_reshardable"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _train(straight, 3, *dp2)
+    _train(resumed, 2, *dp2)
+    ckpt = resumed / "checkpoints" / (resumed / "checkpoints" / "latest").read_text().strip()
+    assert _saved_optimizer_format(ckpt) == "dp_reshardable"
+    _train(resumed, 3, *dp2)
+    a, b = _rows(straight), _rows(resumed)
+    assert [r["step"] for r in b] == [0, 1, 2] and b[2]["actor/grad_norm"] > 0
+    for ra, rb in zip(a, b):
+        for key in ra:
+            if not key.startswith("perf/"):
+                assert ra[key] == rb[key], (ra["step"], key)
