@@ -59,7 +59,17 @@ class Components:
     def engine_after_restore(self, version: int) -> None:
         """Push restored weights to an engine that keeps its own copy (no-op when embedded). Collective."""
         if self.engine.hosted:
-            self.engine.update_weights(version)
+            self.sync_weights(version)
+
+    def sync_weights(self, version: int) -> None:
+        """Send the policy's weights to the engine as ``version`` (collective). SGLang engines also get the trainer's
+        probe (``trainer/sync_probe.py``), which every server must match after the sync."""
+        probe = None
+        if self.engine.hosted and self.cfg.rollout.engine == "sglang":
+            from megatron_lpreg.trainer.sync_probe import trainer_probe
+
+            probe = trainer_probe(self.policy, params_dtype=self.cfg.model.params_dtype)
+        self.engine.update_weights(version, probe=probe)
 
     def forget_rows_after(self, step: int) -> None:
         """Rank 0: drop the metric and eval rows a killed run logged after the checkpoint of ``step``."""

@@ -43,10 +43,11 @@ def run_rank(cfg: RunConfig, run_dir: str) -> int:
     # Handlers live only while this rank trains: the SIGTERM with which Ray or srun ends a finished rank must not
     # leave a request that stops the next run in this directory after one step.
     with PreemptionWatcher(run_path) as watcher:
-        return _train(cfg, comp, state, watcher)
+        return _train(cfg, comp, state, watcher, walltime)
 
 
-def _train(cfg: RunConfig, comp: Components, state: RunState, watcher: PreemptionWatcher) -> int:
+def _train(cfg: RunConfig, comp: Components, state: RunState, watcher: PreemptionWatcher,
+           walltime: WalltimeGuard) -> int:
     # a resumed run's eval at its checkpoint step was written before that checkpoint; eval.before_training=false
     # (the authors' schedule) skips the evaluation of the initial weights
     if state.step == 0 and cfg.eval.before_training:
@@ -62,7 +63,7 @@ def _train(cfg: RunConfig, comp: Components, state: RunState, watcher: Preemptio
                                seed=cfg.seed, ctx=comp.ctx)
         t2 = time.perf_counter()
         comp.engine.resume_memory()
-        comp.engine.update_weights(version=step + 1)
+        comp.sync_weights(step + 1)
         state = state.advance(skipped=result.skipped, data_state=comp.dataset.state_dict())
         metrics = {**rollout_metrics, **result.metrics, "actor/grad_norm": result.grad_norm,
                    "actor/lr": comp.policy.current_lr(), "actor/skipped": float(result.skipped),
