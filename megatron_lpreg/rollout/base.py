@@ -112,7 +112,7 @@ class PayloadBucket:
     serialized by the trainer rank on that rank's own GPU (``trainer/colocated_sync.py``)."""
 
     tensors: list[NamedTensor]
-    """Rank 0's own copy of the bucket's tensors (for the post-sync checks); never sent by rank 0."""
+    """The bucket as rank 0 holds it (names in payload order); never sent by rank 0 itself."""
     payloads: list[list[str]]
     """``payloads[e][i]``: the ``serialized_named_tensors`` entry of engine ``e``'s TP rank ``i``."""
 

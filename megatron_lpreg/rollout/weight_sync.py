@@ -7,12 +7,10 @@ is cut into buckets of about ``bucket_bytes`` and each bucket is sent before the
 """
 from __future__ import annotations
 
-import base64
 import datetime
 import itertools
 import logging
 import os
-import pickle
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -75,26 +73,6 @@ def checksum(tensor: torch.Tensor, *, absolute: bool = False, rounded_to: torch.
 def checksum_matches(actual: float, expected: float, scale: float | None = None) -> bool:
     """Whether two checksums agree within :data:`CHECKSUM_RTOL` (``scale`` defaults to ``|expected|``)."""
     return abs(actual - expected) <= CHECKSUM_RTOL * max(1.0, abs(expected) if scale is None else scale)
-
-
-def serialize_named_tensors(tensors: list[NamedTensor]) -> str:
-    """Base64 payload for SGLang's ``/update_weights_from_tensor`` (``serialized_named_tensors`` entries).
-
-    CUDA tensors go through ``ForkingPickler`` (CUDA IPC handles: the engine must be on the same node, as in
-    SGLang's own colocated mode); CPU tensors are pickled inline (self-contained bytes). SGLang deserialises
-    both with its ``MultiprocessingSerializer``.
-    """
-    if any(t.is_cuda for _, t in tensors):
-        import io
-
-        from torch.multiprocessing.reductions import ForkingPickler
-
-        buf = io.BytesIO()
-        ForkingPickler(buf).dump(tensors)
-        raw = buf.getvalue()
-    else:
-        raw = pickle.dumps([(name, t.detach().contiguous()) for name, t in tensors])
-    return base64.b64encode(raw).decode("ascii")
 
 
 GROUP_NAME_PREFIX = "lpreg_weight_sync"
