@@ -153,3 +153,22 @@ def test_release_barrier_update_resume_barrier_across_ranks():
         assert at["update starts"] >= engine["engine released"]  # no rank updates before every engine released
         assert at["sync starts"] >= engine["engine resumed"]  # no rank syncs before every engine resumed
     assert engine["engine resume starts"] >= max(dict(r)["update done"] for r in ranks)  # resume after all updates
+
+
+def test_runtime_routes_follow_where_ranks_and_engine_gpus_really_are(monkeypatch):
+    from megatron_lpreg.rollout.sglang_servers import EngineInfo
+    from megatron_lpreg.trainer import colocated_sync
+
+    def engine(node_id: str, gpus: tuple[int, ...]) -> EngineInfo:
+        return EngineInfo(engine_id=0, url="http://x", node=0, node_id=node_id, gpus=gpus, log_path="")
+
+    ctx = SimpleNamespace(rank=0)  # one process: the gathers return this rank's own answer
+    monkeypatch.setattr(colocated_sync, "this_gpu", lambda: ("node-a", 3))
+    assert colocated_sync.runtime_routes(ctx, [engine("node-a", (3,))]) == ((0,),)
+    assert colocated_sync.runtime_routes(ctx, [engine("", (3,))]) == ((0,),)  # '' = rank 0's own host
+    # an engine GPU without a trainer rank, another node, or GPUs unknown (attached): rank 0 feeds every engine
+    assert colocated_sync.runtime_routes(ctx, [engine("node-a", (3, 4))]) is None
+    assert colocated_sync.runtime_routes(ctx, [engine("node-b", (3,))]) is None
+    assert colocated_sync.runtime_routes(ctx, [engine("", ())]) is None
+    monkeypatch.setattr(colocated_sync, "this_gpu", lambda: ("node-a", None))  # no CUDA, no Ray GPU
+    assert colocated_sync.runtime_routes(ctx, [engine("node-a", (0,))]) is None
