@@ -7,17 +7,21 @@
 - ``preempt RUN_DIR [--clear]``: ask the trainer writing RUN_DIR to checkpoint and exit with the requeue code
   (megatron_lpreg.rundir.request_preemption: a flag file rank 0 polls at every step boundary), or
   remove a stale request before the trainer starts.
-- ``ray-env``: ``export`` lines with the Ray head node, IP, port and per-node GPUs/CPUs of this allocation.
+- ``ray-env``: ``export`` lines with the Ray head node, IP, port and per-node GPUs/CPUs of this allocation, and a
+  free port on this node for the Ray Client server (``MLPREG_RAY_CLIENT_PORT``).
 - ``wait-ray --address A --nodes N``: block until N Ray nodes are alive (or fail after a timeout).
 - ``requeue-code``: print REQUEUE_EXIT_CODE (the one definition the shell scripts use).
 - ``preempt-file``: print the name of the preemption flag file (the batch shell's USR1 trap writes it itself:
   a Python start-up in the trap costs seconds under load, and a short run may end before the request lands).
+- ``shell-env``: both of the above as ``export`` lines (``MLPREG_REQUEUE_CODE``, ``MLPREG_PREEMPT_FILE``): one
+  Python start instead of two, which matters when each is a container step (slurm/common.sh, container mode).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -176,6 +180,13 @@ def wait_for_ray(address: str, num_nodes: int, timeout_s: float, poll_s: float =
         ray.shutdown()
 
 
+def free_port() -> int:
+    """A TCP port that is free on this node now (the OS picks it), for a server started right after."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m megatron_lpreg.launch.job", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="step", required=True)
@@ -197,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--timeout", type=float, default=300.0)
     sub.add_parser("requeue-code", help="print the trainer's requeue exit code")
     sub.add_parser("preempt-file", help="print the name of the run directory's preemption flag file")
+    sub.add_parser("shell-env", help="print export lines for the requeue code and the preemption flag file")
     return parser
 
 
@@ -215,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.step == "ray-env":
             sys.stdout.write(ray_layout(SlurmJobEnv.from_environ(os.environ), os.environ).shell_exports())
+            sys.stdout.write(f"export MLPREG_RAY_CLIENT_PORT={free_port()}\n")
             return 0
         if args.step == "wait-ray":
             alive = wait_for_ray(args.address, args.nodes, args.timeout)
@@ -222,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.step == "preempt-file":
             sys.stdout.write(f"{rundir.PREEMPT_FILE}\n")
+            return 0
+        if args.step == "shell-env":
+            sys.stdout.write(f"export MLPREG_REQUEUE_CODE={REQUEUE_EXIT_CODE}\n"
+                             f"export MLPREG_PREEMPT_FILE={shlex.quote(rundir.PREEMPT_FILE)}\n")
             return 0
         sys.stdout.write(f"{REQUEUE_EXIT_CODE}\n")
         return 0

@@ -27,6 +27,9 @@
 #                            a GPU node
 #   MLPREG_SLURM_DEF_MEM_MB  DefMemPerCPU (default 1024): jobs that ask for no memory get this much per CPU, so
 #                            several array tasks fit on the node at once
+#   MLPREG_SLURM_CGROUP      1: enforce allocations as a site does, with task/cgroup and proctrack/cgroup (cgroup v1
+#                            hierarchies under /sys/fs/cgroup; cores, memory and devices constrained). Default 0:
+#                            task/none and proctrack/linuxproc, nothing enforced
 #   MLPREG_SLURM_CTLD_PORT / MLPREG_SLURM_SLURMD_PORT   (default 6817 / 6818)
 #   MLPREG_SLURM_SUBNET      N > 1 only: first three octets of the private /24 the nodes use (default 10.213.0).
 #                            Namespace, bridge and veth names derive from the slurmctld port, so two clusters with
@@ -150,6 +153,14 @@ write_conf() {
     nodes=${nodes%$'\n'}
   fi
   [[ -z $gres_types ]] || nodes=$gres_types$'\n'$nodes
+  local task=task/none proctrack=proctrack/linuxproc
+  if [[ ${MLPREG_SLURM_CGROUP:-0} == 1 ]]; then
+    task=task/cgroup proctrack=proctrack/cgroup
+    printf 'CgroupPlugin=cgroup/v1\nConstrainCores=yes\nConstrainRAMSpace=yes\nConstrainDevices=yes\n' \
+      >"${CONF%/*}/cgroup.conf"
+  else
+    rm -f "${CONF%/*}/cgroup.conf"
+  fi
   cat >"$CONF" <<EOF
 # Written by slurm/dev/local-cluster.sh; regenerated on every fresh \`up\`.
 ClusterName=mlpreg-local
@@ -168,9 +179,9 @@ SlurmdPidFile=$pidfile
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$logfile
 MailProg=/bin/true
-# No cgroups in containers: track processes by parent PID, no task binding.
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+# Default (no cgroups in containers): track processes by parent PID, no task binding. MLPREG_SLURM_CGROUP=1: cgroups.
+ProctrackType=$proctrack
+TaskPlugin=$task
 MpiDefault=none
 ReturnToService=2
 # Allocate cores and memory, not whole nodes: array tasks share the node and run concurrently.

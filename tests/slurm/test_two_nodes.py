@@ -157,7 +157,9 @@ def _run_job(env: dict, tmp_path: Path, overrides: list[str], sbatch_args: list[
         seen |= _kinds_on_nodes()
         time.sleep(0.5)
     elapsed = time.monotonic() - start
-    log = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(p.read_text() for p in sorted(log_dir.glob("*.out"))))
+    # The job log, then the Ray head, worker and driver logs slurm/common.sh writes under the run directory.
+    paths = [*sorted(log_dir.glob("*.out")), *sorted((run_dir / "logs").glob(f"*-{job_id}*.log"))]
+    log = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(p.read_text() for p in paths))
     job = _scontrol_job(job_id, env)
     assert job.get("JobState") == "COMPLETED" and job.get("ExitCode") == "0:0", f"{job}\n{log[-6000:]}"
     # Both nodes allocated: scontrol and the batch script's SLURM_JOB_NODELIST (logged by mlpreg_init).
