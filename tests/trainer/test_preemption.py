@@ -84,8 +84,8 @@ def test_job_end_time_checkpoints_before_it_exits_for_requeue_and_resumes(tmp_pa
     from megatron_lpreg.models.footprint import checkpoint_size
 
     out = tmp_path / "run"
-    cmd = [*_cmd(out, 500), "parallel.tp=1", "trainer.world_size=1", "trainer.walltime_margin_s=10"]
-    end = time.time() + 50  # start-up ~10-20 s on a loaded 2-core machine, then steps of ~0.5 s; exit ~3-5 s
+    cmd = [*_cmd(out, 500), "parallel.tp=1", "trainer.world_size=1", "trainer.walltime_margin_s=15"]
+    end = time.time() + 60  # start-up 10-30 s on a loaded 2-core machine, steps of 0.5-10 s, exit 3-13 s
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "SLURM_JOB_END_TIME": str(int(end))}
     env.pop("SLURM_JOB_ID", None)
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -95,7 +95,7 @@ def test_job_end_time_checkpoints_before_it_exits_for_requeue_and_resumes(tmp_pa
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     assert checkpoint_problems(latest) == [] and (latest / "manifest.json").stat().st_mtime < end
     saved_step = int(latest.name.split("_")[1])
-    assert 2 <= saved_step < 500 and _steps_logged(out) == saved_step
+    assert 1 <= saved_step < 500 and _steps_logged(out) == saved_step
     assert "exceed the" in done.stderr and "before the job's end time: checkpointing now" in done.stderr
     # the checkpoint holds the bytes `megatron-lpreg plan` announces: fp32 weights + two fp32 Adam moments
     cfg = RunConfig.load("configs/tiny_cpu.yaml", cmd[cmd.index("train") + 2:])
