@@ -60,7 +60,7 @@ def test_time_limit_checkpoints_before_the_end_requeues_and_resumes(slurm_env, t
         latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
         saved = int(latest.name.split("_")[1])
         assert saved >= 1 and checkpoint_problems(latest) == []
-        assert (latest / "manifest.json").stat().st_mtime < first_end - MARGIN_S
+        assert (latest / "manifest.json").stat().st_mtime < first_end
         _wait_for(lambda: f"resuming from {latest}" in logs(), 120, "the resume", logs)
         elapsed = time.monotonic() - start
     finally:
