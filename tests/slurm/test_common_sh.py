@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,77 @@ def test_usr1_with_a_run_dir_goes_through_the_trainers_flag_file(tmp_path):
     assert proc.returncode == 0, out
     assert calls.read_text() == "requeue 77\n"
     assert "asking the trainer in" in out
+
+
+# Container mode outside Slurm: stand-ins for srun and apptainer on PATH record their arguments and run the command
+# behind them, so the same Python runs as the real steps would run it.
+FAKE_SRUN = '#!/bin/bash\necho "srun $*" >> "$CALLS"\nwhile [[ $1 == -* ]]; do shift; done\nexec "$@"\n'
+FAKE_APPTAINER = ('#!/bin/bash\necho "apptainer $*" >> "$CALLS"\n'
+                  'while [[ $1 != "$MLPREG_CONTAINER_IMAGE" ]]; do shift; done\nshift\nexec "$@"\n')
+FAKE_SQUEUE = '#!/bin/bash\necho 2026-12-07T06:30:00\n'
+CONTAINER_SCRIPT = """set -euo pipefail
+source "$MLPREG_ROOT/slurm/common.sh"
+mlpreg_init
+MLPREG_PREEMPT_DIR=$RUN_DIR
+mlpreg_setup_launcher
+printf 'cmd %s\\n' "${MLPREG_SRUN_CMD[@]}"
+echo "requeue=$MLPREG_REQUEUE_CODE end=$SLURM_JOB_END_TIME log=$MLPREG_DRIVER_LOG"
+"""
+
+
+def _container_env(tmp_path: Path, **extra: str) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("apptainer", FAKE_APPTAINER), ("squeue", FAKE_SQUEUE)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MLPREG_", "SBATCH_"))}
+    return {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MLPREG_ROOT": str(REPO), "SLURM_JOB_ID": "77",
+            "SLURMD_NODENAME": "n1", "SLURM_CPUS_ON_NODE": "4", "SLURM_GPUS_ON_NODE": "2",
+            "MLPREG_PYTHON": sys.executable, "CALLS": str(tmp_path / "calls"), "RUN_DIR": str(tmp_path / "run"),
+            "MLPREG_CONTAINER": "apptainer", "MLPREG_CONTAINER_IMAGE": "/images/mlpreg.sif",
+            "MLPREG_CONTAINER_MOUNTS": "/shared:/shared,/tmp:/tmp", **extra}
+
+
+def test_container_mode_runs_python_in_steps_and_builds_container_steps(tmp_path):
+    proc = subprocess.run(["bash", "-c", CONTAINER_SCRIPT], env=_container_env(tmp_path), capture_output=True,
+                          text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    prefix = ["apptainer", "exec", "--nv", "--pwd", str(tmp_path), "--bind", "/shared:/shared,/tmp:/tmp",
+              "/images/mlpreg.sif"]
+    # The batch shell's own Python (the requeue code and flag file) ran as a small step on this node, in the image.
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == [f"srun --nodes=1 --ntasks=1 --overlap --quiet --nodelist=n1 --cpus-per-task=1 --mem=0 "
+                     f"{' '.join(prefix)} {sys.executable} -m megatron_lpreg.launch.job shell-env",
+                     f"{' '.join(prefix)} {sys.executable} -m megatron_lpreg.launch.job shell-env"], calls
+    # The trainer's step: the node's CPUs, memory and GPUs, its own log under the run directory, the image.
+    log = tmp_path / "run" / "logs" / "driver-77.log"
+    assert re.findall(r"^cmd (.*)$", proc.stdout, re.M) == [
+        "srun", "--nodes=1", "--ntasks=1", "--overlap", "--kill-on-bad-exit=1", "--mem=0", "--cpus-per-task=4",
+        "--gres=gpu:2", f"--output={log}", "--open-mode=append", *prefix]
+    end = int(datetime.fromisoformat("2026-12-07T06:30:00").timestamp())  # squeue's %e, local time
+    assert f"requeue=42 end={end} log={log}" in proc.stdout
+    assert log.parent.is_dir()  # the log folder exists before srun opens the file
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"MLPREG_CONTAINER": "docker"}, "MLPREG_CONTAINER=docker: use pyxis or apptainer"),
+    ({"MLPREG_CONTAINER": "pyxis", "MLPREG_CONTAINER_IMAGE": ""}, "needs MLPREG_CONTAINER_IMAGE"),
+    ({"MLPREG_NOFILE": "999999999"}, "MLPREG_NOFILE=999999999 is above this node's hard limit"),
+    ({"MLPREG_STEP_GPUS": "all"}, "MLPREG_STEP_GPUS=all must be a GPU count per node"),
+])
+def test_bad_container_or_resource_settings_stop_the_job_with_the_fix(tmp_path, extra, message):
+    proc = subprocess.run(["bash", "-c", CONTAINER_SCRIPT], env=_container_env(tmp_path, **extra),
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "calls").exists()  # stopped before any step
+
+
+def test_a_failing_ray_layout_stops_at_once_with_pythons_error(tmp_path):
+    env = _container_env(tmp_path, MLPREG_CONTAINER="", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="n[1-")
+    proc = subprocess.run(["bash", "-c", CONTAINER_SCRIPT], env=env, capture_output=True, text=True, cwd=tmp_path,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "bad Slurm environment" in proc.stderr  # Python's own message, not swallowed by eval "$(...)"
+    assert "could not compute the Ray layout of this allocation" in proc.stderr
+    assert "unbound variable" not in proc.stderr and "cmd srun" not in proc.stdout
