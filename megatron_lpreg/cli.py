@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("megatron_lpreg.launch.cli_collect", "collect a sweep/eval array into one table + plots"),
     "plan": ("megatron_lpreg.launch.cli_plan", "print where trainer ranks and rollout engines run on N x G GPUs"),
     "prompt": ("megatron_lpreg.data.cli_prompt", "print the exact prompt text the trainer feeds for --problem TEXT"),
+    "study": ("megatron_lpreg.study.cli", "the spark study (docs/study.md): stage0, warmstart + G1, rerun, report"),
 }
 
 

@@ -1,0 +1,92 @@
+"""``megatron-lpreg study {stage0,warmstart,rerun,report}``: the study of docs/study.md.
+
+- ``stage0 --out DIR``: the one-position simulation (CSV of every run, seed-paired effects, plot);
+- ``warmstart --out DIR``: Task A's data split, the supervised warm start and Gate G1 (up to 3 attempts);
+- ``rerun --out DIR [--seed S] [--steps N]``: GRPO against the best Lp-Reg arm on Task A (16 prompts x 8), ending
+  with the line ``study-rerun: grpo spark_survival=<x> hard_acc=<y>; <arm> spark_survival=<x> hard_acc=<y>``;
+- ``report``: docs/study.md's tables and plots from the committed CSVs in docs/study/.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="study_command", metavar="STEP")
+    sub.required = True
+    stage0 = sub.add_parser("stage0", help="one-position simulation with the project's losses (seconds to minutes)")
+    stage0.add_argument("--out", required=True, help="directory for stage0_runs.csv, stage0_effects.csv, stage0.png")
+    stage0.add_argument("--seeds", type=int, default=20, help="seeds per setup (paired across arms)")
+    stage0.add_argument("--steps", type=int, default=60, help="RL steps per simulated run")
+    warm = sub.add_parser("warmstart", help="Task A data, warm start and Gate G1 (CPU, minutes)")
+    warm.add_argument("--out", required=True, help="directory for the data, the warm-started model and g1.csv")
+    warm.add_argument("--attempts", type=int, default=3, help="warm-start attempts before giving up (max 3)")
+    warm.add_argument("--seed", type=int, default=1, help="seed of the first attempt (attempt i uses seed + i)")
+    warm.add_argument("--max-steps", type=int, default=3000, help="supervised steps per attempt at most")
+    rerun = sub.add_parser("rerun", help="reduced rerun: GRPO vs the best Lp-Reg arm on Task A")
+    rerun.add_argument("--out", required=True, help="output directory (warm start is made there if missing)")
+    rerun.add_argument("--seed", type=int, default=1, help="RL seed (both arms, paired)")
+    rerun.add_argument("--steps", type=int, default=200, help="RL steps per arm")
+    report = sub.add_parser("report", help="regenerate docs/study.md's tables and plots from docs/study/*.csv")
+    report.add_argument("--results", default=None, help="CSV directory (default docs/study)")
+    report.add_argument("--doc", default=None, help="the study document (default docs/study.md)")
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"stage0": _stage0, "warmstart": _warmstart, "rerun": _rerun, "report": _report}[args.study_command](args)
+
+
+def _stage0(args: argparse.Namespace) -> int:
+    import torch
+
+    from megatron_lpreg.study.report import plot_stage0
+    from megatron_lpreg.study.stage0 import Stage0Grid, effect_rows, simulate, write_csv
+
+    if args.seeds < 1 or args.steps < 1:
+        raise SystemExit(f"--seeds={args.seeds} and --steps={args.steps} must be >= 1")
+    torch.set_num_threads(1)  # a 512-token softmax gains nothing from threads; 2-3 ms of CPU per step on one
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    setups = Stage0Grid(seeds=args.seeds, steps=args.steps).setups()
+    results = []
+    for index, setup in enumerate(setups):
+        results.append(simulate(setup))
+        if index % 50 == 0:
+            logger.info("stage0: %d/%d runs (%.0f s)", index + 1, len(setups), time.perf_counter() - t0)
+    write_csv([r.row() for r in results], out / "stage0_runs.csv")
+    effects = effect_rows(results)
+    write_csv(effects, out / "stage0_effects.csv")
+    plot_stage0(effects, out / "stage0.png")
+    print(f"stage0: {len(results)} runs, {len(effects)} seed-paired effects in {out} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def _warmstart(args: argparse.Namespace) -> int:
+    from megatron_lpreg import telemetry
+    from megatron_lpreg.study.warmstart import warm_start_with_gate
+
+    telemetry.setup(0, 1)
+    passed = warm_start_with_gate(Path(args.out), attempts=args.attempts, seed=args.seed, max_steps=args.max_steps)
+    return 0 if passed else 1
+
+
+def _rerun(args: argparse.Namespace) -> int:
+    from megatron_lpreg.study.rerun import rerun
+
+    print(rerun(Path(args.out), seed=args.seed, steps=args.steps))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from megatron_lpreg.study.report import RESULTS_DIR, STUDY_DOC, regenerate
+
+    for line in regenerate(Path(args.results) if args.results else RESULTS_DIR,
+                           Path(args.doc) if args.doc else STUDY_DOC):
+        print(f"study report: {line}")
+    return 0
