@@ -17,6 +17,7 @@ help:
 	@echo "make bench  - run the benchmark scripts in benchmarks/"
 	@echo "make gpu-wheelhouse - build wheelhouse/ (py3.12 wheels a GPU node without network lacks; <= 64 MiB)"
 	@echo "make gpu-check - on a GPU node: tools/gpu_check.py --out $(GPU_CHECK_OUT) (docs/benchmarks.md, GPU check)"
+	@echo "make image - build the CPU container image (podman, root), smoke-test it, run container mode on local Slurm"
 
 $(STAMP): setup.py requirements/cpu.lock
 	test -x $(VPY) || $(PY) -m venv $(VENV)
