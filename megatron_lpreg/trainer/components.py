@@ -76,12 +76,15 @@ class Components:
         if self.ctx.rank == 0:
             drop_rows_after(self.run_dir, step, self.metrics_truncate)
 
+    def eval_due(self, step: int) -> bool:
+        """Whether ``eval.interval`` asks for a held-out evaluation after ``step`` steps (and there is one)."""
+        interval = self.cfg.eval.interval
+        return self.evaluator is not None and self.evaluator.enabled and interval > 0 and step % interval == 0
+
     def evaluate_if_due(self, step: int, *, force: bool = False) -> None:
         """Score the held-out benchmarks after ``step`` steps if ``eval.interval`` says so (or ``force``);
         collective. Rank 0 appends the row to ``eval.jsonl``."""
-        interval = self.cfg.eval.interval
-        if self.evaluator is None or not self.evaluator.enabled or not (
-                force or (interval > 0 and step % interval == 0)):
+        if self.evaluator is None or not self.evaluator.enabled or not (force or self.eval_due(step)):
             return
         result = evaluate_heldout(self.evaluator, self.engine, self.ctx, seed=self.cfg.seed, step=step)
         if self.ctx.rank == 0:

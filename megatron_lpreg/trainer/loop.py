@@ -82,10 +82,11 @@ def _train(cfg: RunConfig, comp: Components, state: RunState, watcher: Preemptio
                 f"(trainer.nan_policy={cfg.trainer.nan_policy}, trainer.max_consecutive_nan="
                 f"{cfg.trainer.max_consecutive_nan}); last metrics: {result.metrics}"
             )
-        comp.evaluate_if_due(step + 1, force=step + 1 == cfg.trainer.max_steps)
-        walltime.record_step(time.perf_counter() - t0)
+        t_eval = time.perf_counter()
         final = step + 1 == cfg.trainer.max_steps
-        out_of_time = not final and walltime.should_stop()
+        comp.evaluate_if_due(step + 1, force=final)
+        walltime.record_step(t_eval - t0, evaluation_s=time.perf_counter() - t_eval)
+        out_of_time = not final and walltime.should_stop(evaluates=comp.eval_due(step + 2))
         if out_of_time:
             logger.warning("step %d: %s: checkpointing now", step + 1, walltime.reason())
         stop = watcher.should_stop(comp.ctx, local=out_of_time)

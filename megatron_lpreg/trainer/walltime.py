@@ -8,8 +8,9 @@ next step, then a save, then ``trainer.walltime_margin_s`` still end before the 
 now and exits with :data:`~megatron_lpreg.rundir.REQUEUE_EXIT_CODE` (the sbatch script requeues the job).
 
 Estimates are deliberately pessimistic: the step estimate is the longest of the last :data:`WINDOW` steps (step
-times grow as responses lengthen), the save estimate the longest save seen, or, before the first save, the time
-the restore took to load the checkpoint, or else one step time. Outside Slurm (no end time) nothing ever stops.
+times grow as responses lengthen), plus the longest held-out evaluation seen when the next step ends with one
+(``eval.interval``); the save estimate is the longest save seen, or, before the first save, the time the restore
+took to load the checkpoint, or else one step time. Outside Slurm (no end time) nothing ever stops.
 """
 from __future__ import annotations
 
@@ -97,10 +98,13 @@ class WalltimeGuard:
         self._steps: deque[float] = deque(maxlen=WINDOW)
         self._save_s: float | None = None
         self._load_s: float | None = None
+        self._eval_s = 0.0
+        self._next = 0.0
 
-    def record_step(self, seconds: float) -> None:
-        """One step took ``seconds`` (rollout to metrics, evaluation included)."""
+    def record_step(self, seconds: float, evaluation_s: float = 0.0) -> None:
+        """One step took ``seconds`` (rollout to metrics), then ``evaluation_s`` for a held-out evaluation."""
         self._steps.append(seconds)
+        self._eval_s = max(self._eval_s, evaluation_s)
 
     def record_save(self, seconds: float) -> None:
         """A checkpoint save took ``seconds``."""
@@ -110,9 +114,10 @@ class WalltimeGuard:
         """The restore took ``seconds`` to load a checkpoint (the save estimate until a save is measured)."""
         self._load_s = seconds
 
-    def step_estimate(self) -> float:
-        """Seconds the next step is expected to take (0 before any step)."""
-        return max(self._steps, default=0.0)
+    def step_estimate(self, evaluates: bool = False) -> float:
+        """Seconds the next step is expected to take (0 before any step); ``evaluates``: it ends with a held-out
+        evaluation (the longest one seen is added)."""
+        return max(self._steps, default=0.0) + (self._eval_s if evaluates else 0.0)
 
     def save_estimate(self) -> float:
         """Seconds a save is expected to take: the longest measured, else the load time, else one step."""
@@ -124,15 +129,17 @@ class WalltimeGuard:
         """Seconds until the end time (None: no end time)."""
         return None if self.end_time is None else self.end_time - self.clock()
 
-    def should_stop(self) -> bool:
-        """True when the next step, a save and the margin would end after the end time (False without one)."""
+    def should_stop(self, evaluates: bool = False) -> bool:
+        """True when the next step (with its evaluation when ``evaluates``), a save and the margin would end after
+        the end time (False without one)."""
         left = self.time_left()
         if left is None:
             return False
-        return self.step_estimate() + self.save_estimate() + self.margin_s > left
+        self._next = self.step_estimate(evaluates)
+        return self._next + self.save_estimate() + self.margin_s > left
 
     def reason(self) -> str:
         """Why :meth:`should_stop` said yes, for the log."""
-        return (f"the next step (~{self.step_estimate():.0f} s) + a save (~{self.save_estimate():.0f} s) + "
+        return (f"the next step (~{self._next:.0f} s) + a save (~{self.save_estimate():.0f} s) + "
                 f"trainer.walltime_margin_s={self.margin_s:g} exceed the {self.time_left() or 0:.0f} s left before "
                 f"the job's end time")

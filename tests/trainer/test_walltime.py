@@ -94,3 +94,15 @@ def test_a_saved_estimate_moves_the_stop_earlier():
     assert not guard.should_stop()
     clock.now += 11
     assert guard.should_stop()
+
+
+def test_the_next_steps_evaluation_is_counted_when_one_is_due():
+    clock = Clock()
+    guard = WalltimeGuard(end_time=1000.0 + 100, margin_s=0, clock=clock)
+    guard.record_step(20, evaluation_s=30)  # a step that ended with a 30 s held-out evaluation
+    guard.record_step(20)
+    assert guard.step_estimate() == 20 and guard.step_estimate(evaluates=True) == 50
+    assert not guard.should_stop() and not guard.should_stop(evaluates=True)  # 20 + 20 / 50 + 20 <= 100
+    clock.now += 31  # 69 s left: a plain step and a save fit, one with an evaluation does not
+    assert not guard.should_stop() and guard.should_stop(evaluates=True)
+    assert "the next step (~50 s)" in guard.reason()
