@@ -191,7 +191,6 @@ def test_every_tp_rank_of_every_engine_holds_the_sent_weights_bit_identical(tiny
                     assert one.state.events.count("/destroy_weights_update_group") == 1
                     engine.update_weights(WeightUpdate(version=2, tensors=hf_dir.iter_tensors(tiny_hf_dir),
                                                        probe=probe_of(tiny_hf_dir)))
-                    assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir))
                     want = weights_digest(dict(hf_dir.iter_tensors(tiny_hf_dir)))
                     assert [d for srv in (one, two) for d in srv.state.on_tp_ranks("digest")] == [want] * 4
             finally:

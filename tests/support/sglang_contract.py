@@ -20,6 +20,7 @@ import ast
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -310,6 +311,9 @@ def cached_http_contract() -> HttpContract:
     return http_contract()
 
 
+_CLASS_HEADER = re.compile(r"^class (\w+)(?:\(([^)]*)\))?:", re.MULTILINE)
+
+
 @functools.cache
 def classes_with_get_weights_by_name(site: Path | None = None) -> frozenset[str]:
     """Model classes of ``sglang/srt/models`` that define ``get_weights_by_name`` themselves or inherit it from one
@@ -318,11 +322,16 @@ def classes_with_get_weights_by_name(site: Path | None = None) -> frozenset[str]
     bases: dict[str, set[str]] = {}
     defining: set[str] = set()
     for path in sorted(((site or contract_site()) / "sglang" / "srt" / "models").glob("*.py")):
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.ClassDef):
-                bases.setdefault(node.name, set()).update(b.id for b in node.bases if isinstance(b, ast.Name))
-                if any(isinstance(f, ast.FunctionDef) and f.name == "get_weights_by_name" for f in node.body):
-                    defining.add(node.name)
+        text = path.read_text()
+        # a regex over class headers (ast over ~300 model files takes seconds); a class defines the method when
+        # its body has `def get_weights_by_name` before the next top-level class
+        for match in _CLASS_HEADER.finditer(text):
+            name, parents = match.group(1), match.group(2) or ""
+            bases.setdefault(name, set()).update(p.strip().split(".")[-1] for p in parents.split(",") if p.strip())
+            body = text[match.end():]
+            following = _CLASS_HEADER.search(body)
+            if "def get_weights_by_name(" in body[: following.start() if following else len(body)]:
+                defining.add(name)
     grew = True
     while grew:
         new = {name for name, parents in bases.items() if parents & defining} - defining

@@ -198,8 +198,7 @@ class StandinState:
             self.model.load_named_tensors(pickle.loads(rank0_tensors))
 
     def stop(self) -> None:
-        for rank in self._tp_ranks or []:
-            rank.stop()
+        TPRank.stop_all(self._tp_ranks or [])
         self._tp_ranks = None
 
 

@@ -190,12 +190,24 @@ class TPRank:
         self.submit(method, **kwargs)
         return self.result()
 
-    def stop(self) -> None:
+    @staticmethod
+    def stop_all(ranks: list[TPRank]) -> None:
+        """Ask every rank to stop at once, then wait for (or kill) each."""
+        for rank in ranks:
+            rank._ask_stop()
+        for rank in ranks:
+            rank.stop()
+
+    def _ask_stop(self) -> None:
         if self._proc.is_alive():
             try:
                 self._conn.send(("stop", {}))
             except (BrokenPipeError, OSError):
                 pass
+
+    def stop(self) -> None:
+        if self._proc.is_alive():
+            self._ask_stop()
             self._proc.join(timeout=3)  # a rank stuck in a failed rendezvous does not exit by itself
         if self._proc.is_alive():
             self._proc.kill()
