@@ -18,6 +18,7 @@ import threading
 import time
 
 import pytest
+import requests
 
 from megatron_lpreg.config.rollout import RolloutConfig
 from megatron_lpreg.models import hf_dir
@@ -235,8 +236,6 @@ def test_probe_mismatch_raises(tiny_hf_dir, tiny_hf_dir_b, server):
 
 
 def _memory(url: str) -> dict:
-    import requests
-
     return requests.get(f"{url}/standin/info", timeout=10).json()["memory"]
 
 
@@ -273,6 +272,11 @@ def test_launch_mode_starts_waits_and_stops_a_server(tiny_hf_dir):
     proc = engine.servers.processes[0].proc
     try:
         assert_same(engine.generate(PROMPTS, PARAMS), reference(tiny_hf_dir))
+        info = requests.get(f"{engine.clients[0].url}/standin/info", timeout=10).json()
+        assert info["memory_saver"] and "--enable-memory-saver" in info["argv"]  # colocated on GPUs (the default)
+        engine.release_memory()
+        assert _memory(engine.clients[0].url)["freed_bytes"] > 0
+        engine.resume_memory()
     finally:
         engine.shutdown()
     assert proc.poll() is not None
@@ -288,8 +292,6 @@ def test_launch_failure_reports_the_server_log(tiny_hf_dir, tmp_path):
 
 
 def _fault(url: str, mode: str, route: str = "/generate", count: int = -1) -> None:
-    import requests
-
     requests.post(f"{url}/standin/fault", json={"mode": mode, "route": route, "count": count}, timeout=10)
 
 
