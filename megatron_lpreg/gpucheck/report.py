@@ -17,7 +17,10 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 SECTION_NAMES = ("op_parity", "op_speed", "model_parity", "train_steps")
-"""The sections, in the order they run and are reported."""
+"""The default sections, in the order they run and are reported."""
+OPTIONAL_SECTIONS = ("rollout",)
+"""Sections that run only when named (``--sections``): ``rollout`` needs SGLang installed (gpucheck/rollout.py)."""
+ALL_SECTIONS = SECTION_NAMES + OPTIONAL_SECTIONS
 STATUSES = ("ok", "failed", "skipped")
 RESERVED_KEYS = ("environment", "ok")
 

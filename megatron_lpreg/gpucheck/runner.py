@@ -25,7 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_lpreg.gpucheck.report import SECTION_NAMES, section_failed, section_ok, section_skipped, write_report
+from megatron_lpreg.gpucheck.report import (
+    ALL_SECTIONS,
+    SECTION_NAMES,
+    section_failed,
+    section_ok,
+    section_skipped,
+    write_report,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +87,7 @@ def run_section(name: str, device_name: str, work_dir: Path, config: Path) -> di
     """Run one section in this process and return its report dict (never raises for a failed check)."""
     import torch
 
-    from megatron_lpreg.gpucheck import model, ops, train
+    from megatron_lpreg.gpucheck import model, ops, rollout, train
 
     device = torch.device(device_name)
     start = time.perf_counter()
@@ -93,9 +100,13 @@ def run_section(name: str, device_name: str, work_dir: Path, config: Path) -> di
             numbers = model.model_parity(device, work_dir)
         elif name == "train_steps":
             numbers = train.train_steps(device, work_dir, config)
+        elif name == "rollout":
+            numbers = rollout.rollout_section(device, work_dir, config)
         else:
-            raise ValueError(f"unknown section {name!r}; sections are {SECTION_NAMES}")
+            raise ValueError(f"unknown section {name!r}; sections are {ALL_SECTIONS}")
         result = section_ok(numbers)
+    except rollout.SectionSkipped as exc:
+        result = section_skipped(str(exc))
     except ops.CheckFailed as exc:
         result = section_failed(str(exc), exc.numbers)
     except Exception as exc:  # noqa: BLE001 (any error is this section's result, with its traceback)
@@ -164,15 +175,15 @@ def run_checks(out_dir: str | os.PathLike, *, device: str | None = None, config:
     Raises:
         ValueError: an unknown section, a missing config file, or a device that is not available.
     """
-    unknown = sorted(set(sections) - set(SECTION_NAMES))
+    unknown = sorted(set(sections) - set(ALL_SECTIONS))
     if unknown:
-        raise ValueError(f"unknown sections {unknown}; sections are {list(SECTION_NAMES)}")
+        raise ValueError(f"unknown sections {unknown}; sections are {list(ALL_SECTIONS)}")
     if not Path(config).is_file():
         raise ValueError(f"config={str(config)!r} is not a file (the train_steps section needs configs/tiny_cpu.yaml)")
     device = resolve_device(device)
     out = Path(out_dir).resolve()
     results: dict[str, dict[str, Any]] = {}
-    for name in SECTION_NAMES:
+    for name in ALL_SECTIONS:
         if name not in sections:
             continue
         if name in skip:
@@ -186,7 +197,7 @@ def run_checks(out_dir: str | os.PathLike, *, device: str | None = None, config:
 
 def section_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="one GPU-check section (internal; use tools/gpu_check.py)")
-    parser.add_argument("--section", required=True, choices=SECTION_NAMES)
+    parser.add_argument("--section", required=True, choices=ALL_SECTIONS)
     parser.add_argument("--device", required=True, choices=("cpu", "cuda"))
     parser.add_argument("--work", required=True, type=Path)
     parser.add_argument("--config", required=True, type=Path)
