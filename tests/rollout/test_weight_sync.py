@@ -114,6 +114,36 @@ def test_the_trainer_meets_sglangs_init_custom_process_group_in_successive_group
     assert not torch.distributed.is_initialized()
 
 
+def _beside_default_group(rank, world):
+    from tests.support.sglang_tp_rank import TPRank
+
+    assert torch.distributed.is_initialized()  # as in the trainer: megatron's default group exists
+    ranks = TPRank.start(1)
+    try:
+        port, name = free_port(), new_group_name()
+        _join(ranks, "127.0.0.1", port, 2, name)
+        group = standalone_group("gloo", "127.0.0.1", port, 0, 2, timeout_s=60, group_name=name)
+        ranks[0].result(60)
+        sent = [("w", torch.randn(3, 4))]
+        ranks[0].submit("receive", names=["w"], dtypes=["float32"], shapes=[[3, 4]], group_name=name)
+        broadcast_bucket(group, sent, "gloo")
+        exact = torch.equal(pickle.loads(ranks[0].result(60))[0][1], sent[0][1])
+        ranks[0].call("destroy_group", group_name=name)
+        destroy_group(group)
+        torch.distributed.barrier()  # the default group is untouched
+        return exact
+    finally:
+        TPRank.stop_all(ranks)
+
+
+def test_the_group_forms_beside_the_trainers_default_group():
+    from megatron_lpreg.parallel.spawn import run_ranks
+    from tests.support.sglang_contract import require_sglang
+
+    require_sglang()
+    assert run_ranks(_beside_default_group, 1, timeout_s=240) == [True]
+
+
 def test_an_old_group_name_is_not_met_by_a_new_group(sglang_ranks):
     """Engine ranks joining under the previous name never meet a trainer group of a new name: keys differ."""
     port, old, new = free_port(), new_group_name(), new_group_name()
