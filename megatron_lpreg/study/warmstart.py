@@ -1,0 +1,209 @@
+"""Task A's supervised warm start and Gate G1 (docs/study.md).
+
+The warm start takes the demo's deterministic path (:data:`megatron_lpreg.demo.WARM_START_DTYPE` float64 on
+:data:`megatron_lpreg.demo.WARM_START_THREADS` thread, the float32 islands of transformers' Qwen2 removed) and
+trains the tiny model of configs/study_task_a.yaml on Task A targets drawn with the first-token mix
+:data:`megatron_lpreg.study.task_a.WARM_START_MIX` and 15% wrong scratchpad columns. It stops at the first check
+(every ``check_every`` steps) where dev direct accuracy on easy problems reaches 0.85, or at ``max_steps``.
+
+Gate G1 is then measured on the held-out set with forced prefixes (first response token fixed, the rest sampled at
+T = 1, :data:`G1_SAMPLES` samples per problem) and, at the decision position, with
+:func:`megatron_lpreg.metrics.diagnostics.decision_probe`.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_lpreg.metrics.diagnostics import TokenClasses, decision_probe
+from megatron_lpreg.study.task_a import EASY, HARD, WARM_START_MIX, Problem, TaskASplit, TaskATokens, split_task_a
+
+logger = logging.getLogger(__name__)
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+STUDY_CONFIG = REPO_CONFIGS / "study_task_a.yaml"
+KAPPA = 0.02
+G1_SAMPLES = 2
+MAX_NEW_TOKENS = 40
+MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class GateG1:
+    """Gate G1's thresholds (issue 20), inclusive."""
+
+    spark_p: tuple[float, float] = (0.03, 0.08)
+    mass_below_cut: tuple[float, float] = (0.15, 0.3)
+    direct_easy_min: float = 0.8
+    direct_hard_max: float = 0.3
+    spark_easy: tuple[float, float] = (0.4, 0.75)
+    spark_hard_over_direct: float = 0.1
+
+    def checks(self, m: dict[str, float]) -> dict[str, bool]:
+        """Each criterion on the measured values ``m`` (keys of :func:`measure_g1`)."""
+        return {
+            "spark_p": self.spark_p[0] <= m["p_spark"] <= self.spark_p[1],
+            "noise_below_cut": m["noise_max_rel"] < KAPPA,
+            "mass_below_cut": self.mass_below_cut[0] <= m["mass_below_cut"] <= self.mass_below_cut[1],
+            "direct_easy": m["direct_easy"] >= self.direct_easy_min,
+            "direct_hard": m["direct_hard"] <= self.direct_hard_max,
+            "spark_easy": self.spark_easy[0] <= m["spark_easy"] <= self.spark_easy[1],
+            "spark_hard": m["spark_hard"] >= m["direct_hard"] + self.spark_hard_over_direct,
+        }
+
+
+def load_base(seed: int = 0):
+    """(model dir, tokenizer, TaskATokens) of the study's tiny model (configs/study_task_a.yaml's shape)."""
+    from transformers import AutoTokenizer
+
+    from megatron_lpreg.config import RunConfig
+    from megatron_lpreg.trainer.cli import materialize_tiny
+
+    cfg = RunConfig.load(str(STUDY_CONFIG))
+    base = materialize_tiny(dataclasses.replace(cfg.model, hf_path=f"tiny:{seed}"))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    return base, tokenizer, TaskATokens(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+
+def _batch(tokens: TaskATokens, problems: list[Problem], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    strategies = rng.choices(list(WARM_START_MIX), weights=list(WARM_START_MIX.values()), k=len(problems))
+    seqs, masks = [], []
+    for problem, strategy in zip(problems, strategies):
+        prompt, target = tokens.prompt(problem), tokens.target(problem, strategy, rng)
+        seqs.append(prompt + target)
+        masks.append([0] * len(prompt) + [1] * len(target))
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tokens.eos] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.float64)
+    return ids, mask
+
+
+@torch.no_grad()
+def forced_accuracy(model, tokens: TaskATokens, problems: list[Problem], first: int, *, samples: int, seed: int
+                    ) -> float:
+    """Mean ``exact_match`` with the first response token forced to ``first``, the rest sampled at T = 1."""
+    prompts = torch.tensor([tokens.prompt(p) + [first] for p in problems]).repeat(samples, 1)
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=MAX_NEW_TOKENS,
+                         do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=tokens.eos,
+                         pad_token_id=tokens.eos)
+    responses = out[:, prompts.shape[1] - 1:].tolist()
+    rewards = [tokens.reward(r, p) for r, p in zip(responses, problems * samples)]
+    return sum(rewards) / len(rewards)
+
+
+@torch.no_grad()
+def decision_logits(model, tokens: TaskATokens, problems: list[Problem]) -> torch.Tensor:
+    """``[N, V]`` logits of the first response token."""
+    ids = torch.tensor([tokens.prompt(p) for p in problems])
+    return model(input_ids=ids).logits[:, -1].double()
+
+
+def classes(tokens: TaskATokens) -> TokenClasses:
+    """Task A's token classes for the diagnostics: main = the direct answer's first token."""
+    return TokenClasses(spark=frozenset({tokens.spark}), noise=frozenset(tokens.noise),
+                        main=frozenset({tokens.ids["\\"]}))
+
+
+def measure_g1(model, tokens: TaskATokens, sets: dict[str, list[Problem]], *, samples: int = G1_SAMPLES,
+               seed: int = 0) -> dict[str, float]:
+    """Gate G1's measurements on ``sets`` (``easy`` and ``hard`` problem lists)."""
+    logits = decision_logits(model, tokens, sets[EASY] + sets[HARD])
+    probe = decision_probe(logits, classes(tokens), kappa=KAPPA, prefix="probe")
+    mean_probs = torch.softmax(logits, -1).mean(0)
+    out = {"p_spark": probe["probe/p_spark"], "p_main": probe["probe/p_main"],
+           "mass_below_cut": probe["probe/mass_below_cut"], "entropy": probe["probe/entropy"],
+           "noise_max_rel": float(mean_probs[list(tokens.noise)].max() / mean_probs.max()),
+           "noise_max_rel_any_prompt": probe["probe/noise_max_rel"]}
+    for level in (EASY, HARD):
+        for name, first in (("direct", tokens.ids["\\"]), ("spark", tokens.spark)):
+            out[f"{name}_{level}"] = forced_accuracy(model, tokens, sets[level], first, samples=samples, seed=seed)
+    return out
+
+
+def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskASplit, *, seed: int,
+               max_steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, check_every: int = 100,
+               stop_easy_direct: float = 0.85) -> dict:
+    """Supervised warm start on Task A (see the module docstring); saves the model (float32) to ``out_dir``."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_lpreg.demo import WARM_START_DTYPE, WARM_START_THREADS, _compute_in_float64, _torch_threads
+
+    torch.manual_seed(seed)
+    rng = random.Random(f"task-a-warm:{seed}")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+    model.to(WARM_START_DTYPE)
+    _compute_in_float64(model)
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    t0, step, dev = time.perf_counter(), 0, {}
+    with _torch_threads(WARM_START_THREADS):
+        for step in range(1, max_steps + 1):
+            ids, mask = _batch(tokens, split.sample_train(rng, batch_size), rng)
+            logits = model(input_ids=ids).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+            optim.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            if step % check_every == 0:
+                easy = forced_accuracy(model, tokens, split.dev[EASY], tokens.ids["\\"], samples=1, seed=step)
+                dev = {"dev_direct_easy": easy}
+                logger.info("task A warm start step %d: loss %.3f dev direct easy %.3f (%.0f s)", step,
+                            loss.item(), easy, time.perf_counter() - t0)
+                if easy >= stop_easy_direct:
+                    break
+    model.to(torch.float32).save_pretrained(out_dir)
+    tokens.tokenizer.save_pretrained(out_dir)
+    return {"steps": step, "seconds": time.perf_counter() - t0, **dev}
+
+
+def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int = 1, max_steps: int = 3000) -> bool:
+    """Up to ``attempts`` (at most 3) warm starts (seeds ``seed``, ``seed + 1``, ...), each followed by Gate G1 on
+    the held-out set; every attempt is a row of ``out/g1.csv``. Stops at the first pass; ``out/warm_start``
+    then holds the passing model (``out/warm_start_<i>`` every attempt's).
+
+    Returns:
+        Whether an attempt passed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not 1 <= attempts <= MAX_ATTEMPTS:
+        raise ValueError(f"attempts={attempts}: the protocol allows 1 to {MAX_ATTEMPTS} warm-start attempts")
+    base, _, tokens = load_base()
+    split = split_task_a()
+    out.mkdir(parents=True, exist_ok=True)
+    rows, gate = [], GateG1()
+    for attempt in range(attempts):
+        target = out / f"warm_start_{attempt}"
+        summary = warm_start(base, target, tokens, split, seed=seed + attempt, max_steps=max_steps)
+        model = AutoModelForCausalLM.from_pretrained(target, torch_dtype=torch.float32)
+        measured = measure_g1(model, tokens, split.heldout)
+        checks = gate.checks(measured)
+        row = {"attempt": attempt, "seed": seed + attempt, **summary, **measured,
+               **{f"ok_{k}": v for k, v in checks.items()}, "passed": all(checks.values())}
+        rows.append(row)
+        print("study g1: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        _write_rows(rows, out / "g1.csv")
+        if row["passed"]:
+            link = out / "warm_start"
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(target.name)
+            return True
+    return False
+
+
+def _write_rows(rows: list[dict], path: Path) -> None:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)

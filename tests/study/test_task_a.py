@@ -1,0 +1,72 @@
+"""Task A (docs/study.md): carries, the disjoint split, the token layout of each strategy and the reward."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from megatron_lpreg.study.task_a import (
+    EASY,
+    HARD,
+    MEDIUM,
+    N_NOISE,
+    Problem,
+    TaskATokens,
+    carries,
+    difficulty,
+    split_task_a,
+)
+
+
+def test_carries_and_levels():
+    assert carries(123, 456) == 0 and difficulty(123, 456) == EASY
+    assert carries(158, 237) == 1 and difficulty(158, 237) == MEDIUM
+    assert carries(199, 101) == 2 and difficulty(199, 101) == HARD
+    assert carries(999, 999) == 3
+
+
+def test_split_is_disjoint_sized_and_stable():
+    split = split_task_a(0)
+    assert len(split.heldout[EASY]) == len(split.heldout[HARD]) == 200
+    assert all(p.level == level for level in (EASY, HARD) for p in split.heldout[level])
+    held = {p for v in split.heldout.values() for p in v}
+    dev = {p for v in split.dev.values() for p in v}
+    train = {p for v in split.train.values() for p in v}
+    assert not held & train and not dev & train and not held & dev
+    assert len(held) + len(dev) + len(train) == 900 * 900
+    assert split_task_a(0).heldout[HARD][:5] == split.heldout[HARD][:5] != split_task_a(1).heldout[HARD][:5]
+    drawn = split.sample_train(random.Random(0), 4000)
+    share = {level: sum(p.level == level for p in drawn) / len(drawn) for level in (EASY, MEDIUM, HARD)}
+    assert share[EASY] == pytest.approx(0.5, abs=0.03) and share[HARD] == pytest.approx(0.3, abs=0.03)
+
+
+@pytest.fixture(scope="module")
+def task_tokens(tiny_qwen2):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    return TaskATokens(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+
+def test_strategies_decode_and_score(task_tokens):
+    tokens, problem, rng = task_tokens, Problem(478, 365), random.Random(0)
+    decode = tokens.tokenizer.decode
+    assert decode(tokens.prompt(problem)) == "478+365="
+    direct = tokens.target(problem, "direct", rng)
+    assert len(direct) == 8 and decode(direct, skip_special_tokens=True) == "\\boxed{843}"
+    pad = tokens.scratchpad(problem)
+    assert decode(pad, skip_special_tokens=True) == "#8+5=13;7+6+1=14;4+3+1=8;\\boxed{843}"
+    assert tokens.strategy_of(pad[0]) == "spark" and tokens.reward(pad, problem) == 1.0
+    assert len(set(tokens.noise)) == N_NOISE and tokens.spark not in tokens.noise
+    assert not set(tokens.noise) & set(tokens.prompt(problem) + pad)
+    harmless, harmful = (tokens.target(problem, s, rng) for s in ("harmless", "harmful"))
+    assert tokens.strategy_of(harmless[0]) == "harmless" and tokens.reward(harmless, problem) == 1.0
+    assert tokens.strategy_of(harmful[0]) == "harmful" and tokens.reward(harmful, problem) == 0.0
+
+
+def test_injected_column_errors_propagate_to_the_answer(task_tokens):
+    rng = random.Random(3)
+    problems = [Problem(a, b) for a, b in zip(range(100, 900, 7), range(150, 950, 7))]
+    scores = [task_tokens.reward(task_tokens.scratchpad(p, rng, 0.15), p) for p in problems]
+    accuracy = sum(scores) / len(scores)
+    assert 0.85 ** 3 - 0.12 < accuracy < 0.85 ** 3 + 0.12  # three columns, each wrong with p = 0.15
