@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     warm.add_argument("--attempts", type=int, default=3, help="warm-start attempts before giving up (max 3)")
     warm.add_argument("--seed", type=int, default=1, help="seed of the first attempt (attempt i uses seed + i)")
     warm.add_argument("--max-steps", type=int, default=3000, help="supervised steps per attempt at most")
+    warm.add_argument("--tail-mass", type=float, default=0.2, help="noise mass of the mix (controls: 0.02, 0.4)")
     rerun = sub.add_parser("rerun", help="reduced rerun: GRPO vs the best Lp-Reg arm on Task A")
     rerun.add_argument("--out", required=True, help="output directory (warm start is made there if missing)")
     rerun.add_argument("--seed", type=int, default=1, help="RL seed (both arms, paired)")
@@ -72,7 +73,8 @@ def _warmstart(args: argparse.Namespace) -> int:
     from megatron_lpreg.study.warmstart import warm_start_with_gate
 
     telemetry.setup(0, 1)
-    passed = warm_start_with_gate(Path(args.out), attempts=args.attempts, seed=args.seed, max_steps=args.max_steps)
+    passed = warm_start_with_gate(Path(args.out), attempts=args.attempts, seed=args.seed, max_steps=args.max_steps,
+                                  tail_mass=args.tail_mass)
     return 0 if passed else 1
 
 

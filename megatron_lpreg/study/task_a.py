@@ -14,8 +14,10 @@ the decoded text.
 """
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from megatron_lpreg.reward.exact import exact_match_reward
 
@@ -25,7 +27,18 @@ EASY, MEDIUM, HARD = "easy", "medium", "hard"
 TRAIN_MIX = {EASY: 0.5, MEDIUM: 0.2, HARD: 0.3}
 """Training prompts by carry count: 0 carries / 1 carry / >= 2 carries."""
 WARM_START_MIX = {"direct": 0.75, "spark": 0.05, "harmless": 0.15, "harmful": 0.05}
-"""First-token mix of the warm-start targets (issue 20)."""
+"""First-token mix of the warm-start targets (issue 20): tail mass 0.2, 3/4 of it harmless."""
+
+
+def warm_start_mix(tail_mass: float = 0.2) -> dict[str, float]:
+    """The warm-start mix with noise mass ``tail_mass`` (3/4 harmless), spark 0.05, direct the rest.
+
+    Raises:
+        ValueError: ``tail_mass`` outside [0, 0.9].
+    """
+    if not 0.0 <= tail_mass <= 0.9:
+        raise ValueError(f"tail_mass={tail_mass} must be in [0, 0.9] (spark 0.05 and a direct majority)")
+    return {"direct": 0.95 - tail_mass, "spark": 0.05, "harmless": 0.75 * tail_mass, "harmful": 0.25 * tail_mass}
 COLUMN_ERROR_RATE = 0.15
 """Share of scratchpad columns whose digit is wrong in the warm-start targets (the answer follows the error)."""
 HELDOUT_PER_CLASS = 200
@@ -188,3 +201,22 @@ class TaskATokens:
         if first_token in self.harmless:
             return "harmless"
         return "harmful" if first_token in self.harmful else "other"
+
+
+TRAIN_FILE_SIZE = 20000
+"""Problems in ``train.jsonl``, drawn with :data:`TRAIN_MIX`, so that the trainer's uniform sampling keeps it."""
+
+
+def write_prompt_files(out: Path, split: TaskASplit, data_seed: int = 0) -> dict[str, Path]:
+    """``train.jsonl`` (the trainer's ``data.source`` in configs/study_task_a.yaml), ``heldout_easy.jsonl`` and
+    ``heldout_hard.jsonl`` in the plain layout ``{"problem": "478+365=", "answer": "843"}``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"task-a-train-file:{data_seed}")
+    sets = {"train": split.sample_train(rng, TRAIN_FILE_SIZE), "heldout_easy": split.heldout[EASY],
+            "heldout_hard": split.heldout[HARD]}
+    paths = {}
+    for name, problems in sets.items():
+        paths[name] = out / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps({"problem": f"{p.a}+{p.b}=", "answer": p.answer}) + "\n"
+                                       for p in problems))
+    return paths

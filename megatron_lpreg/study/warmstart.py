@@ -3,7 +3,7 @@
 The warm start takes the demo's deterministic path (:data:`megatron_lpreg.demo.WARM_START_DTYPE` float64 on
 :data:`megatron_lpreg.demo.WARM_START_THREADS` thread, the float32 islands of transformers' Qwen2 removed) and
 trains the tiny model of configs/study_task_a.yaml on Task A targets drawn with the first-token mix
-:data:`megatron_lpreg.study.task_a.WARM_START_MIX` and 15% wrong scratchpad columns. It stops at the first check
+:func:`~megatron_lpreg.study.task_a.warm_start_mix` and 15% wrong scratchpad columns. It stops at the first check
 (every ``check_every`` steps) where dev direct accuracy on easy problems reaches 0.85, or at ``max_steps``.
 
 Gate G1 is then measured on the held-out set with forced prefixes (first response token fixed, the rest sampled at
@@ -23,7 +23,16 @@ from pathlib import Path
 import torch
 
 from megatron_lpreg.metrics.diagnostics import TokenClasses, decision_probe
-from megatron_lpreg.study.task_a import EASY, HARD, WARM_START_MIX, Problem, TaskASplit, TaskATokens, split_task_a
+from megatron_lpreg.study.task_a import (
+    EASY,
+    HARD,
+    Problem,
+    TaskASplit,
+    TaskATokens,
+    split_task_a,
+    warm_start_mix,
+    write_prompt_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +81,9 @@ def load_base(seed: int = 0):
     return base, tokenizer, TaskATokens(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
 
 
-def _batch(tokens: TaskATokens, problems: list[Problem], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    strategies = rng.choices(list(WARM_START_MIX), weights=list(WARM_START_MIX.values()), k=len(problems))
+def _batch(tokens: TaskATokens, problems: list[Problem], rng: random.Random, mix: dict[str, float]
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    strategies = rng.choices(list(mix), weights=list(mix.values()), k=len(problems))
     seqs, masks = [], []
     for problem, strategy in zip(problems, strategies):
         prompt, target = tokens.prompt(problem), tokens.target(problem, strategy, rng)
@@ -130,7 +140,7 @@ def measure_g1(model, tokens: TaskATokens, sets: dict[str, list[Problem]], *, sa
 
 def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskASplit, *, seed: int,
                max_steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, check_every: int = 100,
-               stop_easy_direct: float = 0.85) -> dict:
+               stop_easy_direct: float = 0.85, tail_mass: float = 0.2) -> dict:
     """Supervised warm start on Task A (see the module docstring); saves the model (float32) to ``out_dir``."""
     from transformers import AutoModelForCausalLM
 
@@ -145,7 +155,7 @@ def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskAS
     t0, step, dev = time.perf_counter(), 0, {}
     with _torch_threads(WARM_START_THREADS):
         for step in range(1, max_steps + 1):
-            ids, mask = _batch(tokens, split.sample_train(rng, batch_size), rng)
+            ids, mask = _batch(tokens, split.sample_train(rng, batch_size), rng, warm_start_mix(tail_mass))
             logits = model(input_ids=ids).logits[:, :-1]
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
             loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
@@ -165,9 +175,12 @@ def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskAS
     return {"steps": step, "seconds": time.perf_counter() - t0, **dev}
 
 
-def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int = 1, max_steps: int = 3000) -> bool:
+def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int = 1, max_steps: int = 3000,
+                        tail_mass: float = 0.2) -> bool:
     """Up to ``attempts`` (at most 3) warm starts (seeds ``seed``, ``seed + 1``, ...), each followed by Gate G1 on
-    the held-out set; every attempt is a row of ``out/g1.csv``. Stops at the first pass; ``out/warm_start``
+    the held-out set; every attempt is a row of ``out/g1.csv``. ``tail_mass`` (the dose-response controls) sets the
+    noise share of the mix and Gate G1's band for the mass below the cut, ``[0.75, 1.5] x tail_mass`` (0.15-0.3 at
+    the protocol's 0.2). Stops at the first pass; ``out/warm_start``
     then holds the passing model (``out/warm_start_<i>`` every attempt's).
 
     Returns:
@@ -179,11 +192,12 @@ def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int =
         raise ValueError(f"attempts={attempts}: the protocol allows 1 to {MAX_ATTEMPTS} warm-start attempts")
     base, _, tokens = load_base()
     split = split_task_a()
-    out.mkdir(parents=True, exist_ok=True)
-    rows, gate = [], GateG1()
+    write_prompt_files(out, split)
+    rows, gate = [], GateG1(mass_below_cut=(0.75 * tail_mass, 1.5 * tail_mass))
     for attempt in range(attempts):
         target = out / f"warm_start_{attempt}"
-        summary = warm_start(base, target, tokens, split, seed=seed + attempt, max_steps=max_steps)
+        summary = warm_start(base, target, tokens, split, seed=seed + attempt, max_steps=max_steps,
+                             tail_mass=tail_mass)
         model = AutoModelForCausalLM.from_pretrained(target, torch_dtype=torch.float32)
         measured = measure_g1(model, tokens, split.heldout)
         checks = gate.checks(measured)
