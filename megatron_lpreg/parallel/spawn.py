@@ -59,6 +59,8 @@ def _rank_main(
     threads: int,
 ) -> None:
     status: tuple[str, Any]
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:  # forked by the zygote, which ignores it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         torch.set_num_threads(threads)
         os.environ.update(
@@ -188,6 +190,9 @@ def _fork_and_collect(fn: Callable[..., Any], world_size: int, args: tuple, kwar
 
 def _zygote_main(conn: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
+    # ... and TERM: Slurm sends it to every process of the step at the time limit; the ranks checkpoint on it
+    # (trainer/signals.py) and report their exit code through us, so we must outlive them (ranks get TERM back)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while True:
         try:
             request = conn.recv_bytes()

@@ -72,6 +72,9 @@ def _serve(control_fd: int) -> None:
     ends: the broken control socket ends the loop quietly, with exit code 0 and no traceback on the job's stderr.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer owns shutdown
+    # TERM too (workers inherit it): Slurm sends it to every process of the step at the time limit, and the trainer
+    # then finishes its step and checkpoints; we end on EOF of the control socket, workers by SIGKILL
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped automatically
     # no PR_SET_PDEATHSIG here: it fires when the *thread* that started us exits, and callers may be short-lived
     # threads; we exit on EOF of the control socket instead, which happens when the owning process dies

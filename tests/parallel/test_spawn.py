@@ -62,3 +62,21 @@ def test_closures_with_threaded_torch_after_the_parent_used_openmp():
     torch.randn(2_000_000).exp().sum()
     size = 2_000_000
     assert run_ranks(lambda rank, world: float(torch.randn(size).exp().sum() > 0), 2, timeout_s=60) == [1.0, 1.0]
+
+
+def _term_the_zygote(rank, world):
+    """Slurm's TERM at the time limit reaches every process of the step: here the zygote (our parent) and us."""
+    import os
+    import signal
+
+    default = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a rank is stoppable by TERM again
+    os.kill(os.getppid(), signal.SIGTERM)
+    return default
+
+
+def test_the_zygote_outlives_term_so_the_ranks_results_come_back():
+    from megatron_lpreg.parallel import spawn
+
+    assert spawn._ZYGOTE is not None and spawn._ZYGOTE.alive()  # tests/conftest.py started it
+    assert run_ranks(_term_the_zygote, 1, timeout_s=60) == [True]
+    assert spawn._ZYGOTE.alive()

@@ -53,6 +53,22 @@ def test_pool_survives_the_death_of_the_shared_forker():
     assert shared_forker() is not forker and shared_forker().alive()
 
 
+
+def test_forker_and_workers_outlive_the_term_slurm_sends_every_process_at_the_time_limit():
+    import signal
+
+    forker = WorkerForker()
+    with DeadlinePool(num_workers=1, timeout_s=5.0, forker=forker) as pool:
+        pids = [forker._proc.pid, pool._workers[0].pid]
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)
+        assert all(_alive(p) for p in pids)
+        assert pool._workers[0].pid == pids[1]  # the same worker scores: nothing was replaced
+        assert pool.map(MATH_REWARD_PATH, [("\\boxed{1/2}", "0.5")])[0].reason == "verified"
+    forker.close()
+    assert not forker.alive()
+
 def _start_raw_forker():
     import socket
     import subprocess

@@ -111,3 +111,31 @@ def test_job_end_time_checkpoints_before_it_exits_for_requeue_and_resumes(tmp_pa
     assert f"resuming from {latest}" in done.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(finish))
+
+
+def test_term_to_every_process_at_the_time_limit_still_checkpoints_and_exits_for_requeue(tmp_path):
+    """Slurm's TERM at the time limit reaches every process of the step at once (launcher, fork helper, ranks,
+    reward forker): the ranks finish the step and save, the helpers survive to pass the exit code up."""
+    import psutil
+
+    out = tmp_path / "run"
+    cmd = [*_cmd(out, 200), "parallel.tp=1", "trainer.world_size=1", "reward.name=math"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while _steps_logged(out) < 1:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "training never logged a step"
+            time.sleep(0.5)
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        assert len(tree) >= 3  # launcher, fork helper, rank (+ the reward forker once it started)
+        for member in tree:
+            member.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == REQUEUE_EXIT_CODE, proc.stderr.read().decode()[-3000:]
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert _steps_logged(out) == int(latest.split("_")[1]) >= 1
