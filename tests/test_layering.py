@@ -158,6 +158,7 @@ LAYER_RULES = [
     ("algo", ("trainer", "rollout", "launch", "reward", "eval")),
     ("ops", ("trainer", "rollout", "launch", "reward", "eval", "algo")),
     ("config", ("trainer", "rollout", "launch", "reward", "eval", "algo", "ops", "models", "data")),
+    ("metrics", ("trainer", "rollout", "launch", "eval", "study")),
 ]
 
 
