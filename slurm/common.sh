@@ -1,5 +1,5 @@
-# Shared by slurm/*.sbatch (sourced, not run). Environment checks, the site env, signal forwarding and requeue,
-# and the Ray head/worker bootstrap. Decisions that need logic (which manifest row a task runs, the Ray port,
+# Shared by slurm/*.sbatch (sourced, not run). Environment checks, the site env, container mode, step resources and
+# the open-file limit, signal forwarding and requeue, and the Ray head/worker bootstrap. Decisions that need logic (which manifest row a task runs, the Ray port,
 # GPUs per node, the requeue exit code) are made in Python: megatron_lpreg/launch/{job,slurm}.py.
 #
 # Variables read (all but MLPREG_ROOT optional; cluster facts belong in the site env, see site.example.env):
