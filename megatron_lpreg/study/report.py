@@ -100,8 +100,19 @@ def plot_stage0(effects: Sequence[dict], out: Path, *, centre_tail: float = 0.2,
     return out
 
 
+def g1_table(results: Path) -> str:
+    """Gate G1, one row per warm-start attempt (``g1.csv``)."""
+    rows = read_csv(results / "g1.csv")
+    columns = ["attempt", "seed", "steps", "seconds", "p_spark", "noise_max_rel", "mass_below_cut", "direct_easy",
+               "direct_hard", "spark_easy", "spark_hard", "passed"]
+    failed = [", ".join(k[3:] for k, v in row.items() if k.startswith("ok_") and v == "False") for row in rows]
+    notes = "\n".join(f"- attempt {row['attempt']}: failed {f}" for row, f in zip(rows, failed) if f)
+    return markdown_table(rows, columns) + ("\n\n" + notes if notes else "")
+
+
 SECTIONS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "stage0": ("stage0_effects.csv", stage0_table),
+    "g1": ("g1.csv", g1_table),
 }
 """Report block name -> (the CSV it needs, the function that renders it)."""
 
