@@ -49,6 +49,9 @@ class BenchmarkRequest:
 def parse_benchmarks(entries: list[str]) -> list[BenchmarkRequest]:
     """Parse ``["aime24", "math500", "mine=/data/x.jsonl"]`` (comma-separated strings are split too).
 
+    A custom file is greedy unless named ``mine@sampled=/data/x.jsonl`` (``eval.samples`` responses at
+    ``eval.temperature``: avg@k and pass@k); ``@greedy`` forces one greedy response.
+
     Raises:
         ValueError: empty list, unknown name or duplicate.
     """
@@ -59,7 +62,13 @@ def parse_benchmarks(entries: list[str]) -> list[BenchmarkRequest]:
     for item in names:
         name, sep, path = item.partition("=")
         if sep:
+            name, _, mode = name.partition("@")  # name@sampled=path: avg@k / pass@k at eval.temperature
+            if mode not in ("", "sampled", "greedy"):
+                raise ValueError(f"benchmark {item!r}: mode {mode!r} unknown; use name@sampled=path or "
+                                 "name@greedy=path")
             spec = BENCHMARKS.get(name, BenchmarkSpec(name, (), sampled=False))
+            if mode:
+                spec = BenchmarkSpec(name, spec.file_stems, sampled=mode == "sampled")
             out.append(BenchmarkRequest(name, spec, Path(path)))
         elif name in BENCHMARKS:
             out.append(BenchmarkRequest(name, BENCHMARKS[name]))

@@ -1,5 +1,6 @@
 """Exploration diagnostics for any run: spark / noise token classes, decision-position probes, sampled-probability
-histograms, Lp-Reg selections by token class, the share of the push-down the Lp-Reg term cancels, pass@k.
+histograms, Lp-Reg selections by token class, the share of the push-down the Lp-Reg term cancels (pass@k and avg@k
+are eval's: ``megatron_lpreg.eval.scoring``; custom benchmarks are sampled with ``name@sampled=path``).
 
 Legend: N decision positions, V vocabulary, B rows x T tokens for per-token tensors. Everything is detached
 float64 arithmetic; nothing here changes training. docs/study.md ("Diagnostics") shows how to use it on a real
@@ -7,7 +8,6 @@ model (spark words "wait", "however", "perhaps").
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -177,33 +177,3 @@ def kl_cancel_fraction(logprobs: torch.Tensor, old_logprobs: torch.Tensor, proxy
     kl_grad = torch.where(term.abs() <= KL_TERM_CLAMP, beta * (1.0 - torch.exp(d)), torch.zeros_like(d))
     push = -adv * torch.exp(lp - old)
     return float((-kl_grad).sum() / push.sum().clamp(min=1e-300))
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from ``n`` samples with ``c`` correct: ``1 - C(n-c, k) / C(n, k)``.
-
-    Raises:
-        ValueError: ``k > n``, ``c > n`` or negative counts.
-    """
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.exp(math.lgamma(n - c + 1) + math.lgamma(n - k + 1) - math.lgamma(n - c - k + 1)
-                          - math.lgamma(n + 1))
-
-
-def sampled_scores(correct: Sequence[Sequence[bool]], k: int) -> dict[str, float]:
-    """avg@k (mean correctness of the first k samples per problem) and unbiased pass@k over problems.
-
-    Raises:
-        ValueError: a problem with fewer than k samples, or no problems.
-    """
-    if not correct:
-        raise ValueError("sampled_scores needs at least one problem")
-    short = [len(samples) for samples in correct if len(samples) < k]
-    if short:
-        raise ValueError(f"{len(short)} problem(s) have fewer than k={k} samples (e.g. {short[0]})")
-    avg = sum(sum(samples[:k]) / k for samples in correct) / len(correct)
-    passed = sum(pass_at_k(len(s), int(sum(s)), k) for s in correct) / len(correct)
-    return {f"avg@{k}": avg, f"pass@{k}": passed}

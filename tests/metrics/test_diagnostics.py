@@ -1,8 +1,7 @@
 """metrics/diagnostics.py: token classes by id and by string (the tiny model's tokenizer), decision probes,
-sampled-probability histograms, selections by class, and pass@k / avg@k against brute force."""
+sampled-probability histograms and selections by class."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -13,9 +12,7 @@ from megatron_lpreg.metrics.diagnostics import (
     TokenClasses,
     classify_tokens,
     decision_probe,
-    pass_at_k,
     sampled_prob_histogram,
-    sampled_scores,
     selections_by_class,
 )
 
@@ -61,13 +58,3 @@ def test_selections_and_classes():
     counts = selections_by_class(torch.tensor([[False, True, True, True]]), tokens, classes)
     assert counts == {"lpreg_class/other": 1.0, "lpreg_class/main": 0.0, "lpreg_class/spark": 1.0,
                       "lpreg_class/noise": 1.0}
-
-
-def test_pass_at_k_matches_enumeration():
-    for n, c, k in [(8, 3, 1), (8, 3, 4), (6, 0, 2), (5, 5, 3), (8, 2, 7)]:
-        subsets = list(itertools.combinations([1] * c + [0] * (n - c), k))
-        assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
-    scores = sampled_scores([[True, False, False, False], [False, False, False, False]], k=4)
-    assert scores == {"avg@4": pytest.approx(0.125), "pass@4": pytest.approx(0.5)}
-    with pytest.raises(ValueError, match="fewer than k"):
-        sampled_scores([[True]], k=2)
