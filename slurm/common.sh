@@ -52,7 +52,7 @@ mlpreg_init() {
   mlpreg_log "Python: ${MLPREG_CONTAINER:-host} ${MLPREG_CONTAINER_IMAGE:-} $MLPREG_PYTHON; steps: ${MLPREG_STEP_RES[*]};" \
     "open files: $(ulimit -Sn)"
   mlpreg_eval_py "the requeue code and flag file" -m megatron_lpreg.launch.job shell-env
-  if [[ -n ${MLPREG_CONTAINER:-} && -z ${SLURM_JOB_END_TIME:-} ]]; then mlpreg_export_end_time; fi
+  if [[ -z ${SLURM_JOB_END_TIME:-} ]]; then mlpreg_export_end_time; fi
 }
 
 # Container mode (MLPREG_CONTAINER): the srun options (pyxis) or command prefix (apptainer) that put a step inside
@@ -122,8 +122,9 @@ mlpreg_eval_py() {
   eval "$out"
 }
 
-# Container mode: the image has no Slurm commands, so the trainer cannot ask Slurm for the job's end time
-# (megatron_lpreg/trainer/walltime.py); read it here and export it as newer Slurm releases do (epoch seconds).
+# Export the job's end time (epoch seconds) as newer Slurm releases do: the trainer stops before it
+# (megatron_lpreg/trainer/walltime.py; in container mode the image has no Slurm commands to ask), and a TERM at or
+# after it is Slurm's time limit, not a cancellation (mlpreg_run).
 mlpreg_export_end_time() {
   local end
   end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null || true)
@@ -162,12 +163,23 @@ _mlpreg_preempt() {   # USR1 with MLPREG_PREEMPT_DIR: ask the trainer through it
   mkdir -p "$MLPREG_PREEMPT_DIR" && : >"$MLPREG_PREEMPT_DIR/$MLPREG_PREEMPT_FILE" || true
 }
 
+_mlpreg_term() {
+  if [[ -n ${SLURM_JOB_END_TIME:-} ]] && (($(date +%s) + 2 >= ${SLURM_JOB_END_TIME%.*})); then
+    mlpreg_log "TERM at the time limit: the job is requeued if the trainer checkpoints and exits with" \
+      "$MLPREG_REQUEUE_CODE before Slurm's KillWait ends"
+  else
+    MLPREG_TERMINATING=1
+  fi
+  _mlpreg_forward TERM
+}
+
 # Run a command (not a shell function) in the background and wait for it, handling USR1 (Slurm's
 # --signal=B:USR1@<sec> warning, or `scancel --batch --signal=USR1`), TERM and INT. Sets MLPREG_RC.
 # USR1: when MLPREG_PREEMPT_DIR names the trainer's run directory, the request goes through the trainer's flag
 # file there (rank 0 polls it; a signal through srun would hit every process of the step, reward workers and
 # forked ranks included); otherwise USR1 is forwarded to the child. TERM/INT are forwarded and set
-# MLPREG_TERMINATING=1: the job is being cancelled, so it must not requeue itself.
+# MLPREG_TERMINATING=1: the job is being cancelled, so it must not requeue itself; except a TERM at the time limit
+# (SLURM_JOB_END_TIME reached): the trainer saves if its step ends within KillWait, and its exit 42 requeues the job.
 mlpreg_run() {
   MLPREG_TERMINATING=0
   if [[ -n ${MLPREG_PREEMPT_DIR:-} ]]; then
@@ -178,7 +190,7 @@ mlpreg_run() {
   MLPREG_LAUNCH_TIME=$(date +%s.%N) "$@" &
   MLPREG_CHILD=$!
   if [[ -n ${MLPREG_PREEMPT_DIR:-} ]]; then trap _mlpreg_preempt USR1; else trap '_mlpreg_forward USR1' USR1; fi
-  trap 'MLPREG_TERMINATING=1; _mlpreg_forward TERM' TERM
+  trap _mlpreg_term TERM
   trap 'MLPREG_TERMINATING=1; _mlpreg_forward INT' INT
   # A trapped signal interrupts `wait` (status 128 + signal) while the child may still run: wait again until it
   # is gone, then ask once more for its own status (bash keeps it for a child it has already reaped).

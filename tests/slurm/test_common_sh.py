@@ -73,6 +73,24 @@ def test_cancellation_forwards_term_but_never_requeues(tmp_path):
     assert not calls.exists()
 
 
+
+def test_term_at_the_time_limit_requeues_when_the_trainer_checkpointed(tmp_path):
+    # SLURM_JOB_END_TIME already reached: Slurm's TERM at the limit, not a cancellation (Slurm 22.05 accepts
+    # `scontrol requeue` from the job then; measured on the local cluster, docs/slurm.md)
+    proc, ready, calls = _start(tmp_path, sleep=30, code=0, SLURM_JOB_END_TIME=str(int(time.time()) - 1))
+    _wait_ready(ready)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert calls.read_text() == "requeue 77\n" and "TERM at the time limit" in out
+    # an hour before the end the same TERM is a cancellation
+    (tmp_path / "early").mkdir()
+    proc, ready, calls = _start(tmp_path / "early", sleep=30, code=0, SLURM_JOB_END_TIME=str(int(time.time()) + 3600))
+    _wait_ready(ready)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 42 and not calls.exists(), out
+
 @pytest.mark.parametrize("code", [0, 3])
 def test_exit_code_passes_through(tmp_path, code):
     proc, _, calls = _start(tmp_path, sleep=0, code=code)

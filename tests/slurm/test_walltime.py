@@ -1,6 +1,7 @@
-"""Stop before the time limit on a real local Slurm (22.05: no SLURM_JOB_END_TIME, so the trainer asks squeue):
-a training job with ``--time=1`` checkpoints and exits with the requeue code before its end, ``train.sbatch``
-requeues it, and the requeued attempt resumes from that checkpoint. The run is long (1000 steps), so the test
+"""Stop before the time limit on a real local Slurm (22.05 exports no SLURM_JOB_END_TIME: slurm/common.sh reads it
+with squeue and exports it, and the trainer's own squeue query is checked against scontrol here): a training job
+with ``--time=1`` checkpoints and exits with the requeue code before its end, ``train.sbatch`` requeues it, and
+the requeued attempt resumes from that checkpoint. The run is long (1000 steps), so the test
 cancels the job once the second attempt has resumed; it never reaches Slurm's own time limit."""
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from megatron_lpreg.launch.slurm import SbatchRequest, queued_tasks, submit
 from megatron_lpreg.models.checkpoint import checkpoint_problems
 from megatron_lpreg.telemetry import read_jsonl
+from megatron_lpreg.trainer.walltime import job_end_time
 from tests.slurm.test_local_cluster import FAST, REPO, TINY, _logs, _scontrol_field, slurm_env  # noqa: F401
 
 pytestmark = pytest.mark.slurm
@@ -36,7 +38,7 @@ def _wait_for(predicate, timeout: float, what: str, logs) -> None:
         time.sleep(1)
 
 
-def test_time_limit_checkpoints_before_the_end_requeues_and_resumes(slurm_env, tmp_path):  # noqa: F811
+def test_time_limit_checkpoints_before_the_end_requeues_and_resumes(slurm_env, tmp_path, monkeypatch):  # noqa: F811
     run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
     log_dir.mkdir()
     overrides = [*(o for o in FAST if "max_steps" not in o), "trainer.max_steps=1000", "checkpoint.interval=0",
@@ -53,6 +55,8 @@ def test_time_limit_checkpoints_before_the_end_requeues_and_resumes(slurm_env, t
     try:
         _wait_for(lambda: _scontrol_field(job_id, slurm_env, "JobState") == "RUNNING", 60, "the start", logs)
         first_end = _scontrol_end_time(job_id, slurm_env)  # the first attempt's end: start + 60 s
+        monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])  # the trainer's query, as a rank makes it
+        assert job_end_time({"SLURM_JOB_ID": job_id}) == first_end
         _wait_for(lambda: "restart 1" in logs(), 180, "the requeued attempt", logs)
         log = logs()
         assert "before the job's end time: checkpointing now" in log, log
