@@ -100,6 +100,42 @@ def plot_stage0(effects: Sequence[dict], out: Path, *, centre_tail: float = 0.2,
     return out
 
 
+CURVES = (("entropy_all", "entropy, all tokens"), ("entropy_decision", "entropy, decision token"),
+          ("reward", "rollout accuracy"), ("spark_freq", "spark frequency"),
+          ("lpreg/num_regularized", "regularised tokens per step"))
+"""Per-step columns of ``<arm>_metrics.csv`` plotted by :func:`plot_curves` (title of each panel)."""
+
+
+def plot_curves(runs: dict[str, Sequence[Path]], out: Path) -> Path:
+    """One panel per :data:`CURVES` column: for each arm, the mean over its seed CSVs and the min-max range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.5))
+    for arm, paths in runs.items():
+        tables = [read_csv(p) for p in paths if p.exists()]
+        for ax, (key, title) in zip(axes, CURVES):
+            series = [[float(row[key]) for row in table if row.get(key, "") != ""] for table in tables]
+            series = [s for s in series if s]
+            if not series:
+                continue
+            width = min(map(len, series))
+            columns = list(zip(*(s[:width] for s in series)))
+            mean = [sum(c) / len(c) for c in columns]
+            ax.plot(range(width), mean, label=f"{arm} ({len(series)} seeds)")
+            ax.fill_between(range(width), [min(c) for c in columns], [max(c) for c in columns], alpha=0.2)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 def g1_table(results: Path) -> str:
     """Gate G1, one row per warm-start attempt (``g1.csv``)."""
     rows = read_csv(results / "g1.csv")

@@ -27,7 +27,13 @@ from megatron_lpreg.algo.advantages import compute_advantages
 from megatron_lpreg.algo.lpreg import global_lowprob_threshold, lowprob_candidates
 from megatron_lpreg.algo.registry import PolicyLossInputs, compute_policy_loss, loss_requirements
 from megatron_lpreg.config.algo import AlgoConfig
-from megatron_lpreg.metrics.diagnostics import decision_probe, lpreg_selection, selections_by_class
+from megatron_lpreg.metrics.diagnostics import (
+    decision_probe,
+    kl_cancel_fraction,
+    lpreg_selection,
+    sampled_prob_histogram,
+    selections_by_class,
+)
 from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob_stats
 from megatron_lpreg.study.task_a import HARD, Problem, TaskASplit, TaskATokens, split_task_a
 
@@ -117,11 +123,16 @@ def update(model, optim, batch: RolloutBatch, cfg: AlgoConfig, tokens: TaskAToke
                     "noise_freq": float(torch.isin(batch.first, torch.tensor(tokens.noise)).float().mean()),
                     "entropy_all": float((stats.entropy.detach() * batch.mask).sum() / batch.mask.sum()),
                     "entropy_decision": float(stats.entropy.detach()[:, 0].mean())})
+    hist = sampled_prob_histogram(old, adv, batch.mask)
+    metrics.update({f"hist_{sign}_{i}": float(count) for sign in ("positive", "negative")
+                    for i, count in enumerate(hist[sign])})
     if cfg.name == "lpreg":
         from megatron_lpreg.study.warmstart import classes
 
         chosen = lpreg_selection(old, stats.proxy_logprobs, adv, batch.mask, rho=cfg.rho, selection=cfg.selection)
         metrics.update(selections_by_class(chosen, targets, classes(tokens)))
+        metrics["lpreg/kl_cancel_fraction"] = kl_cancel_fraction(old, old, stats.proxy_logprobs, adv, chosen,
+                                                                 beta=cfg.beta)
     return metrics
 
 
@@ -217,6 +228,7 @@ def rerun(out: Path, *, seed: int = 1, steps: int = 200, warm_dir: Path | None =
     """The reduced rerun; returns its summary line (see the module docstring and docs/study.md)."""
     from transformers import AutoModelForCausalLM
 
+    from megatron_lpreg.study.report import plot_curves
     from megatron_lpreg.study.warmstart import warm_start_with_gate
 
     if steps < 1:
@@ -234,6 +246,7 @@ def rerun(out: Path, *, seed: int = 1, steps: int = 200, warm_dir: Path | None =
     logger.info("rho* = %g (spark share selected per rho: %s)", rho_star, shares)
     results = [run_arm(warm_dir, arm, settings, out, rho=rho_star) for arm in ("grpo", RERUN_ARM)]
     _write([{**r, "seed": seed, "steps": steps} for r in results], out / "rerun_summary.csv")
+    plot_curves({arm: [out / f"{arm}_metrics.csv"] for arm in ("grpo", RERUN_ARM)}, out / "rerun_curves.png")
     logger.info("rerun took %.0f s", time.perf_counter() - t0)
     grpo, lpreg = results
     return (f"study-rerun: grpo spark_survival={grpo['spark_survival']:.3f} hard_acc={grpo['hard_acc']:.3f}; "

@@ -26,6 +26,8 @@ def test_rerun_two_steps_prints_the_contract_line(tmp_path):
         assert 0.0 <= float(rows[0]["spark_freq"]) <= 1.0
     lpreg_rows = list(csv.DictReader((tmp_path / "lpreg_rho_star_metrics.csv").open()))
     assert "lpreg_class/spark" in lpreg_rows[0] and "lpreg/num_regularized" in lpreg_rows[0]
+    assert "lpreg/kl_cancel_fraction" in lpreg_rows[0] and "hist_negative_0" in rows[0]
+    assert (tmp_path / "rerun_curves.png").stat().st_size > 1000
     summary = list(csv.DictReader((tmp_path / "rerun_summary.csv").open()))
     assert [r["arm"] for r in summary] == ["grpo", "lpreg_rho_star"]
 
