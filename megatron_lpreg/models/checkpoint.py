@@ -136,8 +136,8 @@ OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
 0.16.1 ``DistributedOptimizer.sharded_state_dict``, optimizer/distrib_optimizer.py:1175-1294):
 
 * ``fully_reshardable``: every DP rank all-gathers its TP/PP shard's whole fp32 parameter and Adam buffers and
-  writes them in model space (one tensor per parameter): loadable at any DP/TP/PP layout, but each rank holds the
-  full gathered state on save and requests it whole on load (~21 GB of host RAM per rank for 14B at TP8).
+  writes them in model space (one tensor per parameter): loadable at any DP/TP/PP layout, but each rank's host
+  RAM grows by ~7.5x its fp32 parameters on save and ~3x on load (benchmarks/checkpoint_memory.py).
 * ``dp_reshardable``: each rank writes its own flat shard of the buffers as is, with no gather and no copy; it
   reshards across DP only, so loading it at another TP/PP/VPP is refused (the weights still load anywhere).
 
