@@ -70,3 +70,18 @@ def test_injected_column_errors_propagate_to_the_answer(task_tokens):
     scores = [task_tokens.reward(task_tokens.scratchpad(p, rng, 0.15), p) for p in problems]
     accuracy = sum(scores) / len(scores)
     assert 0.85 ** 3 - 0.12 < accuracy < 0.85 ** 3 + 0.12  # three columns, each wrong with p = 0.15
+
+
+def test_prompt_files_are_readable_by_the_trainer(tmp_path):
+    from megatron_lpreg.data.sources import read_rows, records_from_rows
+    from megatron_lpreg.study.task_a import TRAIN_FILE_SIZE, write_prompt_files
+
+    split = split_task_a(0)
+    paths = write_prompt_files(tmp_path, split)
+    train = records_from_rows(read_rows(paths["train"]), paths["train"])
+    hard = records_from_rows(read_rows(paths["heldout_hard"]), paths["heldout_hard"])
+    assert len(train) == TRAIN_FILE_SIZE and len(hard) == 200
+    assert hard[0].problem == f"{split.heldout[HARD][0].a}+{split.heldout[HARD][0].b}="
+    assert hard[0].ground_truth == split.heldout[HARD][0].answer
+    held = {r.problem for r in hard}
+    assert not held & {r.problem for r in train}
