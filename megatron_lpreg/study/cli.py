@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_lpreg import telemetry
+
+    telemetry.setup(0, 1)
     return {"stage0": _stage0, "warmstart": _warmstart, "rerun": _rerun, "report": _report}[args.study_command](args)
 
 
@@ -69,10 +72,8 @@ def _stage0(args: argparse.Namespace) -> int:
 
 
 def _warmstart(args: argparse.Namespace) -> int:
-    from megatron_lpreg import telemetry
     from megatron_lpreg.study.warmstart import warm_start_with_gate
 
-    telemetry.setup(0, 1)
     passed = warm_start_with_gate(Path(args.out), attempts=args.attempts, seed=args.seed, max_steps=args.max_steps,
                                   tail_mass=args.tail_mass)
     return 0 if passed else 1

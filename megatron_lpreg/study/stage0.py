@@ -135,6 +135,7 @@ class Stage0Result:
     curve: list[float] = field(default_factory=list)
 
     def row(self) -> dict:
+        """The setup's fields and the summary numbers, flat (the curve is left out)."""
         out = {k: v for k, v in asdict(self.setup).items()}
         out.update({k: getattr(self, k) for k in ("spark_p_end", "spark_survival", "hard_acc_start", "hard_acc_end",
                                                   "tail_mass_end", "regularized_per_step", "spark_selected_frac")})

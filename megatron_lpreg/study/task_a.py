@@ -68,10 +68,12 @@ class Problem:
 
     @property
     def answer(self) -> str:
+        """The sum as text."""
         return str(self.a + self.b)
 
     @property
     def level(self) -> str:
+        """easy / medium / hard by carries."""
         return difficulty(self.a, self.b)
 
 
@@ -146,12 +148,14 @@ class TaskATokens:
         raise ValueError(f"found only {len(noise)} letter-only merged tokens for noise ids; need {N_NOISE}")
 
     def prompt(self, problem: Problem) -> list[int]:
+        """Ids of ``"478+365="`` (8 tokens: every digit is one token)."""
         return self._number(problem.a) + [self.ids["+"]] + self._number(problem.b) + [self.ids["="]]
 
     def _number(self, value: int | str) -> list[int]:
         return [self.digits[int(c)] for c in str(value)]
 
     def box(self, answer: str) -> list[int]:
+        """Ids of ``\\boxed{answer}<eos>``."""
         return [self.ids["\\"], self.ids["boxed"], self.ids["{"], *self._number(answer), self.ids["}"], self.eos]
 
     def scratchpad(self, problem: Problem, rng: random.Random | None = None, error_rate: float = 0.0) -> list[int]:
