@@ -110,3 +110,12 @@ def test_grid_pairs_every_lpreg_arm_with_grpo_and_effect_rows_pair_by_seed():
     (row,) = effect_rows(results)
     logs = [math.log(results[2 + s].spark_survival / results[s].spark_survival) for s in (0, 1)]
     assert row["survival_ratio"] == pytest.approx(math.exp(sum(logs) / 2)) and row["seeds"] == 2
+
+
+def test_cli_writes_runs_effects_and_plot(tmp_path, capsys):
+    from megatron_lpreg.cli import main
+
+    assert main(["study", "stage0", "--out", str(tmp_path), "--seeds", "1", "--steps", "1"]) == 0
+    assert "stage0: 25 runs, 20 seed-paired effects" in capsys.readouterr().out
+    assert all((tmp_path / name).stat().st_size > 100 for name in ("stage0_runs.csv", "stage0_effects.csv",
+                                                                    "stage0.png"))
