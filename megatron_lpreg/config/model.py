@@ -42,7 +42,8 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """Megatron pads the vocab to a multiple of this times TP; padded logits are masked downstream."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter/compute dtype (optimizer keeps fp32 master weights for bf16/fp16)."""
+    """Parameter/compute dtype (optimizer keeps fp32 master weights for bf16). float16 is for conversion only:
+    training refuses it (megatron's fp16 path needs dynamic loss scaling; docs/trainer.md, "Parameter dtype")."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """Layer spec: auto = Transformer Engine on GPU when installed, local otherwise (always local on CPU)."""
 
