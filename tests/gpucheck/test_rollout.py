@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from megatron_lpreg.gpucheck import rollout, runner
+from tests.support.sglang_real import require_sglang
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "tiny_cpu.yaml"
@@ -70,6 +71,7 @@ def test_rollout_is_opt_in_and_named_in_the_tool():
 @pytest.mark.sglang
 def test_cpu_rehearsal_of_the_rollout_section_against_real_sglang(tmp_path):
     """The section as a node runs it (``tools/gpu_check.py --sections rollout``), on CPU with the real server."""
+    require_sglang()
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--device", "cpu", "--sections",
                            "rollout", "--timeout", "1200", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=1300, cwd="/")

@@ -29,6 +29,7 @@ from megatron_lpreg.config.rollout import RolloutConfig
 from megatron_lpreg.models import hf_dir
 from megatron_lpreg.rollout.base import Colocation, LogprobProbe, SamplingParams, WeightSyncError, WeightUpdate
 from megatron_lpreg.rollout.logits_model import HFLogitsModel, make_probe, teacher_forced_logprobs
+from tests.support.sglang_real import require_sglang
 from tests.support.tiny import tiny_model_dir
 
 pytestmark = pytest.mark.sglang
@@ -40,15 +41,6 @@ FP32_ATOL = 1e-3
 """SGLang's fp32 torch-native CPU path vs transformers' fp32 forward, float64 log-softmax (measured ~1e-6)."""
 MODEL_ARGS = {"seed": 3, "num_attention_heads": 2, "num_kv_heads": 1, "max_position_embeddings": 256}
 """head_dim 32 (the tiny default's 16 is below what the CPU attention backends are built for)."""
-
-
-def _require_sglang() -> None:
-    try:
-        import sglang  # noqa: F401
-    except ImportError as exc:
-        if os.environ.get("LPREG_REQUIRE_SGLANG") == "1":
-            pytest.fail(f"LPREG_REQUIRE_SGLANG=1 but sglang cannot be imported: {exc!r}")
-        pytest.skip(f"sglang is not installed ({exc}); `make test-sglang` builds .venv-sglang with it")
 
 
 def _cfg(**overrides) -> RolloutConfig:
@@ -90,7 +82,7 @@ def other() -> Path:
 
 @pytest.fixture(scope="module")
 def engine(base):
-    _require_sglang()
+    require_sglang()
     from megatron_lpreg.rollout.sglang import SGLangEngine
 
     eng = SGLangEngine(_cfg(), str(base), seed=0)
@@ -178,7 +170,7 @@ def test_a_killed_server_is_restarted_and_rejoins_through_a_new_group(engine, ot
 def test_two_training_steps_with_real_sglang_log_the_mismatch(tmp_path):
     """The acceptance command, as CI runs it: a real server launched on CPU by the trainer, two Lp-Reg steps with
     weight sync after each, and ``rollout/logprob_mismatch`` on every metrics row (fp32 engine: small)."""
-    _require_sglang()
+    require_sglang()
     out = tmp_path / "run"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
