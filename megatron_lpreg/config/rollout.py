@@ -147,6 +147,12 @@ class RolloutConfig:
                 "TP rank then receives the weights by CUDA IPC from the trainer rank on its own GPU. Distributed "
                 "sync is for rollout.mode=separate (engines on GPUs of their own)"
             )
+        if (self.engine == "sglang" and self.sglang_device == "cpu" and self.weight_sync_backend == "nccl"
+                and self.resolved_weight_sync() == "distributed"):
+            raise ConfigError(
+                "rollout.sglang_device='cpu' with distributed weight sync needs rollout.weight_sync_backend='gloo': "
+                "NCCL has no CPU tensors (set rollout.weight_sync_backend=gloo, as configs/tiny_cpu.yaml does)"
+            )
         if self.engine == "sglang" and self.sglang_urls and len(self.sglang_urls) != self.num_engines:
             raise ConfigError(
                 f"rollout.sglang_urls has {len(self.sglang_urls)} URLs but rollout.num_engines={self.num_engines}; "
