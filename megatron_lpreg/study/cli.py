@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     warm.add_argument("--seed", type=int, default=1, help="seed of the first attempt (attempt i uses seed + i)")
     warm.add_argument("--max-steps", type=int, default=3000, help="supervised steps per attempt at most")
     warm.add_argument("--tail-mass", type=float, default=0.2, help="noise mass of the mix (controls: 0.02, 0.4)")
+    warm.add_argument("--spark-continuation", type=float, default=0.0,
+                      help="share of rows that are scratchpads with no loss on the spark token (trains the skill)")
+    warm.add_argument("--check-every", type=int, default=100, help="steps between stop-rule checks")
+    warm.add_argument("--first-attempt", type=int, default=0, help="number of the first attempt (keeps earlier rows)")
     rerun = sub.add_parser("rerun", help="reduced rerun: GRPO vs the best Lp-Reg arm on Task A")
     rerun.add_argument("--out", required=True, help="output directory (warm start is made there if missing)")
     rerun.add_argument("--seed", type=int, default=1, help="RL seed (both arms, paired)")
@@ -75,7 +79,8 @@ def _warmstart(args: argparse.Namespace) -> int:
     from megatron_lpreg.study.warmstart import warm_start_with_gate
 
     passed = warm_start_with_gate(Path(args.out), attempts=args.attempts, seed=args.seed, max_steps=args.max_steps,
-                                  tail_mass=args.tail_mass)
+                                  tail_mass=args.tail_mass, continuation_share=args.spark_continuation,
+                                  check_every=args.check_every, first_attempt=args.first_attempt)
     return 0 if passed else 1
 
 

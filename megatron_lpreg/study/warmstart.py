@@ -81,14 +81,19 @@ def load_base(seed: int = 0):
     return base, tokenizer, TaskATokens(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
 
 
-def _batch(tokens: TaskATokens, problems: list[Problem], rng: random.Random, mix: dict[str, float]
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(tokens: TaskATokens, problems: list[Problem], rng: random.Random, mix: dict[str, float],
+           continuation_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and loss mask of one warm-start batch: each row's strategy drawn from ``mix``; a
+    ``continuation_share`` of the rows are instead scratchpads whose first token (the spark) has no loss, so they
+    train the scratchpad without moving p(spark) at the decision position."""
     strategies = rng.choices(list(mix), weights=list(mix.values()), k=len(problems))
     seqs, masks = [], []
     for problem, strategy in zip(problems, strategies):
-        prompt, target = tokens.prompt(problem), tokens.target(problem, strategy, rng)
+        continuation = rng.random() < continuation_share
+        prompt = tokens.prompt(problem)
+        target = tokens.target(problem, "spark" if continuation else strategy, rng)
         seqs.append(prompt + target)
-        masks.append([0] * len(prompt) + [1] * len(target))
+        masks.append([0] * (len(prompt) + continuation) + [1] * (len(target) - continuation))
     width = max(map(len, seqs))
     ids = torch.tensor([s + [tokens.eos] * (width - len(s)) for s in seqs])
     mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.float64)
@@ -140,8 +145,11 @@ def measure_g1(model, tokens: TaskATokens, sets: dict[str, list[Problem]], *, sa
 
 def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskASplit, *, seed: int,
                max_steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, check_every: int = 100,
-               stop_easy_direct: float = 0.85, tail_mass: float = 0.2) -> dict:
-    """Supervised warm start on Task A (see the module docstring); saves the model (float32) to ``out_dir``."""
+               stop_easy_direct: float = 0.85, tail_mass: float = 0.2, continuation_share: float = 0.0) -> dict:
+    """Supervised warm start on Task A (see the module docstring); saves the model (float32) to ``out_dir``.
+
+    ``continuation_share`` of each batch's rows are scratchpads with no loss on the spark token (see ``_batch``);
+    the stop rule is checked every ``check_every`` steps."""
     from transformers import AutoModelForCausalLM
 
     from megatron_lpreg.demo import WARM_START_DTYPE, WARM_START_THREADS, _compute_in_float64, _torch_threads
@@ -155,7 +163,8 @@ def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskAS
     t0, step, dev = time.perf_counter(), 0, {}
     with _torch_threads(WARM_START_THREADS):
         for step in range(1, max_steps + 1):
-            ids, mask = _batch(tokens, split.sample_train(rng, batch_size), rng, warm_start_mix(tail_mass))
+            ids, mask = _batch(tokens, split.sample_train(rng, batch_size), rng, warm_start_mix(tail_mass),
+                               continuation_share)
             logits = model(input_ids=ids).logits[:, :-1]
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
             loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
@@ -176,12 +185,15 @@ def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskAS
 
 
 def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int = 1, max_steps: int = 3000,
-                        tail_mass: float = 0.2) -> bool:
+                        tail_mass: float = 0.2, continuation_share: float = 0.0, check_every: int = 100,
+                        first_attempt: int = 0) -> bool:
     """Up to ``attempts`` (at most 3) warm starts (seeds ``seed``, ``seed + 1``, ...), each followed by Gate G1 on
     the held-out set; every attempt is a row of ``out/g1.csv``. ``tail_mass`` (the dose-response controls) sets the
     noise share of the mix and Gate G1's band for the mass below the cut, ``[0.75, 1.5] x tail_mass`` (0.15-0.3 at
-    the protocol's 0.2). Stops at the first pass; ``out/warm_start``
-    then holds the passing model (``out/warm_start_<i>`` every attempt's).
+    the protocol's 0.2). ``continuation_share`` and ``check_every``: see :func:`warm_start` (attempt 0 of
+    2026-12-07 used 0 and 100); ``first_attempt`` numbers the attempts when earlier ones are already in g1.csv.
+    Stops at the first pass; ``out/warm_start`` then holds the passing model (``out/warm_start_<i>`` every
+    attempt's).
 
     Returns:
         Whether an attempt passed.
@@ -190,18 +202,24 @@ def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int =
 
     if not 1 <= attempts <= MAX_ATTEMPTS:
         raise ValueError(f"attempts={attempts}: the protocol allows 1 to {MAX_ATTEMPTS} warm-start attempts")
+    if first_attempt + attempts > MAX_ATTEMPTS:
+        raise ValueError(f"attempts {first_attempt}..{first_attempt + attempts - 1}: the protocol allows "
+                         f"{MAX_ATTEMPTS} in all")
     base, _, tokens = load_base()
     split = split_task_a()
     write_prompt_files(out, split)
-    rows, gate = [], GateG1(mass_below_cut=(0.75 * tail_mass, 1.5 * tail_mass))
-    for attempt in range(attempts):
+    gate = GateG1(mass_below_cut=(0.75 * tail_mass, 1.5 * tail_mass))
+    previous = _read_rows(out / "g1.csv") if first_attempt else []
+    rows = [row for row in previous if int(row["attempt"]) < first_attempt]
+    for attempt in range(first_attempt, first_attempt + attempts):
         target = out / f"warm_start_{attempt}"
         summary = warm_start(base, target, tokens, split, seed=seed + attempt, max_steps=max_steps,
-                             tail_mass=tail_mass)
+                             tail_mass=tail_mass, continuation_share=continuation_share, check_every=check_every)
         model = AutoModelForCausalLM.from_pretrained(target, torch_dtype=torch.float32)
         measured = measure_g1(model, tokens, split.heldout)
         checks = gate.checks(measured)
-        row = {"attempt": attempt, "seed": seed + attempt, **summary, **measured,
+        row = {"attempt": attempt, "seed": seed + attempt, "continuation_share": continuation_share,
+               "check_every": check_every, **summary, **measured,
                **{f"ok_{k}": v for k, v in checks.items()}, "passed": all(checks.values())}
         rows.append(row)
         print("study g1: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -213,6 +231,11 @@ def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int =
             link.symlink_to(target.name)
             return True
     return False
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:

@@ -40,3 +40,12 @@ def test_gate_g1_thresholds_are_the_issue_s():
                      ("direct_hard", 0.31), ("spark_easy", 0.76), ("spark_hard", 0.29)):
         checks = GateG1().checks({**ok, key: bad})
         assert [name for name, passed in checks.items() if not passed], key
+
+
+def test_warm_start_refuses_more_than_three_attempts(tmp_path):
+    from megatron_lpreg.study.warmstart import warm_start_with_gate
+
+    with pytest.raises(ValueError, match="3 in all"):
+        warm_start_with_gate(tmp_path, attempts=2, first_attempt=2)
+    with pytest.raises(ValueError, match="1 to 3"):
+        warm_start_with_gate(tmp_path, attempts=4)

@@ -85,3 +85,20 @@ def test_prompt_files_are_readable_by_the_trainer(tmp_path):
     assert hard[0].ground_truth == split.heldout[HARD][0].answer
     held = {r.problem for r in hard}
     assert not held & {r.problem for r in train}
+
+
+def test_warm_start_batches_keep_the_mix_and_mask_the_spark_on_continuation_rows(task_tokens):
+    from megatron_lpreg.study.task_a import warm_start_mix
+    from megatron_lpreg.study.warmstart import _batch
+
+    problems = split_task_a(0).sample_train(random.Random(1), 400)
+    ids, mask = _batch(task_tokens, problems, random.Random(2), warm_start_mix(0.2))
+    first = ids[:, 8]  # prompts are 8 tokens
+    assert bool((mask[:, 8] == 1).all())
+    assert float((first == task_tokens.spark).float().mean()) == pytest.approx(0.05, abs=0.03)
+    ids, mask = _batch(task_tokens, problems, random.Random(2), warm_start_mix(0.2), continuation_share=0.5)
+    spark_rows = ids[:, 8] == task_tokens.spark
+    assert 0.4 < float(spark_rows.float().mean()) < 0.65
+    trained_first = spark_rows & (mask[:, 8] == 1)  # first-token targets still follow the 0.05 mix
+    assert float(trained_first.sum() / (mask[:, 8] == 1).sum()) == pytest.approx(0.05, abs=0.04)
+    assert bool((mask[spark_rows, 9] == 1).all())  # the scratchpad after the spark is trained
