@@ -101,11 +101,18 @@ def test_seq_mean_token_sum_norm_for_drgrpo():
 
 
 @pytest.mark.parametrize("sweep", ["paper_baselines", "paper_baselines_offpolicy"])
-def test_paper_baseline_sweeps_load_on_both_paper_configs(sweep):
+def test_paper_baseline_sweeps_load_on_both_paper_configs(sweep, tmp_path):
+    from megatron_lpreg.config import RunConfig
     from megatron_lpreg.launch.cli_sweep import build_sweep, validate_tasks
 
     for config in ("configs/qwen3-14b_lpreg_64gpu.yaml", "configs/qwen2.5-32b_lpreg_64gpu.yaml"):
+        cfg = RunConfig.load(config, [])
+        # the model and data paths the config names, as a user's submit directory holds them
+        for path in (cfg.model.hf_path, cfg.model.mcore_path, cfg.eval.data_dir):
+            (tmp_path / path).mkdir(parents=True, exist_ok=True)
+        (tmp_path / cfg.data.source).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / cfg.data.source).touch()
         spec = build_sweep(config, [], [], f"configs/sweeps/{sweep}.yaml")
-        tasks = validate_tasks(config, spec)
+        tasks = validate_tasks(config, spec, cwd=tmp_path)
         assert any("algo.name=gspo" in task for task in tasks)
         assert ("trainer.updates_per_step=8" in spec.overrides) == sweep.endswith("offpolicy")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 from megatron_lpreg.reward.deadline import DeadlinePool
 from megatron_lpreg.reward.forker import PROCESS_MODULE, WorkerForker, shared_forker
@@ -11,11 +12,14 @@ from megatron_lpreg.reward.math import MATH_REWARD_PATH
 
 
 def _alive(pid: int) -> bool:
+    """The process runs (a zombie is dead: a worker orphaned by its forker's death waits to be reaped by whichever
+    process adopted it, which need not be quick about it)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    return True
+    return state != "Z"
 
 
 def test_forker_survives_its_starting_thread_and_cleans_up():
@@ -53,7 +57,6 @@ def test_pool_survives_the_death_of_the_shared_forker():
     assert shared_forker() is not forker and shared_forker().alive()
 
 
-
 def test_forker_and_workers_outlive_the_term_slurm_sends_every_process_at_the_time_limit():
     import signal
 
@@ -68,6 +71,7 @@ def test_forker_and_workers_outlive_the_term_slurm_sends_every_process_at_the_ti
         assert pool.map(MATH_REWARD_PATH, [("\\boxed{1/2}", "0.5")])[0].reason == "verified"
     forker.close()
     assert not forker.alive()
+
 
 def _start_raw_forker():
     import socket
