@@ -127,7 +127,10 @@ mlpreg_eval_py() {
 # after it is Slurm's time limit, not a cancellation (mlpreg_run).
 mlpreg_export_end_time() {
   local end
-  end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null || true)
+  local job=$SLURM_JOB_ID
+  # An array task can share its job id with the array, whose `squeue -j` lists every task: ask for the task itself.
+  [[ -z ${SLURM_ARRAY_JOB_ID:-} || -z ${SLURM_ARRAY_TASK_ID:-} ]] || job=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+  end=$(squeue -h -j "$job" -o %e 2>/dev/null | head -n 1 || true)
   if [[ $end =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T ]]; then
     SLURM_JOB_END_TIME=$(date -d "$end" +%s)
     export SLURM_JOB_END_TIME
@@ -239,9 +242,17 @@ mlpreg_ray_auth() {
 # RAY_ADDRESS for the driver. `ray start --head` gets no dashboard, and the Ray Client server (which Ray starts
 # whenever grpc is installed and cannot be switched off) a free port of the head node (from ray-env) instead of
 # the fixed 10001. Stop with mlpreg_ray_stop.
+# The Ray head's access flags: no dashboard, and the Ray Client server on the free port ray-env chose
+# (MLPREG_RAY_CLIENT_PORT), never the fixed 10001. Sets the array MLPREG_RAY_HEAD_FLAGS.
+mlpreg_ray_head_flags() {
+  MLPREG_RAY_HEAD_FLAGS=(--include-dashboard=false
+    --ray-client-server-port="${MLPREG_RAY_CLIENT_PORT:?run ray-env first (mlpreg_ray_start does)}")
+}
+
 mlpreg_ray_start() {
   mlpreg_eval_py "the Ray layout of this allocation" -m megatron_lpreg.launch.job ray-env
   mlpreg_ray_auth
+  mlpreg_ray_head_flags
   local ray=("$MLPREG_PYTHON" -m ray.scripts.scripts) logs=""
   local resources=(--num-cpus="$MLPREG_RAY_CPUS_PER_NODE" --num-gpus="$MLPREG_RAY_GPUS_PER_NODE")
   logs=$(mlpreg_log_dir) || logs=""
@@ -249,8 +260,7 @@ mlpreg_ray_start() {
     "$MLPREG_RAY_GPUS_PER_NODE GPU(s) and $MLPREG_RAY_CPUS_PER_NODE CPU(s) per node; logs in ${logs:-the job log}"
   mlpreg_srun_argv "$MLPREG_RAY_HEAD_NODE" "${logs:+$logs/ray-head-$SLURM_JOB_ID.log}"
   "${MLPREG_SRUN_CMD[@]}" "${ray[@]}" start --head --block --node-ip-address="$MLPREG_RAY_HEAD_IP" \
-    --port="$MLPREG_RAY_PORT" --include-dashboard=false --ray-client-server-port="$MLPREG_RAY_CLIENT_PORT" \
-    "${resources[@]}" &
+    --port="$MLPREG_RAY_PORT" "${MLPREG_RAY_HEAD_FLAGS[@]}" "${resources[@]}" &
   MLPREG_RAY_HEAD_PID=$!
   MLPREG_RAY_WORKERS_PID=
   if [[ $MLPREG_RAY_NUM_WORKERS -gt 0 ]]; then

@@ -75,7 +75,11 @@ def job_end_time(env: Mapping[str, str] | None = None, run: Runner = _run) -> fl
     job = env.get("SLURM_JOB_ID", "").strip()
     if not job.isdigit():
         return None
-    end = parse_slurm_time(run(["squeue", "-h", "-j", job, "-o", "%e"]))
+    array_job, task = env.get("SLURM_ARRAY_JOB_ID", "").strip(), env.get("SLURM_ARRAY_TASK_ID", "").strip()
+    if array_job.isdigit() and task.isdigit():
+        # an array's first task can share its job id with the array, and `squeue -j <array id>` lists every task
+        job = f"{array_job}_{task}"
+    end = parse_slurm_time(run(["squeue", "-h", "-j", job, "-o", "%e"]).strip().split("\n")[0])
     if end is None:
         match = re.search(r"\bEndTime=(\S+)", run(["scontrol", "-o", "show", "job", job]))
         end = parse_slurm_time(match.group(1)) if match else None

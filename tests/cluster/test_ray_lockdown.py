@@ -27,9 +27,11 @@ DRIVER = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); 
 
 
 def _common_sh(run_dir: Path) -> tuple[Path, list[str]]:
-    script = ("set -euo pipefail; source slurm/common.sh; mlpreg_ray_auth; mlpreg_ray_head_flags; "
-              'echo "$RAY_AUTH_MODE $RAY_AUTH_TOKEN_PATH"; echo "${MLPREG_RAY_HEAD_FLAGS[*]}"')
-    env = {**os.environ, "SLURM_JOB_ID": "4242", "MLPREG_PREEMPT_DIR": str(run_dir), "MLPREG_PYTHON": sys.executable}
+    script = ("set -euo pipefail; source slurm/common.sh; "
+              'mlpreg_eval_py "the Ray layout" -m megatron_lpreg.launch.job ray-env; mlpreg_ray_auth; '
+              'mlpreg_ray_head_flags; echo "$RAY_AUTH_MODE $RAY_AUTH_TOKEN_PATH"; echo "${MLPREG_RAY_HEAD_FLAGS[*]}"')
+    env = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_CPUS_ON_NODE": "1", "MLPREG_PREEMPT_DIR": str(run_dir), "MLPREG_PYTHON": sys.executable}
     out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     auth, flags = out.stdout.splitlines()

@@ -37,6 +37,16 @@ def test_end_time_asked_from_squeue_once_then_scontrol():
     assert [c[0] for c in slurm.calls] == ["squeue", "scontrol"]
 
 
+def test_an_array_task_asks_for_itself_not_the_whole_array():
+    # Slurm 22.05: an array's task can have the array's own job id, and `squeue -j <that id>` lists every task
+    slurm = FakeSlurm(squeue="2026-12-07T06:30:00\n")
+    env = {"SLURM_JOB_ID": "1", "SLURM_ARRAY_JOB_ID": "1", "SLURM_ARRAY_TASK_ID": "1"}
+    assert job_end_time(env, run=slurm) == datetime(2026, 12, 7, 6, 30).timestamp()
+    assert slurm.calls == [["squeue", "-h", "-j", "1_1", "-o", "%e"]]
+    two_lines = FakeSlurm(squeue="2026-12-07T06:30:00\n2026-12-07T07:00:00\n")
+    assert job_end_time({"SLURM_JOB_ID": "1"}, run=two_lines) == datetime(2026, 12, 7, 6, 30).timestamp()
+
+
 def test_no_end_time_outside_slurm_or_without_a_limit():
     slurm = FakeSlurm(squeue="N/A\n", scontrol="JobId=7 EndTime=Unknown")
     assert job_end_time({}, run=slurm) is None and slurm.calls == []
