@@ -80,8 +80,7 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     """Yield a temp dir (same on every rank, next to ``path``); on success rank 0 renames it to ``path``.
 
     Collective when torch.distributed is initialized: every rank enters and leaves together. On an exception the
-    temp dir is removed (by rank 0; other ranks' failures surface through the job's collectives) and ``path`` is
-    untouched.
+    temp dir is removed (by each rank that fails) and ``path`` is untouched.
 
     Raises:
         CheckpointError: ``path`` exists and ``overwrite`` is False.
@@ -107,8 +106,9 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
                 os.replace(tmp, path)
         _barrier()
     except BaseException:
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # every failing rank removes it: the launcher stops the other ranks as soon as one reports its failure, so
+        # rank 0 may never reach this line (a full disk failed on rank 1 first and left the temp dir, 1 run in 2)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
