@@ -142,13 +142,7 @@ def warm_start(base_dir: Path, out_dir: Path, cfg: RunConfig, *, target_acc: flo
             width = max(map(len, seqs))
             ids = torch.tensor([s + [eos] * (width - len(s)) for s in seqs])
             mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=WARM_START_DTYPE)
-            logits = model(input_ids=ids).logits[:, :-1]
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
-            optim.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
+            loss = supervised_step(model, optim, ids, mask)
             if step % 10 == 0:
                 acc = greedy_accuracy(model, tokenizer, dev, eos)
                 logger.info("warm start step %d: loss %.3f dev greedy accuracy %.3f", step, loss.item(), acc)
@@ -157,6 +151,25 @@ def warm_start(base_dir: Path, out_dir: Path, cfg: RunConfig, *, target_acc: flo
     model.to(torch.float32).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir, {"steps": step, "dev_greedy_acc": acc, "seconds": time.perf_counter() - t0}
+
+
+def supervised_step(model: torch.nn.Module, optim: torch.optim.Optimizer, ids: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """One supervised warm-start step: next-token NLL averaged over the positions ``mask`` marks, gradient norm
+    clipped to 1, one optimizer step. Returns the loss tensor.
+
+    Args:
+        ids: [B, L] token ids (prompt + target + pad).
+        mask: [B, L] 1 on the target tokens to learn, 0 elsewhere (in the model's dtype).
+    """
+    logits = model(input_ids=ids).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+    optim.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optim.step()
+    return loss
 
 
 @torch.no_grad()

@@ -152,7 +152,13 @@ def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskAS
     the stop rule is checked every ``check_every`` steps."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_lpreg.demo import WARM_START_DTYPE, WARM_START_THREADS, _compute_in_float64, _torch_threads
+    from megatron_lpreg.demo import (
+        WARM_START_DTYPE,
+        WARM_START_THREADS,
+        _compute_in_float64,
+        _torch_threads,
+        supervised_step,
+    )
 
     torch.manual_seed(seed)
     rng = random.Random(f"task-a-warm:{seed}")
@@ -165,13 +171,7 @@ def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskAS
         for step in range(1, max_steps + 1):
             ids, mask = _batch(tokens, split.sample_train(rng, batch_size), rng, warm_start_mix(tail_mass),
                                continuation_share)
-            logits = model(input_ids=ids).logits[:, :-1]
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
-            optim.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
+            loss = supervised_step(model, optim, ids, mask)
             if step % check_every == 0:
                 easy = forced_accuracy(model, tokens, split.dev[EASY], tokens.ids["\\"], samples=1, seed=step)
                 dev = {"dev_direct_easy": easy}
