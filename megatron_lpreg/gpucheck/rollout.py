@@ -90,7 +90,9 @@ def _rollout_cfg(device_type: str) -> Any:
                          weight_sync_backend="nccl" if device_type == "cuda" else "gloo", launch_timeout_s=600)
 
 
-def _max_logprob_diff(model: Any, completions: list) -> float:
+def max_logprob_diff(model: Any, completions: list) -> float:
+    """Largest |engine - ``model``| log-prob (temperature 1, float64 softmax) over every response token of
+    ``completions``; ``model`` has ``sequence_logits(token_ids)`` (rollout.logits_model.HFLogitsModel)."""
     worst = 0.0
     for comp in completions:
         logits = model.sequence_logits(comp.prompt_ids + comp.response_ids).double()
@@ -126,7 +128,7 @@ def engine_checks(device: torch.device, work_dir: Path) -> dict[str, Any]:
     engine = SGLangEngine(cfg, str(base), seed=0)
     numbers["server_start_s"] = time.perf_counter() - start
     try:
-        numbers["generate_max_abs_logprob_diff"] = _max_logprob_diff(
+        numbers["generate_max_abs_logprob_diff"] = max_logprob_diff(
             HFLogitsModel.from_pretrained(base), engine.generate(PROMPTS, greedy))
         other_model = HFLogitsModel.from_pretrained(other)
         probe = make_probe(other_model, PROBE_TOKENS, PROBE_PROMPT_LEN, atol=atol)
@@ -138,7 +140,7 @@ def engine_checks(device: torch.device, work_dir: Path) -> dict[str, Any]:
         expected = teacher_forced_logprobs(other_model, PROBE_TOKENS, PROBE_PROMPT_LEN)
         numbers["probe_max_abs_diff"] = max(abs(a - b) for a, b in zip(served, expected))
         synced = engine.generate(PROMPTS, greedy)
-        numbers["after_sync_max_abs_logprob_diff"] = _max_logprob_diff(other_model, synced)
+        numbers["after_sync_max_abs_logprob_diff"] = max_logprob_diff(other_model, synced)
         before = _free_mib(device)
         engine.release_memory()
         released = _free_mib(device)

@@ -23,9 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_lpreg.config.rollout import RolloutConfig
+from megatron_lpreg.gpucheck.rollout import max_logprob_diff
 from megatron_lpreg.models import hf_dir
 from megatron_lpreg.rollout.base import Colocation, LogprobProbe, SamplingParams, WeightSyncError, WeightUpdate
 from megatron_lpreg.rollout.logits_model import HFLogitsModel, make_probe, teacher_forced_logprobs
@@ -50,15 +50,8 @@ def _cfg(**overrides) -> RolloutConfig:
 
 
 def _reference(model_dir: Path, completions) -> float:
-    """Largest |engine - transformers fp32| log-prob over all tokens; also checks greedy = argmax there."""
-    model = HFLogitsModel.from_pretrained(model_dir)
-    worst = 0.0
-    for comp in completions:
-        logits = model.sequence_logits(comp.prompt_ids + comp.response_ids).double()
-        logp = torch.log_softmax(logits[len(comp.prompt_ids) - 1 : -1], dim=-1)
-        ref = logp.gather(-1, torch.tensor(comp.response_ids)[:, None]).squeeze(-1)
-        worst = max(worst, float((ref - torch.tensor(comp.logprobs, dtype=torch.float64)).abs().max()))
-    return worst
+    """Largest |engine - transformers fp32| log-prob over all tokens (the GPU check's own comparison)."""
+    return max_logprob_diff(HFLogitsModel.from_pretrained(model_dir), completions)
 
 
 def _greedy_ids(engine) -> list[list[int]]:
