@@ -43,7 +43,7 @@ def _wait_for(predicate, timeout: float, what: str, logs) -> None:
 def test_time_limit_checkpoints_before_the_end_requeues_and_resumes(slurm_env, tmp_path, monkeypatch):  # noqa: F811
     run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
     log_dir.mkdir()
-    overrides = [*(o for o in FAST if "max_steps" not in o), "trainer.max_steps=1000", "checkpoint.interval=0",
+    overrides = [*(o for o in FAST if "max_steps" not in o), "trainer.max_steps=100000", "checkpoint.interval=0",
                  f"trainer.walltime_margin_s={MARGIN_S}"]
     # --time=1: a one-minute limit; USR1 moved to 1 s before the end, so that only the walltime guard can stop
     # the trainer in time (the script's default asks 600 s before the end, i.e. at once).

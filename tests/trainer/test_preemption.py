@@ -16,6 +16,8 @@ from megatron_lpreg.rundir import PREEMPT_FILE, REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
+NEVER_DONE = 100_000
+"""trainer.max_steps for runs that a signal or the end time must stop: no machine gets there first."""
 
 
 def _cmd(out: Path, steps: int) -> list[str]:
@@ -32,7 +34,7 @@ def _steps_logged(out: Path) -> int:
 def test_usr1_checkpoints_exits_for_requeue_and_resumes(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(_cmd(out, 200), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_cmd(out, NEVER_DONE), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 180
         while _steps_logged(out) < 1:
@@ -47,7 +49,7 @@ def test_usr1_checkpoints_exits_for_requeue_and_resumes(tmp_path):
     assert code == REQUEUE_EXIT_CODE, proc.stderr.read().decode()[-3000:]
     latest = (out / "checkpoints" / "latest").read_text().strip()
     saved_step = int(latest.split("_")[1])
-    assert 1 <= saved_step < 200
+    assert 1 <= saved_step < NEVER_DONE
     assert _steps_logged(out) == saved_step
     assert not (out / PREEMPT_FILE).exists()  # the request was consumed
     # A request left over from an earlier attempt (older than the rerun) must not stop the rerun after one step.
@@ -84,8 +86,10 @@ def test_job_end_time_checkpoints_before_it_exits_for_requeue_and_resumes(tmp_pa
     from megatron_lpreg.models.footprint import checkpoint_size
 
     out = tmp_path / "run"
-    cmd = [*_cmd(out, 500), "parallel.tp=1", "trainer.world_size=1", "trainer.walltime_margin_s=15"]
-    end = time.time() + 60  # start-up 10-30 s on a loaded 2-core machine, steps of 0.5-10 s, exit 3-13 s
+    # More steps than any machine finishes in a minute: CI's runner ran 500 steps of this config in 37 s (0.075 s a
+    # step), and a run that finishes before the end time never meets the guard.
+    cmd = [*_cmd(out, NEVER_DONE), "parallel.tp=1", "trainer.world_size=1", "trainer.walltime_margin_s=15"]
+    end = time.time() + 60  # start-up 10-30 s on a loaded 2-core machine, steps of 0.075-10 s, exit 3-13 s
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "SLURM_JOB_END_TIME": str(int(end))}
     env.pop("SLURM_JOB_ID", None)
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -95,7 +99,7 @@ def test_job_end_time_checkpoints_before_it_exits_for_requeue_and_resumes(tmp_pa
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     assert checkpoint_problems(latest) == [] and (latest / "manifest.json").stat().st_mtime < end
     saved_step = int(latest.name.split("_")[1])
-    assert 1 <= saved_step < 500 and _steps_logged(out) == saved_step
+    assert 1 <= saved_step < NEVER_DONE and _steps_logged(out) == saved_step
     assert "exceed the" in done.stderr and "before the job's end time: checkpointing now" in done.stderr
     # the checkpoint holds the bytes `megatron-lpreg plan` announces: fp32 weights + two fp32 Adam moments
     cfg = RunConfig.load("configs/tiny_cpu.yaml", cmd[cmd.index("train") + 2:])
@@ -119,7 +123,7 @@ def test_term_to_every_process_at_the_time_limit_still_checkpoints_and_exits_for
     import psutil
 
     out = tmp_path / "run"
-    cmd = [*_cmd(out, 200), "parallel.tp=1", "trainer.world_size=1", "reward.name=math"]
+    cmd = [*_cmd(out, NEVER_DONE), "parallel.tp=1", "trainer.world_size=1", "reward.name=math"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
