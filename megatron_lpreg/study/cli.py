@@ -32,6 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     warm.add_argument("--spark-continuation", type=float, default=0.0,
                       help="share of rows that are scratchpads with no loss on the spark token (trains the skill)")
     warm.add_argument("--check-every", type=int, default=100, help="steps between stop-rule checks")
+    warm.add_argument("--direct-max-carries", type=int, default=None,
+                      help="show direct answers only on problems with at most this many carries (default: all)")
+    warm.add_argument("--stop-spark-easy", type=float, default=0.0,
+                      help="also require dev forced-spark accuracy on easy >= this before stopping (0: off)")
+    warm.add_argument("--stop-on-dev-gate", action="store_true",
+                      help="stop at the first check where Gate G1 holds on the dev set (replaces the stop rule)")
+    warm.add_argument("--beyond-protocol", action="store_true",
+                      help="allow attempts past the protocol's 3; they are marked protocol=False (exploratory)")
     warm.add_argument("--first-attempt", type=int, default=0, help="number of the first attempt (keeps earlier rows)")
     rerun = sub.add_parser("rerun", help="reduced rerun: GRPO vs the best Lp-Reg arm on Task A")
     rerun.add_argument("--out", required=True, help="output directory (warm start is made there if missing)")
@@ -80,7 +88,9 @@ def _warmstart(args: argparse.Namespace) -> int:
 
     passed = warm_start_with_gate(Path(args.out), attempts=args.attempts, seed=args.seed, max_steps=args.max_steps,
                                   tail_mass=args.tail_mass, continuation_share=args.spark_continuation,
-                                  check_every=args.check_every, first_attempt=args.first_attempt)
+                                  check_every=args.check_every, first_attempt=args.first_attempt,
+                                  direct_max_carries=args.direct_max_carries, stop_easy_spark=args.stop_spark_easy,
+                                  stop_on_dev_gate=args.stop_on_dev_gate, beyond_protocol=args.beyond_protocol)
     return 0 if passed else 1
 
 

@@ -29,6 +29,7 @@ from megatron_lpreg.study.task_a import (
     Problem,
     TaskASplit,
     TaskATokens,
+    carries,
     split_task_a,
     warm_start_mix,
     write_prompt_files,
@@ -81,15 +82,26 @@ def load_base(seed: int = 0):
     return base, tokenizer, TaskATokens(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
 
 
+DIRECT_STRATEGIES = ("direct", "harmless")
+"""Strategies whose target writes the correct sum without a scratchpad."""
+
+
 def _batch(tokens: TaskATokens, problems: list[Problem], rng: random.Random, mix: dict[str, float],
-           continuation_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+           continuation_share: float = 0.0, direct_max_carries: int | None = None,
+           direct_pool: list[Problem] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and loss mask of one warm-start batch: each row's strategy drawn from ``mix``; a
     ``continuation_share`` of the rows are instead scratchpads whose first token (the spark) has no loss, so they
-    train the scratchpad without moving p(spark) at the decision position."""
+    train the scratchpad without moving p(spark) at the decision position. With ``direct_max_carries``, a row whose
+    target writes the sum directly (:data:`DIRECT_STRATEGIES`) on a problem with more carries takes a problem drawn
+    from ``direct_pool`` instead (the first-token mix is unchanged; only which sums the direct answer is shown
+    changes)."""
     strategies = rng.choices(list(mix), weights=list(mix.values()), k=len(problems))
     seqs, masks = [], []
     for problem, strategy in zip(problems, strategies):
         continuation = rng.random() < continuation_share
+        if (direct_max_carries is not None and not continuation and strategy in DIRECT_STRATEGIES
+                and carries(problem.a, problem.b) > direct_max_carries):
+            problem = rng.choice(direct_pool)
         prompt = tokens.prompt(problem)
         target = tokens.target(problem, "spark" if continuation else strategy, rng)
         seqs.append(prompt + target)
@@ -145,11 +157,17 @@ def measure_g1(model, tokens: TaskATokens, sets: dict[str, list[Problem]], *, sa
 
 def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskASplit, *, seed: int,
                max_steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, check_every: int = 100,
-               stop_easy_direct: float = 0.85, tail_mass: float = 0.2, continuation_share: float = 0.0) -> dict:
+               stop_easy_direct: float = 0.85, tail_mass: float = 0.2, continuation_share: float = 0.0,
+               direct_max_carries: int | None = None, stop_easy_spark: float = 0.0,
+               stop_on_dev_gate: GateG1 | None = None) -> dict:
     """Supervised warm start on Task A (see the module docstring); saves the model (float32) to ``out_dir``.
 
     ``continuation_share`` of each batch's rows are scratchpads with no loss on the spark token (see ``_batch``);
-    the stop rule is checked every ``check_every`` steps."""
+    the stop rule is checked every ``check_every`` steps. ``direct_max_carries``: direct answers are shown only on
+    training problems with at most that many carries (None: all). ``stop_easy_spark`` > 0 adds a second stop
+    condition, forced-spark accuracy on the dev easy set at least that high (the scratchpad is learned).
+    ``stop_on_dev_gate`` replaces the stop rule: stop at the first check where every criterion of that gate holds
+    on the dev set (one sample per problem), i.e. early stopping on the dev-set version of Gate G1."""
     from transformers import AutoModelForCausalLM
 
     from megatron_lpreg.demo import (
@@ -166,32 +184,56 @@ def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskAS
     model.to(WARM_START_DTYPE)
     _compute_in_float64(model)
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    direct_pool = [p for level in split.train.values() for p in level
+                   if direct_max_carries is not None and carries(p.a, p.b) <= direct_max_carries]
     t0, step, dev = time.perf_counter(), 0, {}
     with _torch_threads(WARM_START_THREADS):
         for step in range(1, max_steps + 1):
             ids, mask = _batch(tokens, split.sample_train(rng, batch_size), rng, warm_start_mix(tail_mass),
-                               continuation_share)
+                               continuation_share, direct_max_carries, direct_pool)
             loss = supervised_step(model, optim, ids, mask)
             if step % check_every == 0:
-                easy = forced_accuracy(model, tokens, split.dev[EASY], tokens.ids["\\"], samples=1, seed=step)
-                dev = {"dev_direct_easy": easy}
-                logger.info("task A warm start step %d: loss %.3f dev direct easy %.3f (%.0f s)", step,
-                            loss.item(), easy, time.perf_counter() - t0)
-                if easy >= stop_easy_direct:
+                dev, stop = _dev_check(model, tokens, split, step, stop_easy_direct, stop_easy_spark,
+                                       stop_on_dev_gate)
+                logger.info("task A warm start step %d: loss %.3f %s (%.0f s)", step, loss.item(), dev.pop("_log"),
+                            time.perf_counter() - t0)
+                if stop:
                     break
     model.to(torch.float32).save_pretrained(out_dir)
     tokens.tokenizer.save_pretrained(out_dir)
     return {"steps": step, "seconds": time.perf_counter() - t0, **dev}
 
 
+def _dev_check(model, tokens: TaskATokens, split: TaskASplit, step: int, stop_easy_direct: float,
+               stop_easy_spark: float, gate: GateG1 | None) -> tuple[dict, bool]:
+    """The warm start's stop rule on the dev set: ``(dev measurements + "_log", stop?)`` (see :func:`warm_start`)."""
+    if gate is not None:
+        dev = {f"dev_{k}": v for k, v in measure_g1(model, tokens, split.dev, samples=1, seed=step).items()}
+        failed = [k for k, ok in gate.checks({k[4:]: v for k, v in dev.items()}).items() if not ok]
+        return {**dev, "_log": f"dev gate fails {failed or 'nothing'}"}, not failed
+    dev = {"dev_direct_easy": forced_accuracy(model, tokens, split.dev[EASY], tokens.ids["\\"], samples=1,
+                                              seed=step)}
+    if stop_easy_spark > 0:
+        dev["dev_spark_easy"] = forced_accuracy(model, tokens, split.dev[EASY], tokens.spark, samples=1, seed=step)
+    log = "dev " + " ".join(f"{k[4:]} {v:.3f}" for k, v in dev.items())
+    stop = dev["dev_direct_easy"] >= stop_easy_direct and dev.get("dev_spark_easy", 1.0) >= stop_easy_spark
+    return {**dev, "_log": log}, stop
+
+
 def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int = 1, max_steps: int = 3000,
                         tail_mass: float = 0.2, continuation_share: float = 0.0, check_every: int = 100,
-                        first_attempt: int = 0) -> bool:
+                        first_attempt: int = 0, direct_max_carries: int | None = None,
+                        stop_easy_spark: float = 0.0, stop_on_dev_gate: bool = False,
+                        beyond_protocol: bool = False) -> bool:
     """Up to ``attempts`` (at most 3) warm starts (seeds ``seed``, ``seed + 1``, ...), each followed by Gate G1 on
     the held-out set; every attempt is a row of ``out/g1.csv``. ``tail_mass`` (the dose-response controls) sets the
     noise share of the mix and Gate G1's band for the mass below the cut, ``[0.75, 1.5] x tail_mass`` (0.15-0.3 at
     the protocol's 0.2). ``continuation_share`` and ``check_every``: see :func:`warm_start` (attempt 0 of
-    2026-12-07 used 0 and 100); ``first_attempt`` numbers the attempts when earlier ones are already in g1.csv.
+    2026-12-07 used 0 and 100), ``direct_max_carries`` and ``stop_easy_spark`` too (attempts 0 and 1 used None and
+    0); ``stop_on_dev_gate``: stop on the dev-set version of this gate (see :func:`warm_start`);
+    ``beyond_protocol`` allows attempts past the protocol's 3, marked ``protocol=False`` in g1.csv (exploratory:
+    docs/study.md never counts them as passing G1); ``first_attempt`` numbers the attempts when earlier ones are
+    already in g1.csv.
     Stops at the first pass; ``out/warm_start`` then holds the passing model (``out/warm_start_<i>`` every
     attempt's).
 
@@ -202,9 +244,9 @@ def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int =
 
     if not 1 <= attempts <= MAX_ATTEMPTS:
         raise ValueError(f"attempts={attempts}: the protocol allows 1 to {MAX_ATTEMPTS} warm-start attempts")
-    if first_attempt + attempts > MAX_ATTEMPTS:
+    if first_attempt + attempts > MAX_ATTEMPTS and not beyond_protocol:
         raise ValueError(f"attempts {first_attempt}..{first_attempt + attempts - 1}: the protocol allows "
-                         f"{MAX_ATTEMPTS} in all")
+                         f"{MAX_ATTEMPTS} in all (--beyond-protocol runs exploratory ones, reported as such)")
     base, _, tokens = load_base()
     split = split_task_a()
     write_prompt_files(out, split)
@@ -214,16 +256,29 @@ def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int =
     for attempt in range(first_attempt, first_attempt + attempts):
         target = out / f"warm_start_{attempt}"
         summary = warm_start(base, target, tokens, split, seed=seed + attempt, max_steps=max_steps,
-                             tail_mass=tail_mass, continuation_share=continuation_share, check_every=check_every)
+                             tail_mass=tail_mass, continuation_share=continuation_share, check_every=check_every,
+                             direct_max_carries=direct_max_carries, stop_easy_spark=stop_easy_spark,
+                             stop_on_dev_gate=gate if stop_on_dev_gate else None)
         model = AutoModelForCausalLM.from_pretrained(target, torch_dtype=torch.float32)
         measured = measure_g1(model, tokens, split.heldout)
         checks = gate.checks(measured)
-        row = {"attempt": attempt, "seed": seed + attempt, "continuation_share": continuation_share,
-               "check_every": check_every, **summary, **measured,
+        row = {"attempt": attempt, "seed": seed + attempt, "protocol": attempt < MAX_ATTEMPTS,
+               "continuation_share": continuation_share,
+               "check_every": check_every,
+               "direct_max_carries": "" if direct_max_carries is None else direct_max_carries,
+               "stop_easy_spark": stop_easy_spark, "stop_on_dev_gate": stop_on_dev_gate, **summary, **measured,
                **{f"ok_{k}": v for k, v in checks.items()}, "passed": all(checks.values())}
         rows.append(row)
         print("study g1: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         _write_rows(rows, out / "g1.csv")
+        if row["passed"] and not row["protocol"]:
+            logger.warning("attempt %d passes G1's thresholds outside the protocol's %d attempts: exploratory only; "
+                           "linked as %s", attempt, MAX_ATTEMPTS, out / "warm_start_exploratory")
+            link = out / "warm_start_exploratory"
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(target.name)
+            return False
         if row["passed"]:
             link = out / "warm_start"
             if link.is_symlink() or link.exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from megatron_lpreg.study.task_a import (
     EASY,
@@ -102,3 +103,23 @@ def test_warm_start_batches_keep_the_mix_and_mask_the_spark_on_continuation_rows
     trained_first = spark_rows & (mask[:, 8] == 1)  # first-token targets still follow the 0.05 mix
     assert float(trained_first.sum() / (mask[:, 8] == 1).sum()) == pytest.approx(0.05, abs=0.04)
     assert bool((mask[spark_rows, 9] == 1).all())  # the scratchpad after the spark is trained
+
+
+def test_direct_answers_shown_only_on_problems_within_the_carry_limit(task_tokens):
+    """Attempts 2-3 of the warm start: direct (and harmless-noise) answers only on carry-free sums; the first-token
+    mix and the scratchpad rows are unchanged."""
+    from megatron_lpreg.study.task_a import carries, warm_start_mix
+    from megatron_lpreg.study.warmstart import _batch
+
+    split = split_task_a(0)
+    problems = split.sample_train(random.Random(1), 400)
+    pool = [p for level in split.train.values() for p in level[:2000] if carries(p.a, p.b) == 0]
+    free, _ = _batch(task_tokens, problems, random.Random(2), warm_start_mix(0.2))
+    ids, mask = _batch(task_tokens, problems, random.Random(2), warm_start_mix(0.2), 0.0, 0, pool)
+    assert [task_tokens.strategy_of(t) for t in ids[:, 8].tolist()] == [task_tokens.strategy_of(t) for t in
+                                                                        free[:, 8].tolist()]  # row by row
+    direct = (ids[:, 8] == task_tokens.ids["\\"]) | torch.isin(ids[:, 8], torch.tensor(task_tokens.harmless))
+    sums = [(int(task_tokens.tokenizer.decode(row[:3])), int(task_tokens.tokenizer.decode(row[4:7]))) for row in ids]
+    assert all(carries(a, b) == 0 for (a, b), d in zip(sums, direct.tolist()) if d)
+    assert any(carries(a, b) >= 2 for (a, b), d in zip(sums, direct.tolist()) if not d)  # scratchpads keep them
+    assert any(carries(p.a, p.b) >= 2 for p, d in zip(problems, direct.tolist()) if d)  # rows really moved
