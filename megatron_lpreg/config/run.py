@@ -21,6 +21,7 @@ from megatron_lpreg.config.base import (
     to_dict,
 )
 from megatron_lpreg.config.data import DataConfig, EvalConfig, RewardConfig
+from megatron_lpreg.config.diagnostics import DiagnosticsConfig
 from megatron_lpreg.config.model import ModelConfig, ParallelConfig
 from megatron_lpreg.config.rollout import RolloutConfig
 from megatron_lpreg.config.trainer import CheckpointConfig, LoggingConfig, OptimizerConfig, TrainerConfig
@@ -43,6 +44,9 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    """Exploration diagnostics: spark / noise token classes -> ``diag/*`` metrics every step (docs/diagnostics.md);
+    empty (the default) = none and no cost."""
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -89,6 +93,7 @@ class RunConfig:
             raise ConfigError("parallel.sequence_parallel=true needs model.transformer_impl=transformer_engine")
         for section in (self.algo, self.rollout, self.trainer, self.data, self.reward, self.eval, self.checkpoint):
             section.validate()
+        self.diagnostics.validate(vocab_size=self.model.vocab_size)
         self.validate_world_layout()
 
     def validate_world_layout(self) -> None:

@@ -3,84 +3,31 @@ histograms, Lp-Reg selections by token class, the share of the push-down the Lp-
 are eval's: ``megatron_lpreg.eval.scoring``; custom benchmarks are sampled with ``name@sampled=path``).
 
 Legend: N decision positions, V vocabulary, B rows x T tokens for per-token tensors. Everything is detached
-float64 arithmetic; nothing here changes training. docs/study.md ("Diagnostics") shows how to use it on a real
-model (spark words "wait", "however", "perhaps").
+float64 arithmetic; nothing here changes training. The trainer logs the per-step ones (``diag/*``,
+``entropy/first_token``) when the run config's ``diagnostics:`` names a class; docs/diagnostics.md lists the keys
+and shows real-model use (spark words "wait", "however", "perhaps").
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from megatron_lpreg.algo.lpreg import KL_TERM_CLAMP, _reference_selection, global_lowprob_threshold, lowprob_candidates
+from megatron_lpreg.config.diagnostics import DiagnosticsConfig, TokenClasses
+
+__all__ = [
+    "CLASS_NAMES", "HISTOGRAM_EDGES", "DiagnosticsConfig", "TokenClasses", "classify_tokens", "decision_probe",
+    "first_response_positions", "first_token_entropy", "kl_cancel_fraction", "lpreg_class_metrics",
+    "lpreg_selection",
+    "rollout_class_counts", "rollout_class_metrics", "sampled_prob_histogram", "selections_by_class",
+]
 
 CLASS_NAMES = ("other", "main", "spark", "noise")
 """Token classes, in label order (:func:`classify_tokens`)."""
 HISTOGRAM_EDGES = tuple(10.0 ** e for e in range(-6, 1))
 """Probability bin edges of :func:`sampled_prob_histogram` (1e-6 .. 1, one bin per decade; below 1e-6 -> bin 0)."""
-
-
-@dataclass(kw_only=True)
-class DiagnosticsConfig:
-    """Which tokens the diagnostics follow. Ids and strings may be mixed; strings are resolved with the run's
-    tokenizer by :meth:`resolve` (each string and its capitalised / space-prefixed forms that encode to one token).
-    """
-
-    spark_ids: list[int] = field(default_factory=list)
-    """Token ids of the reasoning sparks (Task A: the scratchpad id)."""
-    spark_strings: list[str] = field(default_factory=list)
-    """Spark words for real models, e.g. ["wait", "however", "perhaps"]."""
-    noise_ids: list[int] = field(default_factory=list)
-    """Token ids that carry no strategy (Task A: the 100 unused ids)."""
-    noise_strings: list[str] = field(default_factory=list)
-    """Noise words, resolved as spark_strings."""
-    main_ids: list[int] = field(default_factory=list)
-    """Ids of the main (default) choice at decision positions; empty = the most likely token there."""
-    kappa: float = 0.02
-    """Min-p cut of the probes' "mass below the cut" (the run's algo.kappa)."""
-
-    def validate(self) -> None:
-        if not 0.0 < self.kappa <= 1.0:
-            raise ValueError(f"diagnostics.kappa={self.kappa} must be in (0, 1]")
-        both = set(self.spark_ids) & set(self.noise_ids)
-        if both:
-            raise ValueError(f"token ids {sorted(both)} are in both spark_ids and noise_ids; a token has one class")
-
-    def resolve(self, tokenizer=None) -> TokenClasses:
-        """Ids of each class (strings through ``tokenizer.encode(text, add_special_tokens=False)``).
-
-        Raises:
-            ValueError: strings without a tokenizer, or a string none of whose forms is a single token.
-        """
-        self.validate()
-        spark = set(self.spark_ids) | _string_ids(self.spark_strings, tokenizer, "spark_strings")
-        noise = set(self.noise_ids) | _string_ids(self.noise_strings, tokenizer, "noise_strings")
-        return TokenClasses(spark=frozenset(spark), noise=frozenset(noise), main=frozenset(self.main_ids))
-
-
-@dataclass(frozen=True)
-class TokenClasses:
-    """Resolved id sets (see :class:`DiagnosticsConfig`)."""
-
-    spark: frozenset[int]
-    noise: frozenset[int]
-    main: frozenset[int] = frozenset()
-
-
-def _string_ids(strings: Sequence[str], tokenizer, key: str) -> set[int]:
-    if strings and tokenizer is None:
-        raise ValueError(f"diagnostics.{key}={list(strings)} needs a tokenizer; give ids instead or pass one")
-    ids: set[int] = set()
-    for text in strings:
-        forms = {text, " " + text, text.capitalize(), " " + text.capitalize()}
-        found = {enc[0] for form in forms if len(enc := tokenizer.encode(form, add_special_tokens=False)) == 1}
-        if not found:
-            raise ValueError(f"diagnostics.{key}: {text!r} is not a single token in any of the forms "
-                             f"{sorted(forms)}; give its id(s) in the *_ids list instead")
-        ids |= found
-    return ids
 
 
 def classify_tokens(tokens: torch.Tensor, classes: TokenClasses) -> torch.Tensor:
@@ -137,15 +84,18 @@ def sampled_prob_histogram(logp: torch.Tensor, advantages: torch.Tensor, mask: t
 
 def lpreg_selection(logprobs: torch.Tensor, proxy_logprobs: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, *, rho: float, selection: Literal["reference", "global"] = "reference",
-                    old_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+                    old_logprobs: torch.Tensor | None = None,
+                    lowprob_threshold: float | None = None) -> torch.Tensor:
     """Bool ``[B, T]``: the tokens :func:`megatron_lpreg.algo.lpreg.lpreg_policy_loss` regularises on this
-    micro-batch (its own selection rules; global mode with a single-process threshold over this micro-batch)."""
+    micro-batch (its own selection rules). Global mode uses ``lowprob_threshold`` (the trainer's step-wide one)
+    when given, else a single-process threshold over this micro-batch."""
     candidates = (mask > 0) & (advantages < 0)
     if selection == "reference":
         selected, _ = _reference_selection(logprobs.detach(), candidates, rho)
     else:
         old = (old_logprobs if old_logprobs is not None else logprobs).detach()
-        threshold = global_lowprob_threshold([lowprob_candidates(old, advantages, mask)], rho)
+        threshold = lowprob_threshold if lowprob_threshold is not None else global_lowprob_threshold(
+            [lowprob_candidates(old, advantages, mask)], rho)
         selected = candidates & (old <= threshold)
     return selected & (logprobs.detach() < proxy_logprobs)
 
@@ -177,3 +127,90 @@ def kl_cancel_fraction(logprobs: torch.Tensor, old_logprobs: torch.Tensor, proxy
     kl_grad = torch.where(term.abs() <= KL_TERM_CLAMP, beta * (1.0 - torch.exp(d)), torch.zeros_like(d))
     push = -adv * torch.exp(lp - old)
     return float((-kl_grad).sum() / push.sum().clamp(min=1e-300))
+
+
+# ---- per-step trainer metrics (``diag/*``, ``entropy/first_token``; docs/diagnostics.md) ------------------------
+
+def first_response_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, positions)``: the rows of ``mask [B, T]`` that hold a response token and, for each, the position
+    of its first one (where the first response token is predicted)."""
+    has = (mask > 0).any(dim=1)
+    rows = torch.nonzero(has).reshape(-1)
+    return rows, (mask[rows] > 0).float().argmax(dim=1)  # argmax returns the first maximal index
+
+
+def first_token_entropy(entropy: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """Mean entropy at each row's first response position (the decision token of a strategy task); None when no
+    row of ``mask`` holds a response token (pipeline filler)."""
+    rows, positions = first_response_positions(mask)
+    if rows.numel() == 0:
+        return None
+    return float(entropy.detach().double()[rows, positions].mean())
+
+
+def rollout_class_counts(targets: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                         engine_logprobs: torch.Tensor, classes: TokenClasses,
+                         edges: Sequence[float] = HISTOGRAM_EDGES) -> dict[str, float]:
+    """Additive counts of one rollout batch (sum them over data-parallel ranks, then :func:`rollout_class_metrics`).
+
+    Args:
+        targets: ``[B, T]`` sampled response token at each predicting position (TrainBatch.targets).
+        mask: ``[B, T]``, > 0 on response positions.
+        advantages: ``[B, T]`` (the sequence advantage on its response positions).
+        engine_logprobs: ``[B, T]`` the engine's sampling log-probs.
+        classes: resolved spark / noise ids.
+
+    Returns:
+        ``responses``, ``response_tokens``, ``{spark,noise}_first``, ``{spark,noise}_tokens``, ``spark_negative``
+        (spark tokens in A < 0 responses) and ``hist_pos_<i>`` / ``hist_neg_<i>`` (:func:`sampled_prob_histogram`).
+    """
+    valid = mask > 0
+    rows, positions = first_response_positions(mask)
+    first = targets[rows, positions]
+    counts = {"responses": float(rows.numel()), "response_tokens": float(valid.sum())}
+    for name, ids in (("spark", classes.spark), ("noise", classes.noise)):
+        members = torch.isin(targets, torch.tensor(sorted(ids), dtype=targets.dtype, device=targets.device)) \
+            if ids else torch.zeros_like(valid)
+        counts[f"{name}_first"] = float(members[rows, positions].sum()) if first.numel() else 0.0
+        counts[f"{name}_tokens"] = float((members & valid).sum())
+        if name == "spark":
+            counts["spark_negative"] = float((members & valid & (advantages < 0)).sum())
+    hist = sampled_prob_histogram(engine_logprobs, advantages, mask, edges)
+    for sign, key in (("pos", "positive"), ("neg", "negative")):
+        counts.update({f"hist_{sign}_{i}": float(c) for i, c in enumerate(hist[key])})
+    return counts
+
+
+def rollout_class_metrics(counts: dict[str, float]) -> dict[str, float]:
+    """``diag/*`` of the step from counts summed over ranks (:func:`rollout_class_counts`): fractions of the whole
+    step's responses / tokens, and the histograms as whole-step counts. A fraction with an empty denominator is 0.
+    """
+    def ratio(num: str, den: str) -> float:
+        return counts[num] / counts[den] if counts[den] > 0 else 0.0
+
+    out = {
+        "diag/spark_first_frac": ratio("spark_first", "responses"),
+        "diag/noise_first_frac": ratio("noise_first", "responses"),
+        "diag/spark_token_frac": ratio("spark_tokens", "response_tokens"),
+        "diag/noise_token_frac": ratio("noise_tokens", "response_tokens"),
+        "diag/spark_negative_frac": ratio("spark_negative", "spark_tokens"),
+    }
+    out.update({f"diag/{k}": v for k, v in counts.items() if k.startswith("hist_")})
+    return out
+
+
+def lpreg_class_metrics(logprobs: torch.Tensor, old_logprobs: torch.Tensor, proxy_logprobs: torch.Tensor,
+                        advantages: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, classes: TokenClasses,
+                        *, rho: float, beta: float, selection: Literal["reference", "global"] = "reference",
+                        lowprob_threshold: float | None = None, with_kl_cancel: bool = True) -> dict[str, float]:
+    """The Lp-Reg loss's own regularised tokens of one micro-batch, by class: ``diag/lpreg_selected_<class>``
+    (other / main / spark / noise counts) and, when ``with_kl_cancel`` (k3 term) and any token is regularised,
+    ``diag/lpreg_kl_cancel`` (:func:`kl_cancel_fraction`)."""
+    regularized = lpreg_selection(logprobs, proxy_logprobs, advantages, mask, rho=rho, selection=selection,
+                                  old_logprobs=old_logprobs, lowprob_threshold=lowprob_threshold)
+    out = selections_by_class(regularized, targets, classes, prefix="diag/lpreg_selected")
+    out = {k.replace("diag/lpreg_selected/", "diag/lpreg_selected_"): v for k, v in out.items()}
+    if with_kl_cancel and bool(regularized.any()):
+        out["diag/lpreg_kl_cancel"] = kl_cancel_fraction(logprobs, old_logprobs, proxy_logprobs, advantages,
+                                                         regularized, beta=beta)
+    return out

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_lpreg import rundir, telemetry
-from megatron_lpreg.config import RunConfig
+from megatron_lpreg.config import RunConfig, TokenClasses
 from megatron_lpreg.eval.in_training import TrainingEvaluator
 from megatron_lpreg.parallel.bootstrap import ParallelContext, init_parallel
 from megatron_lpreg.trainer.engine_host import EngineHost
@@ -33,6 +33,8 @@ class Components:
     sinks: telemetry.MetricSinks | None
     evaluator: TrainingEvaluator | None = None
     """The run's benchmarks, loaded at start."""
+    token_classes: TokenClasses | None = None
+    """``diagnostics:`` resolved once with the tokenizer (None: no ``diag/*`` metrics)."""
     _step_s: float | None = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -117,9 +119,10 @@ def build_components(cfg: RunConfig, run_dir: Path) -> Components:
                          "tokenizer), e.g. one made by tools/make_tiny_model.py")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     evaluator = TrainingEvaluator(cfg.eval, cfg.data, cfg.reward, tokenizer)  # refuses evals that score nothing
+    token_classes = cfg.diagnostics.resolve(tokenizer) if cfg.diagnostics.enabled else None
     policy = Policy(cfg.model, cfg.parallel, cfg.optimizer, cfg.algo, ctx, temperature=cfg.rollout.temperature,
                     micro_batch_tokens=cfg.trainer.micro_batch_tokens, total_steps=cfg.trainer.max_steps,
-                    packing=cfg.trainer.packing)
+                    packing=cfg.trainer.packing, token_classes=token_classes)
     _load_initial_weights(cfg, policy, ctx)
     engine = EngineHost(cfg, ctx, policy.raw_chunks)
     dataset = build_dataset(cfg.data, tokenizer, seed=cfg.seed)
@@ -135,7 +138,8 @@ def build_components(cfg: RunConfig, run_dir: Path) -> Components:
         sinks = telemetry.MetricSinks(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                       wandb_project=cfg.logging.wandb_project, config=cfg.to_dict())
     return Components(cfg=cfg, ctx=ctx, run_dir=run_dir, tokenizer=tokenizer, policy=policy, engine=engine,
-                      dataset=dataset, reward=reward, checkpoints=checkpoints, sinks=sinks, evaluator=evaluator)
+                      dataset=dataset, reward=reward, checkpoints=checkpoints, sinks=sinks, evaluator=evaluator,
+                      token_classes=token_classes)
 
 
 def _load_initial_weights(cfg: RunConfig, policy: Policy, ctx: ParallelContext) -> None:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from megatron_lpreg.algo.registry import PolicyLossInputs, compute_policy_loss, loss_requirements
-from megatron_lpreg.config import AlgoConfig, ModelConfig, OptimizerConfig, ParallelConfig
+from megatron_lpreg.config import AlgoConfig, ModelConfig, OptimizerConfig, ParallelConfig, TokenClasses
 from megatron_lpreg.config.base import ConfigError
 from megatron_lpreg.models.packed import (
     attention_takes_packed_seq_params,
@@ -58,7 +58,7 @@ class Policy:
 
     def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, optim_cfg: OptimizerConfig,
                  algo_cfg: AlgoConfig, ctx: ParallelContext, *, temperature: float, micro_batch_tokens: int,
-                 total_steps: int, packing: bool = False) -> None:
+                 total_steps: int, packing: bool = False, token_classes: TokenClasses | None = None) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
@@ -68,6 +68,7 @@ class Policy:
         _refuse_fp16(model_cfg)
         self.model_cfg, self.algo_cfg, self.ctx = model_cfg, algo_cfg, ctx
         self.temperature = temperature
+        self.token_classes = token_classes  # diagnostics: (Lp-Reg selections by class); None = not configured
         self.loss_generator: torch.Generator | None = None
         self.micro_batch_tokens = micro_batch_tokens
         self.packing = packing  # trainer.packing: token-balanced packed micro-batches (trainer/batch.py)
@@ -275,10 +276,30 @@ class Policy:
             metrics["entropy/mean"] = float((stats.entropy.float() * mask).sum() / ntok)
             mismatch = (logprobs.detach() - mb.engine_logprobs).abs()
             metrics["rollout/logprob_mismatch"] = float((mismatch * mask).sum() / ntok)
+            metrics.update(self._diag_metrics(inputs, stats.entropy, mb.targets))
             return loss * weight, metrics
 
         outputs = self._run(micro_batches, mbs, loss_fn, forward_only=False)
         return _mean_dicts(outputs) if self.ctx.is_last_pp_stage else {}
+
+    def _diag_metrics(self, inputs: PolicyLossInputs, entropy: torch.Tensor, targets: torch.Tensor) -> dict:
+        """Loss-side diagnostics of one micro-batch (docs/diagnostics.md): ``entropy/first_token`` always; with
+        token classes and ``algo.name=lpreg`` the loss's own regularised tokens by class and the share of their
+        push-down the k3 term cancels (``diag/lpreg_*``). Absent keys (no response row, nothing regularised) are
+        left out of the micro-batch mean rather than counted as 0."""
+        from megatron_lpreg.metrics.diagnostics import first_token_entropy, lpreg_class_metrics
+
+        out = {}
+        first = first_token_entropy(entropy, inputs.response_mask)
+        if first is not None:
+            out["entropy/first_token"] = first
+        cfg = self.algo_cfg
+        if self.token_classes is not None and cfg.name == "lpreg":
+            out.update(lpreg_class_metrics(
+                inputs.logprobs, inputs.old_logprobs, inputs.proxy_logprobs, inputs.advantages, inputs.response_mask,
+                targets, self.token_classes, rho=cfg.rho, beta=cfg.beta, selection=cfg.selection,
+                lowprob_threshold=inputs.lowprob_threshold, with_kl_cancel=cfg.proxy_kl == "k3"))
+        return out
 
     def train_step(self, batch: TrainBatch, *, lowprob_threshold: float | None = None,
                    global_valid_tokens: float | None = None) -> StepResult:

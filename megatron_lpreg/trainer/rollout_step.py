@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import torch
 
 from megatron_lpreg.algo.registry import compute_advantages
-from megatron_lpreg.config import RunConfig
+from megatron_lpreg.config import RunConfig, TokenClasses
 from megatron_lpreg.parallel import collectives as coll
 from megatron_lpreg.parallel.bootstrap import ParallelContext
 from megatron_lpreg.rollout.base import SamplingParams
@@ -30,6 +30,8 @@ class RolloutSources(Protocol):
     """Prompt source: ``next_batch(n)`` -> prompts with ``token_ids`` and ``ground_truth``."""
     reward: Any
     """Scorer (``reward.scorer.RewardScorer``): ``score(texts, truths)`` -> one result per text (``float(r)``)."""
+    token_classes: TokenClasses | None
+    """``diagnostics:`` resolved once with the run's tokenizer; None = no ``diag/*`` metrics."""
 
 
 def dp_slice(items: list, dp_rank: int, dp_size: int) -> list:
@@ -89,6 +91,7 @@ def rollout_batch(comp: RolloutSources, step: int) -> tuple[TrainBatch, dict[str
     )
     lengths = [len(c.response_ids) for c in completions]
     metrics = _exploration_metrics(comp, step, completions, texts, batch)
+    metrics.update(_class_metrics(comp, batch))
     metrics.update({
         "reward/mean": sum(rewards) / len(rewards),
         "reward/all_correct_frac": float((grouped.min(dim=1).values > 0).float().mean()),
@@ -114,6 +117,24 @@ def _exploration_metrics(comp: RolloutSources, step: int, completions: list, tex
         groups = [texts[i:i + n] for i in range(0, len(texts), n)]
         metrics.update({k: v for k, v in group_self_bleu(groups).items() if k.endswith("self_bleu")})
     return metrics
+
+
+def _class_metrics(comp: RolloutSources, batch: TrainBatch) -> dict[str, float]:
+    """``diag/*`` of the whole step (docs/diagnostics.md), empty without token classes. The counts are summed over
+    DP ranks first (one all-reduce), so every rank holds the step's values and ``_dp_mean`` leaves them as they are.
+    """
+    from megatron_lpreg.metrics.diagnostics import rollout_class_counts, rollout_class_metrics
+
+    if comp.token_classes is None:
+        return {}
+    counts = rollout_class_counts(batch.targets, batch.loss_mask, batch.advantages, batch.engine_logprobs,
+                                  comp.token_classes)
+    if comp.ctx.dp_size > 1:
+        keys = list(counts)
+        summed = coll.all_reduce(coll.tensor([counts[k] for k in keys], comp.ctx, torch.float64),
+                                 group=comp.ctx.dp_group)
+        counts = {k: float(v) for k, v in zip(keys, summed.tolist())}
+    return rollout_class_metrics(counts)
 
 
 def _pad_id(tokenizer) -> int:
