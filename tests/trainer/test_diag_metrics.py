@@ -63,10 +63,31 @@ def test_train_logs_diag_metrics(tmp_path):
         assert r["diag/lpreg_kl_cancel"] >= 0.0
 
 
-@pytest.mark.slow  # ~15 s; every other train test runs without the section too
+@pytest.mark.slow  # 15-21 s; every other train test runs without the section too
 def test_no_diagnostics_section_no_diag_keys(tmp_path):
     out = tmp_path / "run"
     assert cli_main(["train", TINY, f"trainer.output_dir={out}", *SHORT]) == 0
     for r in _rows(out):
         assert not [k for k in r if k.startswith("diag/")]
         assert r["entropy/first_token"] > 0.0  # always logged, it is cheap
+
+
+def test_dp2_counts_are_summed_over_ranks(tmp_path):
+    """Two DP ranks: the histograms are whole-step counts (summed over ranks, then left as they are by the DP mean),
+    so they add up to more than one rank's share of the tokens (``rollout/tokens`` is the per-rank mean); averaged
+    counts could not."""
+    out = tmp_path / "run"
+    args = [a for a in SHORT if not a.startswith(("trainer.world_size", "rollout.prompts_per_step"))]
+    assert cli_main(["train", TINY, f"trainer.output_dir={out}", *args, "trainer.world_size=2",
+                     "rollout.prompts_per_step=8", "diagnostics.noise_ids=[300, 301, 302]",
+                     f"diagnostics.spark_ids={list(range(256))}"]) == 0
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [0, 1]
+    for r in rows:
+        hist = [r[f"diag/hist_{s}_{i}"] for s in ("pos", "neg") for i in range(BINS)]
+        assert all(h == int(h) for h in hist)
+        assert r["rollout/tokens"] < sum(hist) <= 2 * r["rollout/tokens"]
+        global_tokens = 2 * r["rollout/tokens"]
+        assert r["diag/spark_token_frac"] * global_tokens == pytest.approx(round(r["diag/spark_token_frac"]
+                                                                                 * global_tokens))
+        assert r["diag/spark_first_frac"] * 32 == pytest.approx(round(r["diag/spark_first_frac"] * 32))
