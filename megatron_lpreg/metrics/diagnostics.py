@@ -166,12 +166,11 @@ def rollout_class_counts(targets: torch.Tensor, mask: torch.Tensor, advantages: 
     """
     valid = mask > 0
     rows, positions = first_response_positions(mask)
-    first = targets[rows, positions]
     counts = {"responses": float(rows.numel()), "response_tokens": float(valid.sum())}
     for name, ids in (("spark", classes.spark), ("noise", classes.noise)):
         members = torch.isin(targets, torch.tensor(sorted(ids), dtype=targets.dtype, device=targets.device)) \
             if ids else torch.zeros_like(valid)
-        counts[f"{name}_first"] = float(members[rows, positions].sum()) if first.numel() else 0.0
+        counts[f"{name}_first"] = float(members[rows, positions].sum())
         counts[f"{name}_tokens"] = float((members & valid).sum())
         if name == "spark":
             counts["spark_negative"] = float((members & valid & (advantages < 0)).sum())

@@ -282,14 +282,14 @@ class Policy:
         outputs = self._run(micro_batches, mbs, loss_fn, forward_only=False)
         return _mean_dicts(outputs) if self.ctx.is_last_pp_stage else {}
 
-    def _diag_metrics(self, inputs: PolicyLossInputs, entropy: torch.Tensor, targets: torch.Tensor) -> dict:
+    def _diag_metrics(self, inputs: PolicyLossInputs, entropy: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Loss-side diagnostics of one micro-batch (docs/diagnostics.md): ``entropy/first_token`` always; with
         token classes and ``algo.name=lpreg`` the loss's own regularised tokens by class and the share of their
         push-down the k3 term cancels (``diag/lpreg_*``). Absent keys (no response row, nothing regularised) are
         left out of the micro-batch mean rather than counted as 0."""
         from megatron_lpreg.metrics.diagnostics import first_token_entropy, lpreg_class_metrics
 
-        out = {}
+        out: dict[str, float] = {}
         first = first_token_entropy(entropy, inputs.response_mask)
         if first is not None:
             out["entropy/first_token"] = first

@@ -93,14 +93,16 @@ def test_dp2_counts_are_summed_over_ranks(tmp_path):
         assert r["diag/spark_first_frac"] * 32 == pytest.approx(round(r["diag/spark_first_frac"] * 32))
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_loss_side_diag_under_tensor_and_pipeline_parallel(tmp_path, tp, pp):
-    """TP2 (vocab-parallel stats, reduced before the metrics) and PP2 (only the last stage computes the loss): the
-    loss-side keys arrive on rank 0 and the class counts still add up to the loss's ``lpreg/num_regularized``."""
+@pytest.mark.parametrize("tp,pp,packing", [(2, 1, False), (1, 2, False), (1, 1, True)], ids=["tp2", "pp2", "packed"])
+def test_loss_side_diag_under_tensor_and_pipeline_parallel(tmp_path, tp, pp, packing):
+    """TP2 (vocab-parallel stats, reduced before the metrics), PP2 (only the last stage computes the loss) and
+    packed micro-batches (stats unpacked into rows first): the loss-side keys arrive on rank 0 and the class counts
+    still add up to the loss's ``lpreg/num_regularized``."""
     out = tmp_path / "run"
     args = [a for a in SHORT if not a.startswith(("trainer.world_size", "parallel.tp"))]
     assert cli_main(["train", TINY, f"trainer.output_dir={out}", *args, "trainer.world_size=2",
-                     f"parallel.tp={tp}", f"parallel.pp={pp}", f"diagnostics.spark_ids={list(range(256))}"]) == 0
+                     f"parallel.tp={tp}", f"parallel.pp={pp}", f"trainer.packing={str(packing).lower()}",
+                     f"diagnostics.spark_ids={list(range(256))}"]) == 0
     rows = _rows(out)
     assert [r["step"] for r in rows] == [0, 1]
     for r in rows:
