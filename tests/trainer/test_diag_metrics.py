@@ -63,7 +63,6 @@ def test_train_logs_diag_metrics(tmp_path):
         assert r["diag/lpreg_kl_cancel"] >= 0.0
 
 
-@pytest.mark.slow  # 15-21 s; every other train test runs without the section too
 def test_no_diagnostics_section_no_diag_keys(tmp_path):
     out = tmp_path / "run"
     assert cli_main(["train", TINY, f"trainer.output_dir={out}", *SHORT]) == 0
@@ -93,16 +92,24 @@ def test_dp2_counts_are_summed_over_ranks(tmp_path):
         assert r["diag/spark_first_frac"] * 32 == pytest.approx(round(r["diag/spark_first_frac"] * 32))
 
 
-@pytest.mark.parametrize("tp,pp,packing", [(2, 1, False), (1, 2, False), (1, 1, True)], ids=["tp2", "pp2", "packed"])
-def test_loss_side_diag_under_tensor_and_pipeline_parallel(tmp_path, tp, pp, packing):
-    """TP2 (vocab-parallel stats, reduced before the metrics), PP2 (only the last stage computes the loss) and
-    packed micro-batches (stats unpacked into rows first): the loss-side keys arrive on rank 0 and the class counts
-    still add up to the loss's ``lpreg/num_regularized``."""
+LAYOUTS = {
+    "tp2": ["parallel.tp=2"],
+    "pp2": ["parallel.pp=2"],
+    "packed": ["trainer.packing=true"],
+    "global_offpolicy": ["algo.selection=global", "trainer.updates_per_step=2"],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_loss_side_diag_across_layouts(tmp_path, layout):
+    """TP2 (vocab-parallel stats, reduced before the metrics), PP2 (only the last stage computes the loss),
+    packed micro-batches (stats unpacked into rows first) and global selection off-policy (the step's threshold,
+    two updates): the loss-side keys arrive on rank 0 and the class counts still add up to the loss's
+    ``lpreg/num_regularized``."""
     out = tmp_path / "run"
     args = [a for a in SHORT if not a.startswith(("trainer.world_size", "parallel.tp"))]
-    assert cli_main(["train", TINY, f"trainer.output_dir={out}", *args, "trainer.world_size=2",
-                     f"parallel.tp={tp}", f"parallel.pp={pp}", f"trainer.packing={str(packing).lower()}",
-                     f"diagnostics.spark_ids={list(range(256))}"]) == 0
+    assert cli_main(["train", TINY, f"trainer.output_dir={out}", *args, "trainer.world_size=2", "parallel.tp=1",
+                     *LAYOUTS[layout], f"diagnostics.spark_ids={list(range(256))}"]) == 0
     rows = _rows(out)
     assert [r["step"] for r in rows] == [0, 1]
     for r in rows:
