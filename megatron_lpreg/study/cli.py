@@ -4,6 +4,8 @@
 - ``warmstart --out DIR``: Task A's data split, the supervised warm start and Gate G1 (up to 3 attempts);
 - ``rerun --out DIR [--seed S] [--steps N]``: GRPO against the best Lp-Reg arm on Task A (16 prompts x 8), ending
   with the line ``study-rerun: grpo spark_survival=<x> hard_acc=<y>; <arm> spark_survival=<x> hard_acc=<y>``;
+- ``rhostar --warm DIR``: rho* of a warm start (the smallest rho of the grid whose selection regularises >= 50% of
+  the spark tokens in negative samples of warm-start batches, no update);
 - ``report``: docs/study.md's tables and plots from the committed CSVs in docs/study/.
 """
 from __future__ import annotations
@@ -36,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="show direct answers only on problems with at most this many carries (default: all)")
     warm.add_argument("--stop-spark-easy", type=float, default=0.0,
                       help="also require dev forced-spark accuracy on easy >= this before stopping (0: off)")
+    warm.add_argument("--resample-direct", action="store_true",
+                      help="with --direct-max-carries: give direct rows a carry-free problem instead of training only "
+                           "their first token (attempt 2; makes the strategy depend on the carries)")
     warm.add_argument("--stop-on-dev-gate", action="store_true",
                       help="stop at the first check where Gate G1 holds on the dev set (replaces the stop rule)")
     warm.add_argument("--beyond-protocol", action="store_true",
@@ -45,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerun.add_argument("--out", required=True, help="output directory (warm start is made there if missing)")
     rerun.add_argument("--seed", type=int, default=1, help="RL seed (both arms, paired)")
     rerun.add_argument("--steps", type=int, default=200, help="RL steps per arm")
+    rho = sub.add_parser("rhostar", help="measure rho* on a warm start (no update) and append it to a CSV")
+    rho.add_argument("--warm", required=True, help="the warm-started model directory")
+    rho.add_argument("--seed", type=int, default=1, help="seed of the warm-start batches")
+    rho.add_argument("--out", default=None, help="CSV to append the measurement to (default: none)")
     report = sub.add_parser("report", help="regenerate docs/study.md's tables and plots from docs/study/*.csv")
     report.add_argument("--results", default=None, help="CSV directory (default docs/study)")
     report.add_argument("--doc", default=None, help="the study document (default docs/study.md)")
@@ -54,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     from megatron_lpreg import telemetry
 
     telemetry.setup(0, 1)
-    return {"stage0": _stage0, "warmstart": _warmstart, "rerun": _rerun, "report": _report}[args.study_command](args)
+    commands = {"stage0": _stage0, "warmstart": _warmstart, "rerun": _rerun, "rhostar": _rhostar, "report": _report}
+    return commands[args.study_command](args)
 
 
 def _stage0(args: argparse.Namespace) -> int:
@@ -90,7 +100,8 @@ def _warmstart(args: argparse.Namespace) -> int:
                                   tail_mass=args.tail_mass, continuation_share=args.spark_continuation,
                                   check_every=args.check_every, first_attempt=args.first_attempt,
                                   direct_max_carries=args.direct_max_carries, stop_easy_spark=args.stop_spark_easy,
-                                  stop_on_dev_gate=args.stop_on_dev_gate, beyond_protocol=args.beyond_protocol)
+                                  stop_on_dev_gate=args.stop_on_dev_gate, beyond_protocol=args.beyond_protocol,
+                                  resample_direct=args.resample_direct)
     return 0 if passed else 1
 
 
@@ -98,6 +109,14 @@ def _rerun(args: argparse.Namespace) -> int:
     from megatron_lpreg.study.rerun import rerun
 
     print(rerun(Path(args.out), seed=args.seed, steps=args.steps))
+    return 0
+
+
+def _rhostar(args: argparse.Namespace) -> int:
+    from megatron_lpreg.study.rerun import rho_star_row
+
+    row = rho_star_row(Path(args.warm), seed=args.seed, out=Path(args.out) if args.out else None)
+    print("study rho*: " + " ".join(f"{k}={v}" for k, v in row.items()))
     return 0
 
 

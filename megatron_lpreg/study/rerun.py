@@ -48,6 +48,9 @@ ARMS: dict[str, dict] = {
                      "proxy_kl": "exact_proxy_to_policy"},
 }
 """Task A arms -> AlgoConfig fields (rho* is filled in for ``lpreg_rho_star`` and ``lpreg_global``)."""
+STUDY_THREADS = 1
+"""Intra-op threads of the study's in-process runs: the tiny model gains nothing from more, and two threads beside
+another busy process made a 128 x 40-token ``generate`` take 24 s instead of about 1 s (measured 2026-12-07)."""
 RHO_GRID = (0.02, 0.05, 0.1, 0.2)
 RHO_STAR_BATCHES = 4
 RERUN_ARM = "lpreg_rho_star"
@@ -163,6 +166,23 @@ def measure_rho_star(model, tokens: TaskATokens, split: TaskASplit, settings: RL
     return rho_star, shares
 
 
+def rho_star_row(warm_dir: Path, *, seed: int = 1, out: Path | None = None) -> dict:
+    """rho* of ``warm_dir`` with the share selected at each rho of :data:`RHO_GRID`; appended to ``out`` (CSV)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_lpreg.demo import _torch_threads
+
+    model = AutoModelForCausalLM.from_pretrained(warm_dir, dtype=torch.float32)
+    with _torch_threads(STUDY_THREADS):
+        rho_star, shares = measure_rho_star(model, _tokens(warm_dir), split_task_a(), RLSettings(seed=seed))
+    row = {"warm_start": str(warm_dir), "seed": seed, "rho_star": rho_star,
+           **{f"spark_selected_at_{rho:g}": round(share, 4) for rho, share in shares.items()}}
+    if out is not None:
+        rows = _read(out) if out.exists() else []
+        _write([*rows, row], out)
+    return row
+
+
 @torch.no_grad()
 def heldout_accuracy(model, tokens: TaskATokens, problems: list[Problem], samples: int, seed: int) -> float:
     """Sampled (T = 1) exact-match accuracy on ``problems``, ``samples`` per problem."""
@@ -215,6 +235,11 @@ def _tokens(model_dir: Path) -> TaskATokens:
     return TaskATokens(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
 
 
+def _read(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def _write(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for row in rows for k in row))
@@ -226,9 +251,7 @@ def _write(rows: list[dict], path: Path) -> None:
 
 def rerun(out: Path, *, seed: int = 1, steps: int = 200, warm_dir: Path | None = None) -> str:
     """The reduced rerun; returns its summary line (see the module docstring and docs/study.md)."""
-    from transformers import AutoModelForCausalLM
-
-    from megatron_lpreg.study.report import plot_curves
+    from megatron_lpreg.demo import _torch_threads
     from megatron_lpreg.study.warmstart import warm_start_with_gate
 
     if steps < 1:
@@ -239,6 +262,15 @@ def rerun(out: Path, *, seed: int = 1, steps: int = 200, warm_dir: Path | None =
         if not (warm_dir / "config.json").exists() and not warm_start_with_gate(out):
             logger.warning("no warm start passed Gate G1 (see %s); the rerun uses the last attempt", out / "g1.csv")
             warm_dir = out / "warm_start_2"
+    with _torch_threads(STUDY_THREADS):
+        return _rerun(out, warm_dir, seed=seed, steps=steps)
+
+
+def _rerun(out: Path, warm_dir: Path, *, seed: int, steps: int) -> str:
+    from transformers import AutoModelForCausalLM
+
+    from megatron_lpreg.study.report import plot_curves
+
     t0 = time.perf_counter()
     settings = RLSettings(steps=steps, seed=seed)
     model = AutoModelForCausalLM.from_pretrained(warm_dir, dtype=torch.float32)

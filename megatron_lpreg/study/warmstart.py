@@ -92,20 +92,26 @@ def _batch(tokens: TaskATokens, problems: list[Problem], rng: random.Random, mix
     """Token ids and loss mask of one warm-start batch: each row's strategy drawn from ``mix``; a
     ``continuation_share`` of the rows are instead scratchpads whose first token (the spark) has no loss, so they
     train the scratchpad without moving p(spark) at the decision position. With ``direct_max_carries``, a row whose
-    target writes the sum directly (:data:`DIRECT_STRATEGIES`) on a problem with more carries takes a problem drawn
-    from ``direct_pool`` instead (the first-token mix is unchanged; only which sums the direct answer is shown
-    changes)."""
+    target writes the sum directly (:data:`DIRECT_STRATEGIES`) on a problem with more carries either trains only its
+    first token (``direct_pool`` empty: the strategy choice stays independent of the problem, the answer is never
+    shown) or takes a problem drawn from ``direct_pool`` (attempt 2's recipe, which makes the first-token mix depend
+    on the carries: hard prompts see only spark and harmful rows)."""
     strategies = rng.choices(list(mix), weights=list(mix.values()), k=len(problems))
     seqs, masks = [], []
     for problem, strategy in zip(problems, strategies):
         continuation = rng.random() < continuation_share
+        first_only = False
         if (direct_max_carries is not None and not continuation and strategy in DIRECT_STRATEGIES
                 and carries(problem.a, problem.b) > direct_max_carries):
-            problem = rng.choice(direct_pool)
+            if direct_pool:
+                problem = rng.choice(direct_pool)
+            else:
+                first_only = True
         prompt = tokens.prompt(problem)
         target = tokens.target(problem, "spark" if continuation else strategy, rng)
         seqs.append(prompt + target)
-        masks.append([0] * (len(prompt) + continuation) + [1] * (len(target) - continuation))
+        trained = [1] * (len(target) - continuation) if not first_only else [1] + [0] * (len(target) - 1)
+        masks.append([0] * (len(prompt) + continuation) + trained)
     width = max(map(len, seqs))
     ids = torch.tensor([s + [tokens.eos] * (width - len(s)) for s in seqs])
     mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.float64)
@@ -159,13 +165,15 @@ def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskAS
                max_steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, check_every: int = 100,
                stop_easy_direct: float = 0.85, tail_mass: float = 0.2, continuation_share: float = 0.0,
                direct_max_carries: int | None = None, stop_easy_spark: float = 0.0,
-               stop_on_dev_gate: GateG1 | None = None) -> dict:
+               stop_on_dev_gate: GateG1 | None = None, resample_direct: bool = False) -> dict:
     """Supervised warm start on Task A (see the module docstring); saves the model (float32) to ``out_dir``.
 
     ``continuation_share`` of each batch's rows are scratchpads with no loss on the spark token (see ``_batch``);
     the stop rule is checked every ``check_every`` steps. ``direct_max_carries``: direct answers are shown only on
-    training problems with at most that many carries (None: all). ``stop_easy_spark`` > 0 adds a second stop
-    condition, forced-spark accuracy on the dev easy set at least that high (the scratchpad is learned).
+    training problems with at most that many carries (None: all); on the others a direct row trains only its first
+    token, or, with ``resample_direct`` (attempt 2), takes a carry-free problem instead (see ``_batch``).
+    ``stop_easy_spark`` > 0 adds a second stop condition, forced-spark accuracy on the dev easy set at least that
+    high (the scratchpad is learned).
     ``stop_on_dev_gate`` replaces the stop rule: stop at the first check where every criterion of that gate holds
     on the dev set (one sample per problem), i.e. early stopping on the dev-set version of Gate G1."""
     from transformers import AutoModelForCausalLM
@@ -185,7 +193,7 @@ def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskAS
     _compute_in_float64(model)
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     direct_pool = [p for level in split.train.values() for p in level
-                   if direct_max_carries is not None and carries(p.a, p.b) <= direct_max_carries]
+                   if resample_direct and direct_max_carries is not None and carries(p.a, p.b) <= direct_max_carries]
     t0, step, dev = time.perf_counter(), 0, {}
     with _torch_threads(WARM_START_THREADS):
         for step in range(1, max_steps + 1):
@@ -224,7 +232,7 @@ def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int =
                         tail_mass: float = 0.2, continuation_share: float = 0.0, check_every: int = 100,
                         first_attempt: int = 0, direct_max_carries: int | None = None,
                         stop_easy_spark: float = 0.0, stop_on_dev_gate: bool = False,
-                        beyond_protocol: bool = False) -> bool:
+                        beyond_protocol: bool = False, resample_direct: bool = False) -> bool:
     """Up to ``attempts`` (at most 3) warm starts (seeds ``seed``, ``seed + 1``, ...), each followed by Gate G1 on
     the held-out set; every attempt is a row of ``out/g1.csv``. ``tail_mass`` (the dose-response controls) sets the
     noise share of the mix and Gate G1's band for the mass below the cut, ``[0.75, 1.5] x tail_mass`` (0.15-0.3 at
@@ -258,7 +266,7 @@ def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int =
         summary = warm_start(base, target, tokens, split, seed=seed + attempt, max_steps=max_steps,
                              tail_mass=tail_mass, continuation_share=continuation_share, check_every=check_every,
                              direct_max_carries=direct_max_carries, stop_easy_spark=stop_easy_spark,
-                             stop_on_dev_gate=gate if stop_on_dev_gate else None)
+                             stop_on_dev_gate=gate if stop_on_dev_gate else None, resample_direct=resample_direct)
         model = AutoModelForCausalLM.from_pretrained(target, torch_dtype=torch.float32)
         measured = measure_g1(model, tokens, split.heldout)
         checks = gate.checks(measured)
@@ -266,7 +274,8 @@ def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int =
                "continuation_share": continuation_share,
                "check_every": check_every,
                "direct_max_carries": "" if direct_max_carries is None else direct_max_carries,
-               "stop_easy_spark": stop_easy_spark, "stop_on_dev_gate": stop_on_dev_gate, **summary, **measured,
+               "stop_easy_spark": stop_easy_spark, "stop_on_dev_gate": stop_on_dev_gate,
+               "resample_direct": resample_direct, **summary, **measured,
                **{f"ok_{k}": v for k, v in checks.items()}, "passed": all(checks.values())}
         rows.append(row)
         print("study g1: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

@@ -49,3 +49,19 @@ def test_warm_start_refuses_more_than_three_attempts(tmp_path):
         warm_start_with_gate(tmp_path, attempts=2, first_attempt=2)
     with pytest.raises(ValueError, match="1 to 3"):
         warm_start_with_gate(tmp_path, attempts=4)
+
+
+def test_rho_star_row_is_a_grid_value_and_appends(tmp_path):
+    from megatron_lpreg.study.rerun import RHO_GRID, rho_star_row
+    from megatron_lpreg.study.warmstart import load_base
+
+    base, _, _ = load_base()
+    first = rho_star_row(base, seed=2, out=tmp_path / "rho.csv")
+    assert first["rho_star"] in RHO_GRID
+    shares = [first[f"spark_selected_at_{rho:g}"] for rho in RHO_GRID]
+    assert all(0.0 <= s <= 1.0 for s in shares)
+    # rho* is the smallest rho selecting >= half of the negative-sample sparks, else the largest
+    assert first["rho_star"] == next((r for r, s in zip(RHO_GRID, shares) if s >= 0.5), RHO_GRID[-1])
+    rho_star_row(base, seed=2, out=tmp_path / "rho.csv")
+    rows = list(csv.DictReader((tmp_path / "rho.csv").open()))
+    assert len(rows) == 2 and rows[0] == rows[1]  # same seed, same batches, same answer

@@ -106,20 +106,36 @@ def test_warm_start_batches_keep_the_mix_and_mask_the_spark_on_continuation_rows
 
 
 def test_direct_answers_shown_only_on_problems_within_the_carry_limit(task_tokens):
-    """Attempts 2-3 of the warm start: direct (and harmless-noise) answers only on carry-free sums; the first-token
-    mix and the scratchpad rows are unchanged."""
+    """Warm-start attempts 2-4: direct (and harmless-noise) answers only on carry-free sums; the first-token mix and
+    the scratchpad rows are unchanged. Attempt 4's rows keep their problem and train only the first token (the
+    strategy stays independent of the problem); attempt 2's took a carry-free problem instead."""
     from megatron_lpreg.study.task_a import carries, warm_start_mix
     from megatron_lpreg.study.warmstart import _batch
 
     split = split_task_a(0)
     problems = split.sample_train(random.Random(1), 400)
     pool = [p for level in split.train.values() for p in level[:2000] if carries(p.a, p.b) == 0]
-    free, _ = _batch(task_tokens, problems, random.Random(2), warm_start_mix(0.2))
-    ids, mask = _batch(task_tokens, problems, random.Random(2), warm_start_mix(0.2), 0.0, 0, pool)
-    assert [task_tokens.strategy_of(t) for t in ids[:, 8].tolist()] == [task_tokens.strategy_of(t) for t in
-                                                                        free[:, 8].tolist()]  # row by row
-    direct = (ids[:, 8] == task_tokens.ids["\\"]) | torch.isin(ids[:, 8], torch.tensor(task_tokens.harmless))
-    sums = [(int(task_tokens.tokenizer.decode(row[:3])), int(task_tokens.tokenizer.decode(row[4:7]))) for row in ids]
-    assert all(carries(a, b) == 0 for (a, b), d in zip(sums, direct.tolist()) if d)
-    assert any(carries(a, b) >= 2 for (a, b), d in zip(sums, direct.tolist()) if not d)  # scratchpads keep them
-    assert any(carries(p.a, p.b) >= 2 for p, d in zip(problems, direct.tolist()) if d)  # rows really moved
+    free, free_mask = _batch(task_tokens, problems, random.Random(2), warm_start_mix(0.2))
+
+    def sums(ids):
+        return [carries(int(task_tokens.tokenizer.decode(r[:3])), int(task_tokens.tokenizer.decode(r[4:7])))
+                for r in ids]
+
+    for resample in (True, False):
+        ids, mask = _batch(task_tokens, problems, random.Random(2), warm_start_mix(0.2), 0.0, 0,
+                           pool if resample else [])
+        assert [task_tokens.strategy_of(t) for t in ids[:, 8].tolist()] == [task_tokens.strategy_of(t) for t in
+                                                                            free[:, 8].tolist()]  # row by row
+        assert bool((mask[:, 8] == 1).all())  # every row trains its strategy token
+        direct = (ids[:, 8] == task_tokens.ids["\\"]) | torch.isin(ids[:, 8], torch.tensor(task_tokens.harmless))
+        answered = direct & (mask[:, 9:].sum(1) > 0)  # direct rows whose answer is trained
+        assert all(c == 0 for c, a in zip(sums(ids), answered.tolist()) if a)
+        assert any(c >= 2 for c, d in zip(sums(ids), direct.tolist()) if not d)  # scratchpads keep them
+        moved = [c >= 2 for c, d in zip(sums(free), direct.tolist()) if d]
+        assert any(moved)  # rows that the limit really changed
+        if resample:
+            assert bool(answered.eq(direct).all())
+        else:
+            assert torch.equal(ids, free)  # the same problems and tokens; only the loss mask differs
+            assert int((direct & ~answered).sum()) == sum(moved) + sum(  # medium rows too (1 carry > 0)
+                c == 1 for c, d in zip(sums(free), direct.tolist()) if d)
