@@ -6,6 +6,7 @@
   with the line ``study-rerun: grpo spark_survival=<x> hard_acc=<y>; <arm> spark_survival=<x> hard_acc=<y>``;
 - ``rhostar --warm DIR``: rho* of a warm start (the smallest rho of the grid whose selection regularises >= 50% of
   the spark tokens in negative samples of warm-start batches, no update);
+- ``collect --sweep DIR``: a Task A sweep's runs as CSVs in docs/study/task_a/ (``study/arms.py``);
 - ``report``: docs/study.md's tables and plots from the committed CSVs in docs/study/.
 """
 from __future__ import annotations
@@ -54,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rho.add_argument("--warm", required=True, help="the warm-started model directory")
     rho.add_argument("--seed", type=int, default=1, help="seed of the warm-start batches")
     rho.add_argument("--out", default=None, help="CSV to append the measurement to (default: none)")
+    collect = sub.add_parser("collect", help="copy a Task A sweep's per-run metrics into docs/study/task_a/ (rerun "
+                                             "as runs finish; then `study report`)")
+    collect.add_argument("--sweep", required=True, help="the sweep directory (megatron-lpreg sweep --out)")
+    collect.add_argument("--results", default=None, help="CSV directory (default docs/study)")
     report = sub.add_parser("report", help="regenerate docs/study.md's tables and plots from docs/study/*.csv")
     report.add_argument("--results", default=None, help="CSV directory (default docs/study)")
     report.add_argument("--doc", default=None, help="the study document (default docs/study.md)")
@@ -63,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from megatron_lpreg import telemetry
 
     telemetry.setup(0, 1)
-    commands = {"stage0": _stage0, "warmstart": _warmstart, "rerun": _rerun, "rhostar": _rhostar, "report": _report}
+    commands = {"stage0": _stage0, "warmstart": _warmstart, "rerun": _rerun, "rhostar": _rhostar,
+                "collect": _collect, "report": _report}
     return commands[args.study_command](args)
 
 
@@ -117,6 +123,17 @@ def _rhostar(args: argparse.Namespace) -> int:
 
     row = rho_star_row(Path(args.warm), seed=args.seed, out=Path(args.out) if args.out else None)
     print("study rho*: " + " ".join(f"{k}={v}" for k, v in row.items()))
+    return 0
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from megatron_lpreg.study.arms import RUNS_DIR, collect
+    from megatron_lpreg.study.report import RESULTS_DIR
+
+    results = Path(args.results) if args.results else RESULTS_DIR
+    index = collect(Path(args.sweep), results / RUNS_DIR)
+    done = sum(bool(r["complete"]) for r in index)
+    print(f"study collect: {len(index)} runs ({done} complete) -> {results / RUNS_DIR}")
     return 0
 
 

@@ -148,9 +148,16 @@ def g1_table(results: Path) -> str:
     return markdown_table(rows, columns) + ("\n\n" + notes if notes else "")
 
 
+def _task_a_arms(results: Path) -> str:
+    from megatron_lpreg.study.arms import render
+
+    return render(results)
+
+
 SECTIONS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "stage0": ("stage0_effects.csv", stage0_table),
     "g1": ("g1.csv", g1_table),
+    "task_a": ("task_a/runs.csv", _task_a_arms),
 }
 """Report block name -> (the CSV it needs, the function that renders it)."""
 

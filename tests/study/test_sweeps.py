@@ -13,7 +13,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("name,count", [("study_task_a", 15), ("study_task_a_controls", 5),
-                                        ("study_task_a_offpolicy", 12)])
+                                        ("study_task_a_offpolicy", 12), ("study_task_a_exploratory", 15)])
 def test_study_sweeps_validate(name, count, tmp_path, monkeypatch):
     config = str(CONFIGS / "study_task_a.yaml")
     spec = build_sweep(config, [], [], str(CONFIGS / "sweeps" / f"{name}.yaml"))
@@ -22,5 +22,7 @@ def test_study_sweeps_validate(name, count, tmp_path, monkeypatch):
         validate_tasks(config, spec)
     for run in ("task_a", "task_a_tail0.02", "task_a_tail0.4"):
         (tmp_path / "runs/study" / run / "warm_start").mkdir(parents=True)
-        (tmp_path / "runs/study" / run / "train.jsonl").write_text('{"problem": "123+456=", "answer": "579"}\n')
+        (tmp_path / "runs/study" / run / "warm_start_exploratory").mkdir()
+        for name in ("train", "heldout_hard"):
+            (tmp_path / "runs/study" / run / f"{name}.jsonl").write_text('{"problem": "123+456=", "answer": "579"}\n')
     assert len(validate_tasks(config, spec)) == count

@@ -139,3 +139,13 @@ def test_direct_answers_shown_only_on_problems_within_the_carry_limit(task_token
             assert torch.equal(ids, free)  # the same problems and tokens; only the loss mask differs
             assert int((direct & ~answered).sum()) == sum(moved) + sum(  # medium rows too (1 carry > 0)
                 c == 1 for c, d in zip(sums(free), direct.tolist()) if d)
+
+
+def test_study_config_diagnostics_name_task_a_s_tokens(task_tokens):
+    """configs/study_task_a.yaml lists the spark, main and noise ids by number; they must be TaskATokens' own."""
+    from megatron_lpreg.config import RunConfig
+    from megatron_lpreg.study.warmstart import STUDY_CONFIG
+
+    diag = RunConfig.load(str(STUDY_CONFIG)).diagnostics
+    assert diag.spark_ids == [task_tokens.spark] and diag.main_ids == [task_tokens.ids["\\"]]
+    assert sorted(diag.noise_ids) == sorted(task_tokens.noise)
