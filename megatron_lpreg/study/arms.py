@@ -42,20 +42,30 @@ NO_EFFECT = 0.05
 """Differences under this are reported as no effect (issue 20)."""
 
 
+MECHANISM_ARMS = ("grpo_off", "clip_higher_off", "kl_cov_off", "lpreg_rho_star_off", "lpreg_rho_star_kappa0.1")
+"""The mechanism runs (seed 1): off-policy (4 updates per step) arms and kappa 0.1, which filters the spark."""
+
+
 def arm_of(config: dict) -> str:
-    """The study arm a resolved run config belongs to (:data:`ARMS`).
+    """The study arm a resolved run config belongs to (:data:`ARMS`, :data:`MECHANISM_ARMS`).
 
     Raises:
         ValueError: a config that is none of the study's arms.
     """
     algo = config["algo"]
-    if algo["name"] in ("grpo", "entropy"):
-        return algo["name"]
-    if algo["name"] == "lpreg":
-        if algo.get("selection") == "global":
-            return "lpreg_global"
-        return "lpreg_authors" if float(algo["rho"]) == 0.01 else "lpreg_rho_star"
-    raise ValueError(f"algo.name={algo['name']!r} is not one of the study's Task A arms {ARMS}")
+    names = {"grpo": "grpo", "entropy": "entropy", "dapo": "clip_higher", "kl_cov": "kl_cov"}
+    if algo["name"] in names:
+        arm = names[algo["name"]]
+    elif algo["name"] == "lpreg":
+        arm = ("lpreg_global" if algo.get("selection") == "global" else
+               "lpreg_authors" if float(algo["rho"]) == 0.01 else "lpreg_rho_star")
+        if float(algo.get("kappa", 0.02)) != 0.02:
+            arm += f"_kappa{float(algo['kappa']):g}"
+    else:
+        raise ValueError(f"algo.name={algo['name']!r} is not one of the study's Task A arms {ARMS}")
+    if int(config.get("trainer", {}).get("updates_per_step", 1)) > 1:
+        arm += "_off"
+    return arm
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -210,15 +220,17 @@ def _verdict(rows: Sequence[dict], grpo: Sequence[dict]) -> dict:
     return out
 
 
+MECHANISM_DIR = "task_a_mechanism"
+"""Sub-directory of docs/study/ with the mechanism runs (seed 1)."""
 RUNS_DIR = "task_a"
 """Sub-directory of docs/study/ with the collected runs (``runs.csv`` and each run's CSVs)."""
 PLOT_NAME = "task_a_curves.png"
 
 
-def summaries(results: Path) -> list[dict]:
-    """Every complete run of ``results/task_a/runs.csv`` summarised, p(spark) at step 0 taken from the warm start's
-    row of ``results/g1.csv``."""
-    dest = results / RUNS_DIR
+def summaries(results: Path, runs_dir: str = RUNS_DIR) -> list[dict]:
+    """Every complete run of ``results/<runs_dir>/runs.csv`` summarised, p(spark) at step 0 taken from the warm
+    start's row of ``results/g1.csv``."""
+    dest = results / runs_dir
     g1 = {f"warm_start_{row['attempt']}": row for row in _read(results / "g1.csv")}
     out = []
     for run in _read(dest / "runs.csv"):
@@ -267,3 +279,28 @@ def render(results: Path) -> str:
         "", f"![Task A curves](study/{PLOT_NAME})",
     ]
     return "\n".join(lines)
+
+
+def render_mechanism(results: Path) -> str:
+    """docs/study.md's mechanism block (seed 1): each run's metrics next to the GRPO run it is compared with
+    (on-policy GRPO seed 1 from the core runs for kappa 0.1; off-policy GRPO for the off-policy arms)."""
+    from megatron_lpreg.study.report import markdown_table, plot_curves
+
+    done = summaries(results, MECHANISM_DIR)
+    core = {(s["arm"], s["seed"]): s for s in (summaries(results) if (results / RUNS_DIR / "runs.csv").exists()
+                                                 else [])}
+    mine = {(s["arm"], s["seed"]): s for s in done}
+    rows = []
+    for run in sorted(done, key=lambda r: (MECHANISM_ARMS.index(r["arm"]) if r["arm"] in MECHANISM_ARMS else 99)):
+        base = mine.get(("grpo_off", run["seed"])) if run["arm"].endswith("_off") else core.get(("grpo", run["seed"]))
+        rows.append({**run, "vs": base["arm"] if base else "",
+                     "survival_vs_grpo": run["spark_survival"] / max(base["spark_survival"], 1e-12) if base else "",
+                     "hard_diff": run["hard_avg8"] - base["hard_avg8"] if base else ""})
+    if not rows:
+        return "No complete run yet."
+    plot_curves({r["arm"]: [results / MECHANISM_DIR / f"{r['arm']}_seed{r['seed']}.csv"] for r in rows},
+                results / "task_a_mechanism_curves.png")
+    table = markdown_table(rows, ["arm", "seed", "rho", "spark_survival", "hard_avg8", "noise_freq",
+                                  "regularized_per_step", "spark_selected_per_step", "vs", "survival_vs_grpo",
+                                  "hard_diff"])
+    return table + "\n\n![Task A mechanism runs](study/task_a_mechanism_curves.png)"

@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                              "as runs finish; then `study report`)")
     collect.add_argument("--sweep", required=True, help="the sweep directory (megatron-lpreg sweep --out)")
     collect.add_argument("--results", default=None, help="CSV directory (default docs/study)")
+    collect.add_argument("--mechanism", action="store_true",
+                         help="the mechanism sweep (off-policy, kappa 0.1): into docs/study/task_a_mechanism/")
     report = sub.add_parser("report", help="regenerate docs/study.md's tables and plots from docs/study/*.csv")
     report.add_argument("--results", default=None, help="CSV directory (default docs/study)")
     report.add_argument("--doc", default=None, help="the study document (default docs/study.md)")
@@ -127,13 +129,13 @@ def _rhostar(args: argparse.Namespace) -> int:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from megatron_lpreg.study.arms import RUNS_DIR, collect
+    from megatron_lpreg.study.arms import MECHANISM_DIR, RUNS_DIR, collect
     from megatron_lpreg.study.report import RESULTS_DIR
 
-    results = Path(args.results) if args.results else RESULTS_DIR
-    index = collect(Path(args.sweep), results / RUNS_DIR)
+    dest = (Path(args.results) if args.results else RESULTS_DIR) / (MECHANISM_DIR if args.mechanism else RUNS_DIR)
+    index = collect(Path(args.sweep), dest)
     done = sum(bool(r["complete"]) for r in index)
-    print(f"study collect: {len(index)} runs ({done} complete) -> {results / RUNS_DIR}")
+    print(f"study collect: {len(index)} runs ({done} complete) -> {dest}")
     return 0
 
 

@@ -154,10 +154,17 @@ def _task_a_arms(results: Path) -> str:
     return render(results)
 
 
+def _task_a_mechanism(results: Path) -> str:
+    from megatron_lpreg.study.arms import render_mechanism
+
+    return render_mechanism(results)
+
+
 SECTIONS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "stage0": ("stage0_effects.csv", stage0_table),
     "g1": ("g1.csv", g1_table),
     "task_a": ("task_a/runs.csv", _task_a_arms),
+    "task_a_mechanism": ("task_a_mechanism/runs.csv", _task_a_mechanism),
 }
 """Report block name -> (the CSV it needs, the function that renders it)."""
 

@@ -45,6 +45,12 @@ MAX_NEW_TOKENS = 40
 MAX_ATTEMPTS = 3
 
 
+EXPLORATORY_RECIPE = {"first_attempt": 4, "attempts": 1, "beyond_protocol": True, "stop_on_dev_gate": True,
+                      "max_steps": 2000, "continuation_share": 0.3, "check_every": 50, "direct_max_carries": 0}
+"""Warm-start attempt 4 (seed 1 + 4), the exploratory one that passes G1's thresholds (docs/study.md): keyword
+arguments of :func:`warm_start_with_gate`; its model is linked as ``warm_start_exploratory``."""
+
+
 @dataclass(frozen=True)
 class GateG1:
     """Gate G1's thresholds (issue 20), inclusive."""
@@ -259,7 +265,7 @@ def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int =
     split = split_task_a()
     write_prompt_files(out, split)
     gate = GateG1(mass_below_cut=(0.75 * tail_mass, 1.5 * tail_mass))
-    previous = _read_rows(out / "g1.csv") if first_attempt else []
+    previous = _read_rows(out / "g1.csv") if first_attempt and (out / "g1.csv").exists() else []
     rows = [row for row in previous if int(row["attempt"]) < first_attempt]
     for attempt in range(first_attempt, first_attempt + attempts):
         target = out / f"warm_start_{attempt}"

@@ -70,8 +70,8 @@ def test_arm_of_names_each_row_of_the_sweep():
     assert [arm_of({"algo": _algo(a)}) for a in ("grpo", "entropy", "lpreg_authors", "lpreg_rho_star",
                                                  "lpreg_global")] == ["grpo", "entropy", "lpreg_authors",
                                                                       "lpreg_rho_star", "lpreg_global"]
-    with pytest.raises(ValueError, match="dapo"):
-        arm_of({"algo": {"name": "dapo"}})
+    with pytest.raises(ValueError, match="gspo"):
+        arm_of({"algo": {"name": "gspo"}})
 
 
 def test_collect_writes_csvs_and_an_index_that_marks_incomplete_runs(tmp_path):
@@ -136,3 +136,24 @@ def test_render_writes_tables_and_the_curves(tmp_path):
     text = render(results)
     assert "| lpreg_rho_star | 3 |" in text and "Verdict (by the protocol's rules, on these runs): reproduced" in text
     assert (results / "task_a_curves.png").stat().st_size > 1000
+
+
+def test_mechanism_runs_are_named_and_compared_with_their_own_grpo(tmp_path):
+    from megatron_lpreg.study.arms import render_mechanism
+
+    off = {"trainer": {"updates_per_step": 4}}
+    assert arm_of({"algo": {"name": "dapo"}, **off}) == "clip_higher_off"
+    assert arm_of({"algo": {"name": "kl_cov"}, **off}) == "kl_cov_off"
+    assert arm_of({"algo": {"name": "lpreg", "rho": 0.1, "kappa": 0.1}}) == "lpreg_rho_star_kappa0.1"
+    results = _results(tmp_path, (0.2, 0.25, 0.3))  # the core runs (GRPO seed 1: survival 0.1)
+    sweep = tmp_path / "mech"
+    (sweep / "warm_start_4").mkdir(parents=True)
+    _run(sweep / "task_0", "lpreg_rho_star", 1, 0.01, 0.05, spark_mid=0.05)
+    config = yaml.safe_load((sweep / "task_0" / "config.yaml").read_text())
+    config["algo"]["kappa"] = 0.1
+    (sweep / "task_0" / "config.yaml").write_text(yaml.safe_dump(config))
+    collect(sweep, results / "task_a_mechanism")
+    text = render_mechanism(results)
+    assert "| lpreg_rho_star_kappa0.1 | 1 | 0.1 | 0.2 | 0.05 |" in text  # survival 0.01 / 0.05, hard avg@8 0.05
+    assert "| grpo | 2 | 0.03 |" in text  # vs on-policy GRPO seed 1: survival 0.2 / 0.1, hard 0.05 - 0.02
+    assert (results / "task_a_mechanism_curves.png").exists()

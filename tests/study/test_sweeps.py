@@ -13,7 +13,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("name,count", [("study_task_a", 15), ("study_task_a_controls", 5),
-                                        ("study_task_a_offpolicy", 12), ("study_task_a_exploratory", 15)])
+                                        ("study_task_a_offpolicy", 12), ("study_task_a_exploratory", 15),
+                                        ("study_task_a_exploratory_mechanism", 5)])
 def test_study_sweeps_validate(name, count, tmp_path, monkeypatch):
     config = str(CONFIGS / "study_task_a.yaml")
     spec = build_sweep(config, [], [], str(CONFIGS / "sweeps" / f"{name}.yaml"))
