@@ -80,3 +80,22 @@ def test_the_zygote_outlives_term_so_the_ranks_results_come_back():
     assert spawn._ZYGOTE is not None and spawn._ZYGOTE.alive()  # tests/conftest.py started it
     assert run_ranks(_term_the_zygote, 1, timeout_s=60) == [True]
     assert spawn._ZYGOTE.alive()
+
+
+def _threads(rank, world):
+    return torch.get_num_threads()
+
+
+def test_ranks_take_this_job_s_cores_not_the_node_s(monkeypatch):
+    """A Slurm task with --cpus-per-task=1 on a bigger node gets 1 thread per rank, whatever os.cpu_count() says."""
+    import os
+
+    from megatron_lpreg.parallel.spawn import cores_for_this_job
+
+    assert cores_for_this_job({"OMP_NUM_THREADS": "3", "SLURM_CPUS_PER_TASK": "8"}) == 3
+    assert cores_for_this_job({"SLURM_CPUS_PER_TASK": "8"}) == 8
+    assert cores_for_this_job({"OMP_NUM_THREADS": "", "SLURM_CPUS_PER_TASK": "0"}) == len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert run_ranks(_threads, 1, timeout_s=60) == [1]
