@@ -125,7 +125,8 @@ def run_summary(dest: Path, run: dict, p_spark0: float) -> dict:
     at_mid = [r for r in evals if int(r["step"]) == total // 2]
     spark_last = sum(_floats(last, "spark_freq")) / len(last)
     return {
-        "arm": run["arm"], "seed": int(run["seed"]), "rho": run["rho"], "spark_p0": p_spark0,
+        "arm": run["arm"], "seed": int(run["seed"]), "rho": run["rho"] if run["arm"].startswith("lpreg") else "",
+        "spark_p0": p_spark0,
         "spark_survival": spark_last / p_spark0,
         "spark_freq_mid": sum(_floats(mid, "spark_freq")) / max(len(mid), 1),
         "hard_avg8": sum(_floats(late, "hard_avg8")) / max(len(late), 1),
@@ -225,6 +226,7 @@ MECHANISM_DIR = "task_a_mechanism"
 RUNS_DIR = "task_a"
 """Sub-directory of docs/study/ with the collected runs (``runs.csv`` and each run's CSVs)."""
 PLOT_NAME = "task_a_curves.png"
+EVAL_PLOT = "task_a_eval_hist.png"
 
 
 def summaries(results: Path, runs_dir: str = RUNS_DIR) -> list[dict]:
@@ -239,6 +241,45 @@ def summaries(results: Path, runs_dir: str = RUNS_DIR) -> list[dict]:
         if run["warm_start"] not in g1:
             raise ValueError(f"{run['run']}: warm start {run['warm_start']} has no row in {results / 'g1.csv'}")
         out.append(run_summary(dest, run, float(g1[run["warm_start"]]["p_spark"])))
+    return out
+
+
+def plot_eval_and_histograms(results: Path, done: Sequence[dict], out: Path) -> Path:
+    """Hard-set avg@8 per evaluation and the noise frequency (mean and min-max over seeds per arm), and the
+    sampled-token probability histograms of positive vs negative samples summed over each arm's runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    arms = [a for a in ARMS if any(r["arm"] == a for r in done)]
+    for index, arm in enumerate(arms):
+        names = [f"{arm}_seed{r['seed']}" for r in done if r["arm"] == arm]
+        for ax, suffix, key, title in ((axes[0], "_eval", "hard_avg8", "hard-set avg@8"),
+                                       (axes[1], "", "noise_freq", "noise frequency (first token)")):
+            series = [[(int(r["step"]), float(r[key])) for r in _read(results / RUNS_DIR / f"{n}{suffix}.csv")
+                       if r.get(key, "") != ""] for n in names]
+            width = min(map(len, series))
+            steps = [p[0] for p in series[0][:width]]
+            columns = list(zip(*([p[1] for p in s[:width]] for s in series)))
+            ax.plot(steps, [sum(c) / len(c) for c in columns], label=f"{arm} ({len(series)})")
+            ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], alpha=0.2)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step")
+        for ax, sign in ((axes[2], "positive"), (axes[3], "negative")):
+            counts = [sum(sum(_floats(_read(results / RUNS_DIR / f"{n}.csv"), f"hist_{sign}_{b}")) for n in names)
+                      for b in range(7)]
+            total = sum(counts) or 1.0
+            ax.bar([b + (index - len(arms) / 2) * 0.15 for b in range(7)], [c / total for c in counts], width=0.15,
+                   label=arm)
+            ax.set_xticks(range(7), ["<1e-6", "1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "0.1-1"], fontsize=7)
+            ax.set_yscale("log")
+            ax.set_title(f"sampled-token probability, {sign} samples (share)", fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
     return out
 
 
@@ -265,6 +306,7 @@ def render(results: Path) -> str:
     incomplete = [r["run"] for r in runs if r["complete"] != "True"]
     plot_curves({arm: [results / RUNS_DIR / f"{arm}_seed{r['seed']}.csv" for r in done if r["arm"] == arm]
                  for arm in ARMS if any(r["arm"] == arm for r in done)}, results / PLOT_NAME)
+    plot_eval_and_histograms(results, done, results / EVAL_PLOT)
     lines = [
         f"Complete runs: {len(done)} of {len(runs)}" + (f" (not complete: {', '.join(incomplete)})" if incomplete
                                                          else ""),
@@ -276,7 +318,7 @@ def render(results: Path) -> str:
         f"- Reproduced by: {', '.join(verdict['reproduced_by']) or 'none'}; partial: "
         f"{', '.join(verdict['partial_by']) or 'none'}",
         f"- **Verdict (by the protocol's rules, on these runs): {verdict['verdict']}**",
-        "", f"![Task A curves](study/{PLOT_NAME})",
+        "", f"![Task A curves](study/{PLOT_NAME})", "", f"![Task A evaluations and histograms](study/{EVAL_PLOT})",
     ]
     return "\n".join(lines)
 

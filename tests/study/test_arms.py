@@ -42,7 +42,8 @@ def _run(task: Path, arm: str, seed: int, spark_end: float, hard_end: float, *, 
     for step in range(steps):
         spark = spark_end if step >= STEPS - 2 else spark_mid if STEPS // 2 - 2 <= step < STEPS // 2 else 0.3
         rows.append({"step": step, "reward/mean": 0.5, "entropy/mean": 0.2, "entropy/first_token": 0.4,
-                     "diag/spark_first_frac": spark, "diag/noise_first_frac": noise, "lpreg/num_regularized": 2.0})
+                     "diag/spark_first_frac": spark, "diag/noise_first_frac": noise, "lpreg/num_regularized": 2.0,
+                     **{f"diag/hist_{s}_{b}": float(b + 1) for s in ("pos", "neg") for b in range(7)}})
     (task / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     evals = [(0, 0.0), (STEPS // 2, hard_mid), (22, hard_end - 0.01), (24, hard_end + 0.01)]
     (task / "eval.jsonl").write_text("".join(json.dumps({"step": s, "eval/hard/avg@8": v}) + "\n"
@@ -136,6 +137,7 @@ def test_render_writes_tables_and_the_curves(tmp_path):
     text = render(results)
     assert "| lpreg_rho_star | 3 |" in text and "Verdict (by the protocol's rules, on these runs): reproduced" in text
     assert (results / "task_a_curves.png").stat().st_size > 1000
+    assert (results / "task_a_eval_hist.png").stat().st_size > 1000
 
 
 def test_mechanism_runs_are_named_and_compared_with_their_own_grpo(tmp_path):
