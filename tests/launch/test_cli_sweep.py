@@ -106,7 +106,8 @@ def test_sweep_file_and_grid_combine(tmp_path, capsys, no_slurm):
 SWEEP_FILES = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 SWEEP_TARGETS = {"tiny_cpu_rho.yaml": "tiny_cpu.yaml", "paper_baselines.yaml": "qwen3-14b_lpreg_64gpu.yaml",
                  "paper_baselines_offpolicy.yaml": "qwen3-14b_lpreg_64gpu.yaml",
-                 **{f"study_task_a{s}.yaml": "study_task_a.yaml" for s in ("", "_controls", "_offpolicy")}}
+                 **{f"study_task_a{s}.yaml": "study_task_a.yaml"
+                    for s in ("", "_controls", "_offpolicy", "_exploratory", "_exploratory_mechanism")}}
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
