@@ -201,7 +201,9 @@ def lpreg_policy_loss(
         if lowprob_threshold is None:
             raise ValueError("selection='global' needs lowprob_threshold (call global_lowprob_threshold first)")
         selected = candidates & (old_logprobs.detach() <= lowprob_threshold)
-        selection_metrics = {"lpreg/num_candidates": candidates.sum(), "lpreg/threshold": float(lowprob_threshold)}
+        selection_metrics = {"lpreg/num_candidates": candidates.sum()}
+        if math.isfinite(lowprob_threshold):  # -inf = nothing selected this step; the trainer skips steps whose
+            selection_metrics["lpreg/threshold"] = float(lowprob_threshold)  # metrics are not finite
     regularized = selected & (logprobs.detach() < proxy_logprobs)
 
     if proxy_kl is None:

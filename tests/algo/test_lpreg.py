@@ -160,6 +160,12 @@ def test_global_mode_uses_threshold_on_old_logprobs_and_exact_kl():
     assert loss.item() == pytest.approx((1.3 + 1 + 1 + 1 - 1) / 5)
     loss.backward()
     torch.testing.assert_close(kl.grad, torch.tensor([[0.2, 0.0, 0.0, 0.0, 0.0]]))
+    # k <= 1 over the step: threshold -inf, nothing selected, and every metric finite (the trainer skips a step
+    # with a non-finite metric: the study's global runs died after 3 such steps in a row)
+    loss, metrics = lpreg_policy_loss(lp, old, proxy, adv, mask, rho=0.0, **AUTHORS_CLIP, selection="global",
+                                      lowprob_threshold=-math.inf, proxy_kl=kl)
+    assert metrics["lpreg/num_selected"] == 0 and "lpreg/threshold" not in metrics
+    assert all(math.isfinite(v) for v in metrics.values()) and loss.item() == pytest.approx((1 + 1 + 1 + 1 - 1) / 5)
     with pytest.raises(ValueError, match="lowprob_threshold"):
         lpreg_policy_loss(lp, old, proxy, adv, mask, rho=0.5, **AUTHORS_CLIP, selection="global")
     with pytest.raises(ValueError, match="global"):
