@@ -31,6 +31,7 @@ STEP_COLUMNS = {
     "spark_negative_frac": "diag/spark_negative_frac", "lpreg/num_regularized": "lpreg/num_regularized",
     "lpreg_selected_spark": "diag/lpreg_selected_spark", "lpreg_selected_noise": "diag/lpreg_selected_noise",
     "lpreg_selected_other": "diag/lpreg_selected_other", "lpreg_kl_cancel": "diag/lpreg_kl_cancel",
+    "skipped": "actor/skipped",
     **{f"hist_{sign}_{i}": f"diag/hist_{sign[:3]}_{i}" for sign in ("positive", "negative") for i in range(7)},
 }
 """Per-step CSV column -> metrics.jsonl key (the column names of the in-process rerun's CSVs, so that
@@ -85,12 +86,15 @@ def _read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def collect(sweep: Path, dest: Path) -> list[dict]:
-    """Write the CSVs of every run of ``sweep`` (``task_*`` directories) into ``dest``; returns ``runs.csv``'s rows
-    (``arm, seed, rho, steps_done, max_steps, warm_start, complete``)."""
+def collect(sweeps: Path | Sequence[Path], dest: Path) -> list[dict]:
+    """Write the CSVs of every run of ``sweeps`` (their ``task_*`` directories) into ``dest``; a run of a later
+    sweep replaces the same arm and seed of an earlier one (a rerun). Returns ``runs.csv``'s rows (``run, arm, seed,
+    rho, steps_done, max_steps, warm_start, complete, sweep``)."""
     dest.mkdir(parents=True, exist_ok=True)
-    index = []
-    for task in sorted(sweep.glob("task_*"), key=lambda p: int(p.name.split("_")[1])):
+    tasks = [task for sweep in ([sweeps] if isinstance(sweeps, Path) else sweeps)
+             for task in sorted(sweep.glob("task_*"), key=lambda p: int(p.name.split("_")[1]))]
+    index: dict[str, dict] = {}
+    for task in tasks:
         if not (task / "config.yaml").exists():
             continue
         config = yaml.safe_load((task / "config.yaml").read_text())
@@ -103,11 +107,12 @@ def collect(sweep: Path, dest: Path) -> list[dict]:
         _write(evals or [{"step": ""}], dest / f"{name}_eval.csv")
         max_steps = int(config["trainer"]["max_steps"])
         warm = Path(config["model"]["hf_path"])
-        index.append({"run": name, "arm": arm, "seed": seed, "rho": config["algo"]["rho"], "steps_done": len(steps),
-                      "max_steps": max_steps, "warm_start": warm.resolve().name if warm.exists() else warm.name,
-                      "complete": len(steps) == max_steps and any(e["step"] == max_steps for e in evals)})
-    _write(index, dest / "runs.csv")
-    return index
+        index[name] = {"run": name, "arm": arm, "seed": seed, "rho": config["algo"]["rho"], "steps_done": len(steps),
+                       "max_steps": max_steps, "warm_start": warm.resolve().name if warm.exists() else warm.name,
+                       "complete": len(steps) == max_steps and any(e["step"] == max_steps for e in evals),
+                       "sweep": task.parent.name}
+    _write(list(index.values()), dest / "runs.csv")
+    return list(index.values())
 
 
 def _floats(rows: Sequence[dict], key: str) -> list[float]:
@@ -137,6 +142,7 @@ def run_summary(dest: Path, run: dict, p_spark0: float) -> dict:
         "entropy_decision": sum(_floats(last, "entropy_decision")) / len(last),
         "regularized_per_step": sum(_floats(steps, "lpreg/num_regularized")) / len(steps),
         "spark_selected_per_step": sum(_floats(steps, "lpreg_selected_spark")) / len(steps),
+        "skipped_steps": int(sum(_floats(steps, "skipped"))),
     }
 
 
@@ -295,7 +301,7 @@ def render(results: Path) -> str:
     per_run = markdown_table(sorted(done, key=lambda r: (ARMS.index(r["arm"]), r["seed"])),
                              ["arm", "seed", "rho", "spark_survival", "spark_freq_mid", "hard_avg8", "hard_avg8_step0",
                               "hard_gain_mid_to_end", "noise_freq", "regularized_per_step",
-                              "spark_selected_per_step"])
+                              "spark_selected_per_step", "skipped_steps"])
     columns = ["arm", "seeds", "rho", "spark_survival", "spark_survival_min", "spark_survival_max", "hard_avg8",
                "hard_avg8_min", "hard_avg8_max", "noise_freq", "entropy_decision"]
     per_arm = markdown_table(rows, columns)

@@ -57,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rho.add_argument("--out", default=None, help="CSV to append the measurement to (default: none)")
     collect = sub.add_parser("collect", help="copy a Task A sweep's per-run metrics into docs/study/task_a/ (rerun "
                                              "as runs finish; then `study report`)")
-    collect.add_argument("--sweep", required=True, help="the sweep directory (megatron-lpreg sweep --out)")
+    collect.add_argument("--sweep", required=True, action="append",
+                         help="a sweep directory (megatron-lpreg sweep --out); repeat it: a later sweep's run of the "
+                              "same arm and seed replaces an earlier one")
     collect.add_argument("--results", default=None, help="CSV directory (default docs/study)")
     collect.add_argument("--mechanism", action="store_true",
                          help="the mechanism sweep (off-policy, kappa 0.1): into docs/study/task_a_mechanism/")
@@ -133,7 +135,7 @@ def _collect(args: argparse.Namespace) -> int:
     from megatron_lpreg.study.report import RESULTS_DIR
 
     dest = (Path(args.results) if args.results else RESULTS_DIR) / (MECHANISM_DIR if args.mechanism else RUNS_DIR)
-    index = collect(Path(args.sweep), dest)
+    index = collect([Path(p) for p in args.sweep], dest)
     done = sum(bool(r["complete"]) for r in index)
     print(f"study collect: {len(index)} runs ({done} complete) -> {dest}")
     return 0

@@ -86,6 +86,13 @@ def test_collect_writes_csvs_and_an_index_that_marks_incomplete_runs(tmp_path):
     rows = list(csv.DictReader((tmp_path / "out" / "grpo_seed1.csv").open()))
     assert len(rows) == STEPS and rows[0]["spark_freq"] == "0.3" and rows[0]["entropy_decision"] == "0.4"
     assert (tmp_path / "out" / "runs.csv").exists()
+    rerun = tmp_path / "rerun"  # a later sweep's run of the same arm and seed replaces the earlier one
+    (rerun / "warm_start_4").mkdir(parents=True)
+    _run(rerun / "task_0", "grpo", 2, 0.0, 0.0, spark_mid=0.0)
+    index = collect([sweep, rerun], tmp_path / "out")
+    assert [(r["run"], r["complete"], r["sweep"]) for r in index] == [("grpo_seed1", True, "sweep"),
+                                                                    ("grpo_seed2", True, "rerun")]
+    assert len(list(csv.DictReader((tmp_path / "out" / "grpo_seed2.csv").open()))) == STEPS
 
 
 def test_metrics_are_the_protocol_s_scaled_to_the_run_length(tmp_path):
