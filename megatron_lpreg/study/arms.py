@@ -269,8 +269,9 @@ def plot_eval_and_histograms(results: Path, done: Sequence[dict], out: Path) -> 
             width = min(map(len, series))
             steps = [p[0] for p in series[0][:width]]
             columns = list(zip(*([p[1] for p in s[:width]] for s in series)))
-            ax.plot(steps, [sum(c) / len(c) for c in columns], label=f"{arm} ({len(series)})")
-            ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], alpha=0.2)
+            ax.plot(steps, [sum(c) / len(c) for c in columns], label=f"{arm} ({len(series)})", color=f"C{index}")
+            ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], alpha=0.2,
+                            color=f"C{index}")
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
         for ax, sign in ((axes[2], "positive"), (axes[3], "negative")):
@@ -278,7 +279,7 @@ def plot_eval_and_histograms(results: Path, done: Sequence[dict], out: Path) -> 
                       for b in range(7)]
             total = sum(counts) or 1.0
             ax.bar([b + (index - len(arms) / 2) * 0.15 for b in range(7)], [c / total for c in counts], width=0.15,
-                   label=arm)
+                   label=arm, color=f"C{index}")
             ax.set_xticks(range(7), ["<1e-6", "1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "0.1-1"], fontsize=7)
             ax.set_yscale("log")
             ax.set_title(f"sampled-token probability, {sign} samples (share)", fontsize=9)

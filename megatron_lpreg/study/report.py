@@ -114,7 +114,8 @@ def plot_curves(runs: dict[str, Sequence[Path]], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.5))
-    for arm, paths in runs.items():
+    for index, (arm, paths) in enumerate(runs.items()):
+        color = f"C{index}"  # one colour per arm in every panel, also where an arm has no such column
         tables = [read_csv(p) for p in paths if p.exists()]
         for ax, (key, title) in zip(axes, CURVES):
             series = [[float(row[key]) for row in table if row.get(key, "") != ""] for table in tables]
@@ -124,8 +125,9 @@ def plot_curves(runs: dict[str, Sequence[Path]], out: Path) -> Path:
             width = min(map(len, series))
             columns = list(zip(*(s[:width] for s in series)))
             mean = [sum(c) / len(c) for c in columns]
-            ax.plot(range(width), mean, label=f"{arm} ({len(series)} seeds)")
-            ax.fill_between(range(width), [min(c) for c in columns], [max(c) for c in columns], alpha=0.2)
+            ax.plot(range(width), mean, label=f"{arm} ({len(series)} seeds)", color=color)
+            ax.fill_between(range(width), [min(c) for c in columns], [max(c) for c in columns], alpha=0.2,
+                            color=color)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
     axes[0].legend(fontsize=8)
