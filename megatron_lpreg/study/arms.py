@@ -35,7 +35,7 @@ STEP_COLUMNS = {
     **{f"hist_{sign}_{i}": f"diag/hist_{sign[:3]}_{i}" for sign in ("positive", "negative") for i in range(7)},
 }
 """Per-step CSV column -> metrics.jsonl key (the column names of the in-process rerun's CSVs, so that
-:func:`megatron_lpreg.study.report.plot_curves` draws both)."""
+:func:`megatron_lpreg.study.tables.plot_curves` draws both)."""
 HARD_KEY = "eval/hard/avg@8"
 ARMS = ("grpo", "entropy", "lpreg_authors", "lpreg_rho_star", "lpreg_global")
 LPREG_ARMS = ARMS[2:]
@@ -292,7 +292,7 @@ def plot_eval_and_histograms(results: Path, done: Sequence[dict], out: Path) -> 
 
 def render(results: Path) -> str:
     """docs/study.md's Task A block: runs, per-arm table, Gate G2 and the verdict; draws the curves."""
-    from megatron_lpreg.study.report import markdown_table, plot_curves
+    from megatron_lpreg.study.tables import markdown_table, plot_curves
 
     runs = _read(results / RUNS_DIR / "runs.csv")
     done = summaries(results)
@@ -333,7 +333,7 @@ def render(results: Path) -> str:
 def render_mechanism(results: Path) -> str:
     """docs/study.md's mechanism block (seed 1): each run's metrics next to the GRPO run it is compared with
     (on-policy GRPO seed 1 from the core runs for kappa 0.1; off-policy GRPO for the off-policy arms)."""
-    from megatron_lpreg.study.report import markdown_table, plot_curves
+    from megatron_lpreg.study.tables import markdown_table, plot_curves
 
     done = summaries(results, MECHANISM_DIR)
     core = {(s["arm"], s["seed"]): s for s in (summaries(results) if (results / RUNS_DIR / "runs.csv").exists()

@@ -272,7 +272,7 @@ def rerun(out: Path, *, seed: int = 1, steps: int = 200, warm_dir: Path | None =
 def _rerun(out: Path, warm_dir: Path, *, seed: int, steps: int) -> str:
     from transformers import AutoModelForCausalLM
 
-    from megatron_lpreg.study.report import plot_curves
+    from megatron_lpreg.study.tables import plot_curves
 
     t0 = time.perf_counter()
     settings = RLSettings(steps=steps, seed=seed)
