@@ -17,13 +17,14 @@ The metrics, scaled from the protocol's 600 steps to a run of ``steps`` steps (d
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
+
+from megatron_lpreg.study.tables import read_csv, write_csv
 
 STEP_COLUMNS = {
     "reward": "reward/mean", "entropy_all": "entropy/mean", "entropy_decision": "entropy/first_token",
@@ -73,19 +74,6 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _write(rows: Sequence[dict], path: Path) -> None:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _read(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def collect(sweeps: Path | Sequence[Path], dest: Path) -> list[dict]:
     """Write the CSVs of every run of ``sweeps`` (their ``task_*`` directories) into ``dest``; a run of a later
     sweep replaces the same arm and seed of an earlier one (a rerun). Returns ``runs.csv``'s rows (``run, arm, seed,
@@ -103,15 +91,15 @@ def collect(sweeps: Path | Sequence[Path], dest: Path) -> list[dict]:
                  for r in _jsonl(task / "metrics.jsonl")]
         evals = [{"step": r["step"], "hard_avg8": r[HARD_KEY]} for r in _jsonl(task / "eval.jsonl") if HARD_KEY in r]
         name = f"{arm}_seed{seed}"
-        _write(steps or [{"step": ""}], dest / f"{name}.csv")
-        _write(evals or [{"step": ""}], dest / f"{name}_eval.csv")
+        write_csv(steps or [{"step": ""}], dest / f"{name}.csv")
+        write_csv(evals or [{"step": ""}], dest / f"{name}_eval.csv")
         max_steps = int(config["trainer"]["max_steps"])
         warm = Path(config["model"]["hf_path"])
         index[name] = {"run": name, "arm": arm, "seed": seed, "rho": config["algo"]["rho"], "steps_done": len(steps),
                        "max_steps": max_steps, "warm_start": warm.resolve().name if warm.exists() else warm.name,
                        "complete": len(steps) == max_steps and any(e["step"] == max_steps for e in evals),
                        "sweep": task.parent.name}
-    _write(list(index.values()), dest / "runs.csv")
+    write_csv(list(index.values()), dest / "runs.csv")
     return list(index.values())
 
 
@@ -121,7 +109,7 @@ def _floats(rows: Sequence[dict], key: str) -> list[float]:
 
 def run_summary(dest: Path, run: dict, p_spark0: float) -> dict:
     """The primary metrics of one complete run (see the module docstring)."""
-    steps, evals = _read(dest / f"{run['run']}.csv"), _read(dest / f"{run['run']}_eval.csv")
+    steps, evals = read_csv(dest / f"{run['run']}.csv"), read_csv(dest / f"{run['run']}_eval.csv")
     total = int(run["max_steps"])
     window = math.ceil(total / 12)
     last = steps[-window:]
@@ -239,9 +227,9 @@ def summaries(results: Path, runs_dir: str = RUNS_DIR) -> list[dict]:
     """Every complete run of ``results/<runs_dir>/runs.csv`` summarised, p(spark) at step 0 taken from the warm
     start's row of ``results/g1.csv``."""
     dest = results / runs_dir
-    g1 = {f"warm_start_{row['attempt']}": row for row in _read(results / "g1.csv")}
+    g1 = {f"warm_start_{row['attempt']}": row for row in read_csv(results / "g1.csv")}
     out = []
-    for run in _read(dest / "runs.csv"):
+    for run in read_csv(dest / "runs.csv"):
         if run["complete"] != "True":
             continue
         if run["warm_start"] not in g1:
@@ -264,7 +252,7 @@ def plot_eval_and_histograms(results: Path, done: Sequence[dict], out: Path) -> 
         names = [f"{arm}_seed{r['seed']}" for r in done if r["arm"] == arm]
         for ax, suffix, key, title in ((axes[0], "_eval", "hard_avg8", "hard-set avg@8"),
                                        (axes[1], "", "noise_freq", "noise frequency (first token)")):
-            series = [[(int(r["step"]), float(r[key])) for r in _read(results / RUNS_DIR / f"{n}{suffix}.csv")
+            series = [[(int(r["step"]), float(r[key])) for r in read_csv(results / RUNS_DIR / f"{n}{suffix}.csv")
                        if r.get(key, "") != ""] for n in names]
             width = min(map(len, series))
             steps = [p[0] for p in series[0][:width]]
@@ -275,7 +263,7 @@ def plot_eval_and_histograms(results: Path, done: Sequence[dict], out: Path) -> 
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
         for ax, sign in ((axes[2], "positive"), (axes[3], "negative")):
-            counts = [sum(sum(_floats(_read(results / RUNS_DIR / f"{n}.csv"), f"hist_{sign}_{b}")) for n in names)
+            counts = [sum(sum(_floats(read_csv(results / RUNS_DIR / f"{n}.csv"), f"hist_{sign}_{b}")) for n in names)
                       for b in range(7)]
             total = sum(counts) or 1.0
             ax.bar([b + (index - len(arms) / 2) * 0.15 for b in range(7)], [c / total for c in counts], width=0.15,
@@ -294,7 +282,7 @@ def render(results: Path) -> str:
     """docs/study.md's Task A block: runs, per-arm table, Gate G2 and the verdict; draws the curves."""
     from megatron_lpreg.study.tables import markdown_table, plot_curves
 
-    runs = _read(results / RUNS_DIR / "runs.csv")
+    runs = read_csv(results / RUNS_DIR / "runs.csv")
     done = summaries(results)
     if not done:
         return f"No complete run yet ({len(runs)} started)."

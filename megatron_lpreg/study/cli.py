@@ -81,7 +81,8 @@ def _stage0(args: argparse.Namespace) -> int:
     import torch
 
     from megatron_lpreg.study.report import plot_stage0
-    from megatron_lpreg.study.stage0 import Stage0Grid, effect_rows, simulate, write_csv
+    from megatron_lpreg.study.stage0 import Stage0Grid, effect_rows, simulate
+    from megatron_lpreg.study.tables import write_csv
 
     if args.seeds < 1 or args.steps < 1:
         raise SystemExit(f"--seeds={args.seeds} and --steps={args.steps} must be >= 1")

@@ -13,7 +13,6 @@ batches (the largest when none does).
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import random
@@ -35,6 +34,7 @@ from megatron_lpreg.metrics.diagnostics import (
     selections_by_class,
 )
 from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob_stats
+from megatron_lpreg.study.tables import read_csv, write_csv
 from megatron_lpreg.study.task_a import HARD, Problem, TaskASplit, TaskATokens, split_task_a
 
 logger = logging.getLogger(__name__)
@@ -178,8 +178,8 @@ def rho_star_row(warm_dir: Path, *, seed: int = 1, out: Path | None = None) -> d
     row = {"warm_start": str(warm_dir), "seed": seed, "rho_star": rho_star,
            **{f"spark_selected_at_{rho:g}": round(share, 4) for rho, share in shares.items()}}
     if out is not None:
-        rows = _read(out) if out.exists() else []
-        _write([*rows, row], out)
+        rows = read_csv(out) if out.exists() else []
+        write_csv([*rows, row], out)
     return row
 
 
@@ -220,7 +220,7 @@ def run_arm(warm_dir: Path, arm: str, settings: RLSettings, out: Path, *, rho: f
         batch = rollout(model, tokenizer_tokens, split.sample_train(rng, settings.prompts), settings.n,
                         settings.max_new_tokens)
         rows.append({"step": step, **update(model, optim, batch, cfg, tokenizer_tokens, settings.prompts)})
-    _write(rows, out / f"{arm}_metrics.csv")
+    write_csv(rows, out / f"{arm}_metrics.csv")
     window = rows[-math.ceil(settings.steps / 12):]
     freq = sum(r["spark_freq"] for r in window) / len(window)
     hard = heldout_accuracy(model, tokenizer_tokens, split.heldout[HARD], settings.heldout_samples, settings.seed)
@@ -233,20 +233,6 @@ def _tokens(model_dir: Path) -> TaskATokens:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return TaskATokens(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
-
-
-def _read(path: Path) -> list[dict]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _write(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def rerun(out: Path, *, seed: int = 1, steps: int = 200, warm_dir: Path | None = None) -> str:
@@ -280,7 +266,7 @@ def _rerun(out: Path, warm_dir: Path, *, seed: int, steps: int) -> str:
     rho_star, shares = measure_rho_star(model, _tokens(warm_dir), split_task_a(), settings)
     logger.info("rho* = %g (spark share selected per rho: %s)", rho_star, shares)
     results = [run_arm(warm_dir, arm, settings, out, rho=rho_star) for arm in ("grpo", RERUN_ARM)]
-    _write([{**r, "seed": seed, "steps": steps} for r in results], out / "rerun_summary.csv")
+    write_csv([{**r, "seed": seed, "steps": steps} for r in results], out / "rerun_summary.csv")
     plot_curves({arm: [out / f"{arm}_metrics.csv"] for arm in ("grpo", RERUN_ARM)}, out / "rerun_curves.png")
     logger.info("rerun took %.0f s", time.perf_counter() - t0)
     grpo, lpreg = results

@@ -16,12 +16,10 @@ behaviour policy's log-probs and proxy.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import torch
 
@@ -293,15 +291,5 @@ def effect_rows(results: Sequence[Stage0Result]) -> list[dict]:
                      "hard_acc_diff_min": min(diffs), "hard_acc_diff_max": max(diffs),
                      "spark_selected_frac": sum(sel) / len(sel)})
     return rows
-
-
-def write_csv(rows: Sequence[dict], path: Path) -> Path:
-    """Write ``rows`` (dicts with the same keys) as CSV."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 

@@ -13,6 +13,17 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def write_csv(rows: Sequence[dict], path: Path) -> Path:
+    """Write ``rows`` as CSV (header: every key, in first-seen order; a row without a key leaves it empty)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def _fmt(value: str, digits: int = 3) -> str:
     try:
         number = float(value)

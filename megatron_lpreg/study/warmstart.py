@@ -12,7 +12,6 @@ T = 1, :data:`G1_SAMPLES` samples per problem) and, at the decision position, wi
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import random
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from megatron_lpreg.metrics.diagnostics import TokenClasses, decision_probe
+from megatron_lpreg.study.tables import read_csv, write_csv
 from megatron_lpreg.study.task_a import (
     EASY,
     HARD,
@@ -207,9 +207,9 @@ def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskAS
                                continuation_share, direct_max_carries, direct_pool)
             loss = supervised_step(model, optim, ids, mask)
             if step % check_every == 0:
-                dev, stop = _dev_check(model, tokens, split, step, stop_easy_direct, stop_easy_spark,
-                                       stop_on_dev_gate)
-                logger.info("task A warm start step %d: loss %.3f %s (%.0f s)", step, loss.item(), dev.pop("_log"),
+                dev, log, stop = _dev_check(model, tokens, split, step, stop_easy_direct, stop_easy_spark,
+                                            stop_on_dev_gate)
+                logger.info("task A warm start step %d: loss %.3f %s (%.0f s)", step, loss.item(), log,
                             time.perf_counter() - t0)
                 if stop:
                     break
@@ -219,19 +219,19 @@ def warm_start(base_dir: Path, out_dir: Path, tokens: TaskATokens, split: TaskAS
 
 
 def _dev_check(model, tokens: TaskATokens, split: TaskASplit, step: int, stop_easy_direct: float,
-               stop_easy_spark: float, gate: GateG1 | None) -> tuple[dict, bool]:
-    """The warm start's stop rule on the dev set: ``(dev measurements + "_log", stop?)`` (see :func:`warm_start`)."""
+               stop_easy_spark: float, gate: GateG1 | None) -> tuple[dict, str, bool]:
+    """The warm start's stop rule on the dev set: ``(dev measurements, log text, stop?)`` (see :func:`warm_start`)."""
     if gate is not None:
         dev = {f"dev_{k}": v for k, v in measure_g1(model, tokens, split.dev, samples=1, seed=step).items()}
         failed = [k for k, ok in gate.checks({k[4:]: v for k, v in dev.items()}).items() if not ok]
-        return {**dev, "_log": f"dev gate fails {failed or 'nothing'}"}, not failed
+        return dev, f"dev gate fails {failed or 'nothing'}", not failed
     dev = {"dev_direct_easy": forced_accuracy(model, tokens, split.dev[EASY], tokens.ids["\\"], samples=1,
                                               seed=step)}
     if stop_easy_spark > 0:
         dev["dev_spark_easy"] = forced_accuracy(model, tokens, split.dev[EASY], tokens.spark, samples=1, seed=step)
     log = "dev " + " ".join(f"{k[4:]} {v:.3f}" for k, v in dev.items())
     stop = dev["dev_direct_easy"] >= stop_easy_direct and dev.get("dev_spark_easy", 1.0) >= stop_easy_spark
-    return {**dev, "_log": log}, stop
+    return dev, log, stop
 
 
 def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int = 1, max_steps: int = 3000,
@@ -265,7 +265,7 @@ def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int =
     split = split_task_a()
     write_prompt_files(out, split)
     gate = GateG1(mass_below_cut=(0.75 * tail_mass, 1.5 * tail_mass))
-    previous = _read_rows(out / "g1.csv") if first_attempt and (out / "g1.csv").exists() else []
+    previous = read_csv(out / "g1.csv") if first_attempt and (out / "g1.csv").exists() else []
     rows = [row for row in previous if int(row["attempt"]) < first_attempt]
     for attempt in range(first_attempt, first_attempt + attempts):
         target = out / f"warm_start_{attempt}"
@@ -285,7 +285,7 @@ def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int =
                **{f"ok_{k}": v for k, v in checks.items()}, "passed": all(checks.values())}
         rows.append(row)
         print("study g1: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        _write_rows(rows, out / "g1.csv")
+        write_csv(rows, out / "g1.csv")
         if row["passed"] and not row["protocol"]:
             logger.warning("attempt %d passes G1's thresholds outside the protocol's %d attempts: exploratory only; "
                            "linked as %s", attempt, MAX_ATTEMPTS, out / "warm_start_exploratory")
@@ -301,16 +301,3 @@ def warm_start_with_gate(out: Path, *, attempts: int = MAX_ATTEMPTS, seed: int =
             link.symlink_to(target.name)
             return True
     return False
-
-
-def _read_rows(path: Path) -> list[dict]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _write_rows(rows: list[dict], path: Path) -> None:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
